@@ -1,0 +1,106 @@
+"""`modelfleet`: one command line for running and administering a fleet.
+
+Each subcommand declares the config options it reads (flags with MODELFLEET_* fallbacks) and
+a function that does the work. Errors print as one line on stderr with a non-zero exit code,
+never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Callable, Sequence
+
+import grpc
+
+from modelfleet import config, log
+from modelfleet.errors import ModelfleetError
+
+Command = Callable[[argparse.Namespace], int | None]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _run_worker(args: argparse.Namespace) -> None:
+    from worker.server import serve
+
+    asyncio.run(serve(args))
+
+
+def _run_router(args: argparse.Namespace) -> None:
+    from router.server import serve
+
+    asyncio.run(serve(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modelfleet.cli import admin, client, up
+    from router import server as router_server
+    from worker import server as worker_server
+
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Command, help_text: str, *options: config.Option) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        config.add_options(sub, *options, config.LOG_FORMAT, config.LOG_LEVEL)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("up", up.run, "run the demo fleet: local etcd, workers, a router, demo tenants",
+            config.ETCD, config.PREFIX, config.STORE, config.ROUTER_PORT, config.UP_WORKERS,
+            config.UP_DEMO_TENANTS, config.CACHE_BYTES, config.LEASE_TTL, config.SHARD_SIZE)
+    command("router", _run_router, "run one router", *router_server.OPTIONS)
+    command("worker", _run_worker, "run one worker", *worker_server.OPTIONS)
+
+    sub = command("register", admin.register, "register a model version for a tenant",
+                  config.ETCD, config.PREFIX, config.STORE)
+    sub.add_argument("--tenant", required=True)
+    sub.add_argument("--version", required=True)
+    sub.add_argument("--model-file", required=True, help="a LightGBM text model file")
+
+    sub = command("pin", admin.pin, "serve one version of a tenant until unpinned", config.ETCD, config.PREFIX)
+    sub.add_argument("tenant")
+    sub.add_argument("version")
+    sub = command("unpin", admin.unpin, "serve the tenant's newest version again", config.ETCD, config.PREFIX)
+    sub.add_argument("tenant")
+    sub = command("versions", admin.versions, "list a tenant's versions", config.ETCD, config.PREFIX)
+    sub.add_argument("tenant")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = command("shard", admin.shard, "the workers of a tenant's shard, in order",
+                  config.ETCD, config.PREFIX, config.SHARD_SIZE)
+    sub.add_argument("tenant")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+    sub = command("workers", admin.workers, "list the fleet's workers", config.ETCD, config.PREFIX)
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = command("predict", client.predict, "call Predict through a router", config.ROUTER_ADDRESS)
+    sub.add_argument("tenant")
+    sub.add_argument("--features", required=True, help="comma-separated floats, row-major (nan allowed)")
+    sub.add_argument("--version", default="", help="a registered version (default: the serving one)")
+    sub.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.configure(args.log_format, args.log_level)
+    try:
+        return int(args.handler(args) or 0)
+    except ModelfleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return EXIT_ERROR
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Every setting of modelfleet in one place: a command-line flag with an environment fallback.
+
+Each `Option` names its flag, its `MODELFLEET_*` variable and its default. Commands pick the
+options they need with `add_options`; a flag beats the variable, the variable beats the default.
+The README's configuration table is this module, written out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("MODELFLEET_HOME", Path.home() / ".modelfleet"))
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    env: str
+    default: Any
+    type: Callable[[str], Any]
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def resolve_default(self) -> Any:
+        raw = os.environ.get(self.env)
+        if raw is None or raw == "":
+            return self.default() if callable(self.default) else self.default
+        return self.type(raw)
+
+
+def byte_size(text: str) -> int:
+    """Parses '512MiB', '2GiB', '1000000' into bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, scale in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * scale)
+    return int(lowered)
+
+
+# -- shared by every component ----------------------------------------------------------------
+ETCD = Option("--etcd", "MODELFLEET_ETCD", "127.0.0.1:2379", str,
+              "etcd endpoint host:port (comma-separated list for a cluster)")
+PREFIX = Option("--prefix", "MODELFLEET_PREFIX", "/modelfleet/v1", str,
+                "etcd key prefix; fleets sharing one etcd use different prefixes")
+STORE = Option("--store", "MODELFLEET_STORE", lambda: str(_default_home() / "store"), str,
+               "model store: a local directory holding content-addressed artifacts")
+LOG_FORMAT = Option("--log-format", "MODELFLEET_LOG_FORMAT", "text", str, "log lines as 'text' (key=value) or 'json'")
+LOG_LEVEL = Option("--log-level", "MODELFLEET_LOG_LEVEL", "info", str, "debug, info, warning or error")
+HOST = Option("--host", "MODELFLEET_HOST", "127.0.0.1", str, "address to listen on")
+
+# -- router -----------------------------------------------------------------------------------
+ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, int, "router gRPC port (0 = any free port)")
+SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, int,
+                    "workers per tenant shard when the tenant's route names none")
+SPILL_INFLIGHT = Option("--spill-inflight", "MODELFLEET_SPILL_INFLIGHT", 32, int,
+                        "requests in flight on a tenant's first shard member before the next member takes more")
+DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, float,
+                          "seconds a Predict may take when the caller sets no deadline")
+
+# -- worker -----------------------------------------------------------------------------------
+WORKER_PORT = Option("--port", "MODELFLEET_WORKER_PORT", 0, int, "worker gRPC port (0 = any free port)")
+WORKER_ID = Option("--worker-id", "MODELFLEET_WORKER_ID", "", str,
+                   "stable worker identity, [A-Za-z0-9._-]{1,128} (default: worker-<host>-<port>)")
+ZONE = Option("--zone", "MODELFLEET_ZONE", "default", str, "failure zone of this worker")
+ADVERTISE_HOST = Option("--advertise-host", "MODELFLEET_ADVERTISE_HOST", "127.0.0.1", str,
+                        "host routers use to reach this worker")
+CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_size,
+                     "byte budget of the worker's model LRU (e.g. 512MiB, 2GiB)")
+LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", 4, int, "threads that load models")
+LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, int,
+                   "seconds a dead worker stays in membership before its etcd lease expires")
+
+# -- demo fleet -------------------------------------------------------------------------------
+UP_WORKERS = Option("--workers", "MODELFLEET_UP_WORKERS", 3, int, "worker processes in the demo fleet")
+UP_DEMO_TENANTS = Option("--demo-tenants", "MODELFLEET_UP_DEMO_TENANTS", 50, int, "demo tenants to register")
+
+# -- client commands --------------------------------------------------------------------------
+ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str, "router address for `predict`")
+
+ALL_OPTIONS: tuple[Option, ...] = (
+    ETCD, PREFIX, STORE, LOG_FORMAT, LOG_LEVEL, HOST, ROUTER_PORT, SHARD_SIZE, SPILL_INFLIGHT,
+    DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
+    LEASE_TTL, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
+)
+
+
+def add_options(parser: argparse.ArgumentParser, *options: Option) -> None:
+    """Adds each option as a flag whose default comes from its environment variable."""
+    for opt in options:
+        parser.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=opt.resolve_default(),
+                            help=f"{opt.help} [env {opt.env}]")
+
+
+def etcd_endpoints(spec: str) -> list[tuple[str, int]]:
+    """'h1:2379,h2:2379' -> [('h1', 2379), ('h2', 2379)]."""
+    endpoints = []
+    for part in spec.split(","):
+        part = part.strip().removeprefix("http://").removeprefix("https://")
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad etcd endpoint {part!r}: expected host:port")
+        endpoints.append((host, int(port)))
+    return endpoints

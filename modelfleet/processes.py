@@ -1,0 +1,85 @@
+"""Child processes that never outlive their parent, and free loopback ports.
+
+`modelfleet up` and the test suite start etcd, workers and routers as children. Each child
+gets PR_SET_PDEATHSIG=SIGTERM, so even a SIGKILLed parent leaves no orphans behind.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import IO, Sequence
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: best effort
+        pass
+
+
+def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, stdout: IO | int | None = None,
+          stderr: IO | int | None = None) -> subprocess.Popen:
+    """Starts argv as a child that receives SIGTERM when this process dies."""
+    return subprocess.Popen(list(argv), env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM, wait up to timeout, then SIGKILL; returns the exit code.
+
+    A stopped (SIGSTOP) process is continued first, or it would never see the SIGTERM.
+    """
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+    return proc.returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just reported free on host (for children that must be told a port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    """Polls predicate until it returns a truthy value or timeout passes (then TimeoutError).
+
+    Exceptions raised by predicate count as 'not yet'; the last one is chained on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - 'not ready yet' may look like anything
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}") from last_exc
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,83 @@
+"""What every modelfleet gRPC server shares: error translation, health, reflection, shutdown.
+
+Front ends (router, worker) only translate: a handler raises ModelfleetError and
+`translate_errors` turns it into the matching status and message. An unexpected exception is
+logged with its traceback and answered INTERNAL, which therefore always means a bug.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from modelfleet.errors import ModelfleetError
+from modelfleet.log import event
+
+log = logging.getLogger("modelfleet.rpc")
+
+MAX_MESSAGE_BYTES = 64 << 20
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.enable_retries", 0),
+]
+
+
+def translate_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """Wraps an async servicer method: ModelfleetError -> its status; anything else -> INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except ModelfleetError as exc:
+            await context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("rpc.unexpected_error", extra={"mf_fields": {"method": method.__name__}})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__} (logged)")
+
+    return wrapper
+
+
+def build_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    """An aio server with grpc.health.v1 (starting NOT_SERVING) and server reflection."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        await health_servicer.set(name, status)
+
+
+async def wait_for_signal() -> str:
+    """Returns the name of the first SIGTERM or SIGINT received."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s.name))
+    name = await received
+    event(log, "process.signal", signal=name)
+    return name

@@ -1,0 +1,68 @@
+from modelfleet.v1 import predictor_pb2 as _predictor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WarmRequest(_message.Message):
+    __slots__ = ("tenant_id", "version")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    version: str
+    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class WarmResponse(_message.Message):
+    __slots__ = ("loaded", "load_ms")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    loaded: bool
+    load_ms: float
+    def __init__(self, loaded: _Optional[bool] = ..., load_ms: _Optional[float] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("include_models",)
+    INCLUDE_MODELS_FIELD_NUMBER: _ClassVar[int]
+    include_models: bool
+    def __init__(self, include_models: _Optional[bool] = ...) -> None: ...
+
+class ModelStats(_message.Message):
+    __slots__ = ("tenant_id", "version", "bytes", "loads")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    version: str
+    bytes: int
+    loads: int
+    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ..., bytes: _Optional[int] = ..., loads: _Optional[int] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("worker_id", "bytes_used", "bytes_budget", "models_loaded", "loads_total", "load_failures_total", "evictions_total", "hits_total", "misses_total", "predictions_total", "models")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    LOADS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FAILURES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MISSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    bytes_used: int
+    bytes_budget: int
+    models_loaded: int
+    loads_total: int
+    load_failures_total: int
+    evictions_total: int
+    hits_total: int
+    misses_total: int
+    predictions_total: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelStats]
+    def __init__(self, worker_id: _Optional[str] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., models_loaded: _Optional[int] = ..., loads_total: _Optional[int] = ..., load_failures_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., hits_total: _Optional[int] = ..., misses_total: _Optional[int] = ..., predictions_total: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,77 @@
+"""`modelfleet router`: a stateless Predict router. Run as many as you like on one etcd.
+
+Start: load the routing cache (one ranged read), open channels to live workers, listen, report
+SERVING. Membership changes arrive on the watch thread and are applied on the event loop, so
+the request path reads plain dicts without locks. SIGTERM: NOT_SERVING, stop accepting, let
+in-flight requests finish, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from modelfleet import config
+from modelfleet.log import event
+from modelfleet.rpc import build_server, set_serving, wait_for_signal
+from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
+from router.servicer import PredictorServicer
+from router.worker_pool import WorkerPool
+from sharding import Member, ShardCache
+from version_service.routing_cache import RoutingCache
+from version_service.schema import Keys
+
+log = logging.getLogger("modelfleet.router")
+
+OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.SHARD_SIZE,
+           config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE)
+SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
+
+
+class Membership:
+    """Keeps the shard cache and the worker pool in step with the routing cache's workers."""
+
+    def __init__(self, routes: RoutingCache, shards: ShardCache, pool: WorkerPool) -> None:
+        self.routes, self.shards, self.pool = routes, shards, pool
+        self._loop = asyncio.get_running_loop()
+
+    def on_change(self, kind: str) -> None:  # watch thread
+        if kind == "workers":
+            self._loop.call_soon_threadsafe(self.apply)
+
+    def apply(self) -> None:  # event loop
+        workers = dict(self.routes.workers)
+        live = sorted((Member(w.worker_id, w.zone) for w in workers.values() if not w.draining),
+                      key=lambda m: m.worker_id)
+        self.shards.set_members(live)
+        for channel in self.pool.update(workers):
+            self._loop.create_task(channel.close(grace=5))
+        event(log, "router.membership", live=len(live), workers=len(workers))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    if args.shard_size < 1:
+        raise SystemExit("error: --shard-size must be at least 1")
+    routes = RoutingCache(args.etcd, Keys(args.prefix))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, routes.start)
+    shards, pool = ShardCache(), WorkerPool()
+    membership = Membership(routes, shards, pool)
+    routes.add_listener(membership.on_change)
+    membership.apply()
+
+    server, health = build_server([SERVICE_NAME])
+    servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline)
+    predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    await set_serving(health, [SERVICE_NAME], True)
+    event(log, "router.serving", address=f"{args.host}:{port}", tenants=len(routes.routes),
+          workers=len(routes.workers), revision=routes.revision)
+
+    await wait_for_signal()
+    await set_serving(health, [SERVICE_NAME], False)
+    await server.stop(grace=10)
+    routes.stop()
+    await pool.close()
+    event(log, "router.stopped")

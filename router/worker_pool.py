@@ -1,0 +1,59 @@
+"""One persistent gRPC channel per live worker, and the requests in flight on each.
+
+Channels are opened when a worker joins and closed when it leaves (membership watch), so the
+request path never dials. In-flight counts drive the spill decision in `choose_order`.
+"""
+from __future__ import annotations
+
+import grpc
+
+from modelfleet.rpc import CHANNEL_OPTIONS
+from modelfleet.v1 import worker_pb2_grpc
+from version_service.schema import WorkerRecord
+
+
+class WorkerPool:
+    def __init__(self) -> None:
+        self.stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self.inflight: dict[str, int] = {}
+        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+
+    def update(self, workers: dict[str, WorkerRecord]) -> list[grpc.aio.Channel]:
+        """Opens channels to new workers; returns the channels of departed ones (caller closes)."""
+        stale: list[grpc.aio.Channel] = []
+        for worker_id, (address, channel) in list(self._channels.items()):
+            record = workers.get(worker_id)
+            if record is None or record.address != address:
+                del self._channels[worker_id]
+                self.stubs.pop(worker_id, None)
+                stale.append(channel)
+        for worker_id, record in workers.items():
+            if worker_id not in self._channels:
+                channel = grpc.aio.insecure_channel(record.address, options=CHANNEL_OPTIONS)
+                self._channels[worker_id] = (record.address, channel)
+                self.stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
+                self.inflight.setdefault(worker_id, 0)
+        for worker_id in list(self.inflight):
+            if worker_id not in workers and self.inflight[worker_id] == 0:
+                del self.inflight[worker_id]
+        return stale
+
+    def choose_order(self, shard: tuple[str, ...], spill_inflight: int) -> list[str]:
+        """The order to try the shard's members in.
+
+        Affinity: the first member takes a tenant's traffic, so its model stays hot on one worker.
+        Spill: when the first member already has `spill_inflight` requests in flight, the least
+        loaded other member goes first. The rest follow as failover targets.
+        """
+        if len(shard) < 2 or self.inflight.get(shard[0], 0) < spill_inflight:
+            return list(shard)
+        rest = sorted(shard[1:], key=lambda w: self.inflight.get(w, 0))
+        if self.inflight.get(rest[0], 0) >= self.inflight.get(shard[0], 0):
+            return list(shard)
+        return [rest[0], shard[0], *rest[1:]]
+
+    async def close(self) -> None:
+        for _, channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self.stubs.clear()

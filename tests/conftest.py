@@ -1,0 +1,31 @@
+"""Session-wide real etcd on free loopback ports; per-test fleets under their own key prefix."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from modelfleet.etcd_server import EtcdServer
+from tests.fleet import Fleet
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory) -> EtcdServer:
+    """One real etcd for the whole run; tests isolate themselves by key prefix."""
+    root = tmp_path_factory.mktemp("etcd")
+    server = EtcdServer(data_dir=root / "data", log_path=root / "etcd.log").start()
+    yield server
+    server.cleanup()
+
+
+def new_prefix() -> str:
+    return f"/mf-test/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def fleet(etcd: EtcdServer, tmp_path: Path) -> Fleet:
+    """A fresh, empty fleet (no processes yet) under its own etcd prefix."""
+    f = Fleet(etcd.endpoint, new_prefix(), tmp_path)
+    yield f
+    f.stop()

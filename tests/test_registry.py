@@ -1,0 +1,103 @@
+"""The registry on a real etcd: register, newest serves, pin/unpin, CAS conflicts, validation."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
+from modelfleet.store import sha256_file
+
+
+def test_register_records_artifact_and_serves_newest(fleet):
+    path = fleet.register("acme", "v1", seed=1)
+    route, _ = fleet.registry.route("acme")
+    assert (route.serving, route.newest, route.pinned) == ("v1", "v1", False)
+    record = fleet.registry.version("acme", "v1")
+    assert record.sha256 == sha256_file(path)
+    assert record.num_features == 8 and record.num_classes == 1 and record.bytes == path.stat().st_size
+    assert record.objective == "regression" and record.created
+    stored = fleet.store_dir / record.artifact
+    assert stored.read_bytes() == path.read_bytes()
+
+    fleet.register("acme", "v2", seed=2, objective="multiclass")
+    route, _ = fleet.registry.route("acme")
+    assert (route.serving, route.newest) == ("v2", "v2")
+    assert [v.version for v in fleet.registry.versions("acme")] == ["v1", "v2"]
+    assert fleet.registry.version("acme", "v2").num_classes == 3
+
+
+def test_register_is_idempotent_and_refuses_a_different_artifact(fleet):
+    fleet.register("acme", "v1", seed=1)
+    record, created = fleet.registry.register("acme", "v1", fleet.model_file(1))
+    assert not created and record.version == "v1"
+    with pytest.raises(AlreadyExists, match="different artifact"):
+        fleet.registry.register("acme", "v1", fleet.model_file(2))
+
+
+def test_pin_holds_through_new_versions_and_unpin_returns_to_newest(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    assert fleet.registry.pin("acme", "v1").serving == "v1"
+    fleet.register("acme", "v3", seed=3)
+    route, _ = fleet.registry.route("acme")
+    assert (route.serving, route.newest, route.pinned) == ("v1", "v3", True)
+    assert fleet.registry.unpin("acme").serving == "v3"
+
+
+def test_pin_unknown_version_or_tenant_is_not_found(fleet):
+    fleet.register("acme", "v1", seed=1)
+    with pytest.raises(NotFound, match="'acme' has no version 'v9'"):
+        fleet.registry.pin("acme", "v9")
+    with pytest.raises(NotFound, match="unknown tenant 'nobody'"):
+        fleet.registry.unpin("nobody")
+
+
+def test_concurrent_pins_one_wins_the_other_gets_a_conflict(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    # Both admins read the route at the same revision, then write: exactly one may win.
+    original = fleet.registry.route
+    barrier = threading.Barrier(2)
+
+    def route_then_wait(tenant):
+        result = original(tenant)
+        barrier.wait(timeout=10)
+        return result
+
+    fleet.registry.route = route_then_wait
+    outcomes: dict[str, object] = {}
+
+    def pin(version):
+        try:
+            outcomes[version] = fleet.registry.pin("acme", version)
+        except Conflict as exc:
+            outcomes[version] = exc
+
+    threads = [threading.Thread(target=pin, args=(v,)) for v in ("v1", "v2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    fleet.registry.route = original
+    conflicts = [v for v, o in outcomes.items() if isinstance(o, Conflict)]
+    winners = [v for v, o in outcomes.items() if not isinstance(o, Conflict)]
+    assert len(conflicts) == 1 and len(winners) == 1, outcomes
+    assert "changed concurrently" in str(outcomes[conflicts[0]])
+    route, _ = original("acme")
+    assert route.serving == winners[0] and route.pinned
+
+
+@pytest.mark.parametrize("tenant", ["", "a/b", "..", ".", "x" * 129, "tenant with space", "t\n"])
+def test_invalid_tenant_ids_are_refused(fleet, tenant):
+    with pytest.raises(InvalidArgument, match="invalid tenant id"):
+        fleet.registry.register(tenant, "v1", fleet.model_file(1))
+
+
+def test_not_a_model_is_refused_before_anything_is_written(fleet, tmp_path):
+    junk = tmp_path / "junk.txt"
+    junk.write_text("this is not a model")
+    with pytest.raises(FailedPrecondition, match="not a LightGBM model"):
+        fleet.registry.register("acme", "v1", junk)
+    with pytest.raises(NotFound):
+        fleet.registry.route("acme")

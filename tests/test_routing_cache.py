@@ -1,0 +1,81 @@
+"""The router's watch-fed cache on a real etcd: start, changes, restart of etcd, compaction."""
+from __future__ import annotations
+
+import pytest
+
+from modelfleet import processes
+from modelfleet.etcd_server import EtcdServer
+from version_service.etcd_client import connect
+from version_service.registry import Registry
+from version_service.routing_cache import RoutingCache
+from version_service.schema import Keys, WorkerRecord
+from tests.conftest import new_prefix
+
+
+def test_cache_loads_then_follows_changes(fleet):
+    fleet.register("acme", "v1", seed=1)
+    cache = RoutingCache(fleet.etcd_endpoint, fleet.keys)
+    cache.start()
+    try:
+        assert cache.route("acme").serving == "v1"
+        fleet.register("acme", "v2", seed=2)
+        processes.wait_for(lambda: cache.route("acme").serving == "v2", 1.0, what="new version in cache")
+        fleet.register("globex", "v1", seed=3)
+        processes.wait_for(lambda: cache.route("globex") is not None, 1.0, what="new tenant in cache")
+        fleet.client.put(fleet.keys.worker("w1"), WorkerRecord("w1", "127.0.0.1:1").to_json())
+        processes.wait_for(lambda: "w1" in cache.workers, 1.0, what="worker in cache")
+        fleet.client.delete(fleet.keys.worker("w1"))
+        processes.wait_for(lambda: "w1" not in cache.workers, 1.0, what="worker gone from cache")
+        _, meta = fleet.client.get(fleet.keys.route("globex"))
+        assert cache.revision >= meta.mod_revision
+    finally:
+        cache.stop()
+
+
+@pytest.fixture
+def private_etcd(tmp_path):
+    server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log").start()
+    yield server
+    server.cleanup()
+
+
+def test_cache_keeps_serving_through_an_etcd_restart_and_resumes(private_etcd, fleet):
+    keys = Keys(new_prefix())
+    client = connect(private_etcd.endpoint)
+    registry = Registry(client, keys, fleet.registry.store)
+    registry.register("acme", "v1", fleet.model_file(1))
+    cache = RoutingCache(private_etcd.endpoint, keys)
+    cache.start()
+    try:
+        private_etcd.stop()
+        processes.wait_for(lambda: not cache.connected, 10.0, what="cache to notice etcd is gone")
+        assert cache.route("acme").serving == "v1"  # still serving from memory
+        private_etcd.start()
+        processes.wait_for(lambda: cache.connected, 15.0, what="cache to reconnect")
+        registry.register("acme", "v2", fleet.model_file(2))
+        processes.wait_for(lambda: cache.route("acme").serving == "v2", 5.0, what="change after restart")
+        assert cache.resyncs == 1  # resumed from its revision, no full reload
+    finally:
+        cache.stop()
+        client.close()
+
+
+def test_cache_resyncs_when_its_revision_was_compacted(private_etcd, fleet):
+    keys = Keys(new_prefix())
+    client = connect(private_etcd.endpoint)
+    registry = Registry(client, keys, fleet.registry.store)
+    registry.register("acme", "v1", fleet.model_file(1))
+    cache = RoutingCache(private_etcd.endpoint, keys)
+    cache.load()
+    try:
+        # Changes the cache has not seen, then compaction past its revision: resuming is impossible.
+        registry.register("acme", "v2", fleet.model_file(2))
+        registry.register("globex", "v1", fleet.model_file(3))
+        client.compact(client.get_prefix_response(keys.routes).header.revision)
+        cache.watch()
+        processes.wait_for(lambda: cache.route("globex") is not None and cache.route("acme").serving == "v2",
+                           10.0, what="resync after compaction")
+        assert cache.resyncs == 2
+    finally:
+        cache.stop()
+        client.close()

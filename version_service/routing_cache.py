@@ -1,0 +1,242 @@
+"""The router's in-memory copy of routes/ and workers/, fed by one etcd watch.
+
+Every Predict reads this cache; none talks to etcd. It starts with one ranged read per prefix
+(both at the same revision), then watches from the next revision. When the watch breaks (etcd
+restart, network) it reconnects and resumes from the last revision it applied, so no event is
+lost; when etcd has compacted that revision away it re-reads everything. While etcd is away the
+cache keeps serving what it has.
+
+Invariant: `revision` is the etcd revision of the newest change applied; every change up to it
+is in the maps.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+import grpc
+from pyetcd import etcdrpc
+from pyetcd.etcdrpc import kv_pb2
+
+from modelfleet.config import etcd_endpoints
+from modelfleet.errors import Unavailable
+from modelfleet.log import event
+from version_service.schema import Keys, RouteRecord, WorkerRecord
+
+log = logging.getLogger("modelfleet.routing_cache")
+
+ChangeListener = Callable[[str], None]  # called with "routes" or "workers" from the watch thread
+
+_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.max_receive_message_length", 256 << 20)]
+
+
+def _range_end(prefix: str) -> bytes:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return bytes(raw)
+
+
+class _Compacted(Exception):
+    """etcd no longer has the revision the watch wanted to resume from."""
+
+
+class _WatchBroken(Exception):
+    """The watch stream ended or was canceled; reconnect and resume."""
+
+
+class RoutingCache:
+    def __init__(self, etcd: str, keys: Keys, timeout: float = 5.0) -> None:
+        self.keys = keys
+        self.timeout = timeout
+        self.routes: dict[str, RouteRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.revision = 0
+        self.connected = False
+        self.resyncs = 0
+        self.last_change = time.monotonic()
+        self._endpoints = [f"{h}:{p}" for h, p in etcd_endpoints(etcd)]
+        self._endpoint_index = 0
+        self._channel: grpc.Channel | None = None
+        self._listeners: list[ChangeListener] = []
+        self._stop = threading.Event()
+        self._call = None
+        self._thread: threading.Thread | None = None
+
+    # -- reads (any thread) ----------------------------------------------------------------
+    def route(self, tenant: str) -> RouteRecord | None:
+        return self.routes.get(tenant)
+
+    def live_workers(self) -> list[WorkerRecord]:
+        return list(self.workers.values())
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> None:
+        """Loads everything (Unavailable if etcd does not answer within timeout), then watches."""
+        self.load(timeout)
+        self.watch()
+
+    def load(self, timeout: float = 10.0) -> None:
+        """The initial ranged read of routes/ and workers/ at one revision."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._resync()
+                break
+            except grpc.RpcError as exc:
+                self._next_endpoint()
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"etcd at {','.join(self._endpoints)} unavailable: {exc.code().name}") from None
+                time.sleep(0.2)
+
+    def watch(self) -> None:
+        """Follows changes from the loaded revision on, in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="routing-cache-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._channel is not None:
+            self._channel.close()
+
+    # -- internals -------------------------------------------------------------------------
+    def _chan(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self._endpoints[self._endpoint_index], options=_CHANNEL_OPTIONS)
+        return self._channel
+
+    def _next_endpoint(self) -> None:
+        if len(self._endpoints) > 1 and self._channel is not None:
+            self._channel.close()
+            self._channel = None
+            self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
+
+    def _resync(self) -> None:
+        kv = etcdrpc.KVStub(self._chan())
+        routes_resp = kv.Range(etcdrpc.RangeRequest(key=self.keys.routes.encode(),
+                                                    range_end=_range_end(self.keys.routes)), timeout=self.timeout)
+        revision = routes_resp.header.revision
+        workers_resp = kv.Range(etcdrpc.RangeRequest(key=self.keys.workers.encode(),
+                                                     range_end=_range_end(self.keys.workers), revision=revision),
+                                timeout=self.timeout)
+        routes: dict[str, RouteRecord] = {}
+        for item in routes_resp.kvs:
+            record = self._decode(RouteRecord, item)
+            if record is not None:
+                routes[self.keys.tenant_of_route(item.key.decode())] = record
+        workers: dict[str, WorkerRecord] = {}
+        for item in workers_resp.kvs:
+            record = self._decode(WorkerRecord, item)
+            if record is not None:
+                workers[self.keys.worker_of_key(item.key.decode())] = record
+        self.routes, self.workers, self.revision = routes, workers, revision
+        self.resyncs += 1
+        self.connected = True
+        self.last_change = time.monotonic()
+        event(log, "routing_cache.synced", revision=revision, tenants=len(routes), workers=len(workers))
+        self._notify("routes")
+        self._notify("workers")
+
+    @staticmethod
+    def _decode(cls, item):
+        try:
+            return cls.from_json(item.value)
+        except (ValueError, TypeError) as exc:
+            event(log, "routing_cache.bad_record", level=logging.WARNING, key=item.key.decode(errors="replace"),
+                  error=str(exc))
+            return None
+
+    def _notify(self, kind: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(kind)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop the watch
+                log.exception("routing_cache.listener_failed")
+
+    def _requests(self, start_revision: int, outbox: "queue.Queue[object]") -> Iterator[etcdrpc.WatchRequest]:
+        for prefix in (self.keys.routes, self.keys.workers):
+            yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
+                key=prefix.encode(), range_end=_range_end(prefix), start_revision=start_revision))
+        while outbox.get() is not None:  # blocks until the stream ends
+            pass
+
+    def _watch_once(self) -> None:
+        outbox: "queue.Queue[object]" = queue.Queue()
+        watch = etcdrpc.WatchStub(self._chan())
+        self._call = watch.Watch(self._requests(self.revision + 1, outbox))
+        try:
+            for resp in self._call:
+                if resp.compact_revision:
+                    raise _Compacted(resp.compact_revision)
+                if resp.canceled:
+                    raise _WatchBroken(f"watch canceled: {resp.cancel_reason}")
+                if resp.created and not self.connected:
+                    self.connected = True
+                    event(log, "routing_cache.reconnected", revision=self.revision)
+                self._apply(resp.events)
+        finally:
+            outbox.put(None)
+            self._call.cancel()
+
+    def _apply(self, events) -> None:
+        changed: set[str] = set()
+        for ev in events:
+            key = ev.kv.key.decode()
+            is_delete = ev.type == kv_pb2.Event.DELETE
+            if key.startswith(self.keys.routes):
+                tenant = self.keys.tenant_of_route(key)
+                if is_delete:
+                    self.routes.pop(tenant, None)
+                else:
+                    record = self._decode(RouteRecord, ev.kv)
+                    if record is not None:
+                        self.routes[tenant] = record
+                changed.add("routes")
+            elif key.startswith(self.keys.workers):
+                worker_id = self.keys.worker_of_key(key)
+                if is_delete:
+                    self.workers.pop(worker_id, None)
+                else:
+                    record = self._decode(WorkerRecord, ev.kv)
+                    if record is not None:
+                        self.workers[worker_id] = record
+                changed.add("workers")
+            self.revision = max(self.revision, ev.kv.mod_revision)
+        if changed:
+            self.last_change = time.monotonic()
+        for kind in sorted(changed):
+            self._notify(kind)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                self._watch_once()
+                backoff = 0.05
+            except _Compacted as exc:
+                event(log, "routing_cache.compacted", level=logging.WARNING, revision=self.revision,
+                      compact_revision=exc.args[0])
+                try:
+                    self._resync()
+                except grpc.RpcError:
+                    pass
+            except (grpc.RpcError, _WatchBroken) as exc:
+                if self._stop.is_set():
+                    return
+                if self.connected:
+                    code = exc.code().name if isinstance(exc, grpc.Call) else str(exc)
+                    event(log, "routing_cache.disconnected", level=logging.WARNING, revision=self.revision, error=code)
+                self.connected = False
+                self._next_endpoint()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,121 @@
+"""The etcd schema of modelfleet: key layout, JSON records, identifier rules. One module owns it.
+
+Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
+
+    {prefix}/routes/{tenant}              RouteRecord   -- what serves a tenant; routers watch it
+    {prefix}/versions/{tenant}/{version}  VersionRecord -- one registered model artifact
+    {prefix}/workers/{worker_id}          WorkerRecord  -- a live worker, under its etcd lease
+
+Routers hold routes/ and workers/ in memory (one small record per tenant); workers read one
+versions/ record when they load a model. Records are compact JSON; unknown fields are ignored
+on read, so a newer writer does not break an older reader.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from modelfleet.errors import InvalidArgument
+
+SCHEMA_VERSION = 1
+DEFAULT_PREFIX = f"/modelfleet/v{SCHEMA_VERSION}"
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+ID_RULE = "[A-Za-z0-9._-]{1,128}, not '.' or '..'"
+
+
+def validate_id(kind: str, value: str) -> str:
+    """Returns value when it is a valid tenant id, version or worker id; else InvalidArgument.
+
+    Identifiers become etcd key segments and log fields, never file paths, but the rule still
+    keeps out '/', '..', whitespace and control characters at every entry point.
+    """
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
+        shown = value if isinstance(value, str) and len(value) <= 64 else f"{str(value)[:64]}..."
+        raise InvalidArgument(f"invalid {kind} {shown!r}: must be {ID_RULE}")
+    return value
+
+
+class Keys:
+    """Builds and parses every etcd key; nothing else concatenates key strings."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = "/" + prefix.strip("/")
+
+    @property
+    def routes(self) -> str:
+        return f"{self.prefix}/routes/"
+
+    def route(self, tenant: str) -> str:
+        return f"{self.routes}{tenant}"
+
+    def versions(self, tenant: str) -> str:
+        return f"{self.prefix}/versions/{tenant}/"
+
+    def version(self, tenant: str, version: str) -> str:
+        return f"{self.versions(tenant)}{version}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}/workers/"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.workers}{worker_id}"
+
+    def tenant_of_route(self, key: str) -> str:
+        return key[len(self.routes):]
+
+    def worker_of_key(self, key: str) -> str:
+        return key[len(self.workers):]
+
+
+R = TypeVar("R", bound="_Record")
+
+
+class _Record:
+    def to_json(self) -> str:
+        doc = {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[R], raw: bytes | str) -> R:
+        doc: dict[str, Any] = json.loads(raw)
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RouteRecord(_Record):
+    """Which version serves a tenant. `serving` is `newest` unless `pinned`."""
+
+    serving: str
+    newest: str
+    pinned: bool = False
+    shard_size: int | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord(_Record):
+    """One registered model version. `artifact` is relative to the model store root."""
+
+    version: str
+    artifact: str
+    sha256: str
+    num_features: int
+    num_classes: int
+    bytes: int
+    created: str
+    objective: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerRecord(_Record):
+    """A live worker; the key lives under the worker's lease and vanishes when it dies."""
+
+    worker_id: str
+    address: str
+    zone: str = "default"
+    draining: bool = False
+    started: str = ""

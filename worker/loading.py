@@ -1,0 +1,45 @@
+"""Turns (tenant, version) into a LoadedModel: etcd record -> verified artifact -> booster.
+
+Runs in the worker's load thread pool, never on the event loop. Every failure names tenant,
+version and cause: NotFound for an unregistered version, FailedPrecondition for a missing,
+corrupt or unparseable artifact, Unavailable when etcd cannot be reached.
+"""
+from __future__ import annotations
+
+from modelfleet.errors import FailedPrecondition, NotFound
+from modelfleet.store import LocalStore
+from version_service.etcd_client import EtcdClient, etcd_errors
+from version_service.schema import Keys, VersionRecord
+from worker.predictor import LoadedModel
+
+
+class ModelLoader:
+    def __init__(self, client: EtcdClient, keys: Keys, store: LocalStore) -> None:
+        self.client = client
+        self.keys = keys
+        self.store = store
+
+    def record(self, tenant: str, version: str) -> VersionRecord:
+        with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
+            raw, _ = self.client.get(self.keys.version(tenant, version))
+        if raw is None:
+            raise NotFound(f"tenant {tenant!r} has no version {version!r}")
+        return VersionRecord.from_json(raw)
+
+    def load(self, tenant: str, version: str) -> LoadedModel:
+        record = self.record(tenant, version)
+        what = f"tenant {tenant!r} version {version!r}"
+        data = self.store.read_verified(record.artifact, record.sha256, what)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FailedPrecondition(f"{what}: artifact is not a LightGBM text model") from None
+        try:
+            model = LoadedModel.from_model_text(text)
+        except FailedPrecondition as exc:
+            raise FailedPrecondition(f"{what}: {exc}") from None
+        if model.num_features != record.num_features:
+            model.close()
+            raise FailedPrecondition(f"{what}: artifact has {model.num_features} features, "
+                                     f"its record says {record.num_features}")
+        return model

@@ -1,0 +1,132 @@
+"""The worker's model cache: an LRU bounded by bytes, with one load per model at a time.
+
+Invariants:
+- the sum of `nbytes` of cached models never exceeds the budget (cachetools evicts the least
+  recently used until the new model fits; a model larger than the whole budget is freed and
+  its requests get RESOURCE_EXHAUSTED: a sizing error the operator must see, not a reload
+  on every request);
+- concurrent requests for a model that is not loaded share one load (single flight): the
+  first starts it in the load pool, the others await the same task, and a caller that gives
+  up (deadline) does not cancel the load for the rest;
+- an evicted model's native memory is freed exactly once, after the last request using it
+  has finished (LoadedModel.borrow / close).
+
+Everything except the load itself runs on the event loop thread, so the maps need no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from cachetools import LRUCache
+
+from modelfleet.errors import ResourceExhausted
+from modelfleet.log import event
+from worker.predictor import LoadedModel
+
+log = logging.getLogger("modelfleet.model_cache")
+
+ModelKey = tuple[str, str]  # (tenant, version)
+Loader = Callable[[str, str], LoadedModel]
+
+
+@dataclass
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    evictions: int = 0
+
+
+class _ByteLRU(LRUCache):
+    """cachetools' LRU sized by each model's measured bytes; tells its owner what it evicts."""
+
+    def __init__(self, budget: int, on_evict: Callable[[ModelKey, LoadedModel], None]) -> None:
+        super().__init__(maxsize=budget, getsizeof=lambda model: model.nbytes)
+        self._on_evict = on_evict
+
+    def popitem(self):
+        key, model = super().popitem()
+        self._on_evict(key, model)
+        return key, model
+
+
+class ModelCache:
+    def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4) -> None:
+        self.budget = budget_bytes
+        self.counters = CacheCounters()
+        self._loader = loader
+        self._lru = _ByteLRU(budget_bytes, self._evicted)
+        self._inflight: dict[ModelKey, asyncio.Task] = {}
+        self._load_counts: LRUCache = LRUCache(maxsize=200_000)
+        self._pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self._lru.currsize)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def items(self) -> list[tuple[ModelKey, LoadedModel]]:
+        return list(self._lru.items())
+
+    def load_count(self, key: ModelKey) -> int:
+        return self._load_counts.get(key, 0)
+
+    def peek(self, tenant: str, version: str) -> LoadedModel | None:
+        """The cached model without loading or touching recency."""
+        return self._lru.get((tenant, version)) if (tenant, version) in self._lru else None
+
+    async def get(self, tenant: str, version: str) -> tuple[LoadedModel, bool]:
+        """(model, loaded_now). Raises the loader's error (NotFound, FailedPrecondition, ...)."""
+        key = (tenant, version)
+        model = self._lru.get(key)
+        if model is not None:
+            self.counters.hits += 1
+            return model, False
+        self.counters.misses += 1
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(key))
+            self._inflight[key] = task
+        return await asyncio.shield(task), True
+
+    async def _load(self, key: ModelKey) -> LoadedModel:
+        started = time.perf_counter()
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(self._pool, self._loader, *key)
+        except Exception as exc:
+            self.counters.load_failures += 1
+            event(log, "model.load_failed", level=logging.WARNING, tenant=key[0], version=key[1], error=str(exc))
+            raise
+        finally:
+            self._inflight.pop(key, None)
+        self.counters.loads += 1
+        self._load_counts[key] = self._load_counts.get(key, 0) + 1
+        if model.nbytes > self.budget:
+            model.close()
+            event(log, "model.too_large_to_cache", level=logging.WARNING, tenant=key[0], version=key[1],
+                  bytes=model.nbytes, budget=self.budget)
+            raise ResourceExhausted(f"tenant {key[0]!r} version {key[1]!r} needs {model.nbytes} bytes loaded, "
+                                    f"more than this worker's whole model cache ({self.budget} bytes)")
+        self._lru[key] = model
+        event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,
+              ms=round((time.perf_counter() - started) * 1000, 2))
+        return model
+
+    def _evicted(self, key: ModelKey, model: LoadedModel) -> None:
+        self.counters.evictions += 1
+        model.close()
+
+    def close(self) -> None:
+        """Frees every cached model (worker shutdown)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        while self._lru:
+            key, model = LRUCache.popitem(self._lru)
+            model.close()

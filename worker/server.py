@@ -1,0 +1,82 @@
+"""`modelfleet worker`: one multi-model worker process.
+
+Start: listen (port 0 picks a free one), then join the fleet under an etcd lease, then report
+SERVING. SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new
+requests), finish in-flight requests, free every model, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import socket
+import time
+
+from modelfleet import config
+from modelfleet.errors import Unavailable
+from modelfleet.log import event
+from modelfleet.rpc import build_server, set_serving, wait_for_signal
+from modelfleet.store import LocalStore
+from modelfleet.v1 import worker_pb2, worker_pb2_grpc
+from version_service.etcd_client import connect
+from version_service.membership import WorkerMembership
+from version_service.schema import Keys, WorkerRecord, validate_id
+from worker.loading import ModelLoader
+from worker.model_cache import ModelCache
+from worker.servicer import WorkerServicer
+
+log = logging.getLogger("modelfleet.worker")
+
+OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.HOST, config.WORKER_PORT, config.WORKER_ID,
+           config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL)
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+REGISTER_TIMEOUT_S = 30.0
+
+
+async def serve(args: argparse.Namespace) -> None:
+    client = connect(args.etcd)
+    keys = Keys(args.prefix)
+    if args.worker_id:
+        validate_id("worker id", args.worker_id)
+    validate_id("zone", args.zone)
+    cache = ModelCache(ModelLoader(client, keys, LocalStore(args.store)).load, args.cache_bytes, args.load_threads)
+
+    server, health = build_server([SERVICE_NAME])
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
+    servicer = WorkerServicer(worker_id, cache)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    await server.start()
+
+    record = WorkerRecord(worker_id=worker_id, address=f"{args.advertise_host}:{port}", zone=args.zone,
+                          started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    membership = WorkerMembership(client, keys, record, ttl=args.lease_ttl)
+    await _join(membership)
+    await set_serving(health, [SERVICE_NAME], True)
+    event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone,
+          cache_bytes=args.cache_bytes)
+
+    await wait_for_signal()
+    await set_serving(health, [SERVICE_NAME], False)
+    await asyncio.get_running_loop().run_in_executor(None, membership.stop)
+    await server.stop(grace=10)
+    servicer.close()
+    cache.close()
+    client.close()
+    event(log, "worker.stopped", worker=worker_id)
+
+
+async def _join(membership: WorkerMembership) -> None:
+    """Registers, retrying while etcd is unreachable, for up to REGISTER_TIMEOUT_S."""
+    deadline = time.monotonic() + REGISTER_TIMEOUT_S
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await loop.run_in_executor(None, membership.start)
+            return
+        except Unavailable as exc:
+            if time.monotonic() >= deadline:
+                raise
+            event(log, "worker.join_retry", level=logging.WARNING, error=str(exc))
+            await asyncio.sleep(0.5)
