@@ -1,0 +1,68 @@
+"""The modelfleet CLI as a user runs it: a real process against a real etcd and fleet."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from modelfleet.demo_models import sample_features
+from tests.fleet import REPO_ROOT, Fleet
+
+
+def cli(fleet: Fleet, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "modelfleet.cli", *argv], env=fleet.env(), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_admin_commands_end_to_end(fleet):
+    model = fleet.model_file(1)
+    done = cli(fleet, "register", "--tenant", "acme", "--version", "v1", "--model-file", str(model))
+    assert done.returncode == 0, done.stderr
+    assert "acme v1 registered" in done.stdout
+    assert cli(fleet, "register", "--tenant", "acme", "--version", "v2", "--model-file",
+               str(fleet.model_file(2))).returncode == 0
+
+    assert cli(fleet, "pin", "acme", "v1").returncode == 0
+    versions = json.loads(cli(fleet, "versions", "acme", "--json").stdout)
+    assert versions["route"]["serving"] == "v1" and versions["route"]["pinned"] is True
+    assert [v["version"] for v in versions["versions"]] == ["v1", "v2"]
+    assert cli(fleet, "unpin", "acme").returncode == 0
+    assert json.loads(cli(fleet, "versions", "acme", "--json").stdout)["route"]["serving"] == "v2"
+    table = cli(fleet, "versions", "acme")
+    assert table.returncode == 0 and "serving" in table.stdout
+
+    fleet.start_worker("w1", zone="a")
+    fleet.start_worker("w2", zone="b")
+    router = fleet.start_router()
+    workers = json.loads(cli(fleet, "workers", "--json").stdout)
+    assert [(w["worker_id"], w["zone"]) for w in workers] == [("w1", "a"), ("w2", "b")]
+    shard = json.loads(cli(fleet, "shard", "acme", "--json").stdout)
+    assert sorted(w["worker_id"] for w in shard["workers"]) == ["w1", "w2"]
+
+    features = ",".join(str(v) for v in sample_features(1, 1)[0])
+    out = cli(fleet, "predict", "acme", "--features", features, "--router", router.address)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["model_version"] == "v2" and len(answer["predictions"]) == 1
+    assert answer["worker_id"] == shard["workers"][0]["worker_id"]  # affinity to the first member
+
+
+def test_errors_are_one_line_and_nonzero(fleet):
+    cases = [
+        ("pin", "nobody", "v1"),
+        ("versions", "bad/tenant"),
+        ("register", "--tenant", "acme", "--version", "v1", "--model-file", "/nonexistent/model.txt"),
+        ("predict", "acme", "--features", "1,2,x", "--router", "127.0.0.1:1"),
+    ]
+    for argv in cases:
+        done = cli(fleet, *argv)
+        assert done.returncode != 0, argv
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (argv, done.stderr)
+
+
+def test_unreachable_etcd_is_a_clear_error(fleet):
+    done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "workers", "--etcd", "127.0.0.1:1"],
+                          env=fleet.env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: etcd at 127.0.0.1:1 unavailable"), done.stderr

@@ -1,0 +1,141 @@
+"""The whole Predict path on real parts: etcd, 3 worker processes, a router process, real models."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import lightgbm
+import numpy as np
+import pytest
+
+from modelfleet.demo_models import sample_features
+from modelfleet.v1 import predictor_pb2
+from sharding import Member, shard_for
+from tests.conftest import new_prefix
+from tests.fleet import Fleet, predict, predictor
+
+TENANTS = {"reg": "regression", "bin": "binary", "multi": "multiclass"}
+
+
+@pytest.fixture(scope="module")
+def running(etcd, tmp_path_factory):
+    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("fleet"))
+    for seed, (tenant, objective) in enumerate(TENANTS.items(), start=1):
+        fleet.register(tenant, "v1", seed=seed, objective=objective)
+    fleet.register("pinny", "v1", seed=11)
+    fleet.register("pinny", "v2", seed=12)
+    for n in range(1, 4):
+        fleet.start_worker(f"w{n}")
+    router = fleet.start_router()
+    stub = predictor(router.address)
+    fleet.wait_for(lambda: predict(stub, "reg", sample_features(0, 1)[0]), what="first predict")
+    yield fleet, stub
+    fleet.stop()
+
+
+def reference(fleet: Fleet, tenant: str, version: str, rows: np.ndarray) -> np.ndarray:
+    record = fleet.registry.version(tenant, version)
+    booster = lightgbm.Booster(model_file=str(fleet.store_dir / record.artifact))
+    return np.asarray(booster.predict(rows)).reshape(-1)
+
+
+@pytest.mark.parametrize("tenant", list(TENANTS))
+@pytest.mark.parametrize("rows", [1, 100])
+def test_predictions_equal_lightgbm(running, tenant, rows):
+    fleet, stub = running
+    x = sample_features(rows + 7, rows)  # includes NaNs
+    response = predict(stub, tenant, x.reshape(-1))
+    expected = reference(fleet, tenant, "v1", x)
+    classes = 3 if TENANTS[tenant] == "multiclass" else 1
+    assert len(response.predictions) == rows * classes
+    np.testing.assert_allclose(response.predictions, expected, rtol=0, atol=1e-9)
+    assert response.model_version == "v1"
+    live = [Member(f"w{n}") for n in range(1, 4)]
+    assert response.worker_id in shard_for(tenant, live, 2)
+
+
+def test_explicit_version_is_served(running):
+    fleet, stub = running
+    x = sample_features(3, 2)
+    response = predict(stub, "pinny", x.reshape(-1), version="v1")
+    assert response.model_version == "v1"
+    np.testing.assert_allclose(response.predictions, reference(fleet, "pinny", "v1", x), atol=1e-9)
+
+
+def _served_version(stub, tenant: str) -> str:
+    return predict(stub, tenant, sample_features(5, 1)[0]).model_version
+
+
+def test_pin_and_unpin_switch_the_served_version_within_a_second(running):
+    fleet, stub = running
+    assert _served_version(stub, "pinny") == "v2"
+    fleet.registry.pin("pinny", "v1")
+    committed = time.monotonic()
+    fleet.wait_for(lambda: _served_version(stub, "pinny") == "v1", timeout=1.0, what="pin to take effect")
+    assert time.monotonic() - committed < 1.0
+    fleet.registry.unpin("pinny")
+    committed = time.monotonic()
+    fleet.wait_for(lambda: _served_version(stub, "pinny") == "v2", timeout=1.0, what="unpin to take effect")
+    assert time.monotonic() - committed < 1.0
+
+
+def _error(stub, tenant, features, version="") -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        predict(stub, tenant, features, version=version)
+    return info.value
+
+
+def test_unknown_tenant_is_not_found_naming_it(running):
+    _, stub = running
+    err = _error(stub, "no-such-tenant", [1.0] * 8)
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "no-such-tenant" in err.details()
+
+
+def test_wrong_feature_count_is_invalid_argument_with_expected_and_got(running):
+    _, stub = running
+    err = _error(stub, "reg", [1.0] * 5)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "8" in err.details() and "5" in err.details() and "reg" in err.details()
+
+
+def test_empty_features_are_invalid_argument(running):
+    _, stub = running
+    err = _error(stub, "reg", [])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in err.details()
+
+
+def test_unknown_version_is_not_found(running):
+    _, stub = running
+    err = _error(stub, "reg", [1.0] * 8, version="v999")
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "v999" in err.details()
+
+
+@pytest.mark.parametrize("tenant,version", [("../etc", ""), ("a/b", ""), ("x" * 200, ""), ("reg", "../v1"),
+                                            ("reg", "v 1"), ("", "")])
+def test_malformed_ids_are_invalid_argument(running, tenant, version):
+    _, stub = running
+    err = _error(stub, tenant, [1.0] * 8, version=version)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+
+
+def test_corrupt_artifact_fails_only_its_tenant(running):
+    fleet, stub = running
+    fleet.register("fragile", "v1", seed=99)
+    record = fleet.registry.version("fragile", "v1")
+    artifact = fleet.store_dir / record.artifact
+    artifact.write_bytes(artifact.read_bytes()[:-100] + b"garbage")
+    fleet.wait_for(lambda: running[0].registry.route("fragile"), what="route")
+
+    def corrupt_error():
+        try:
+            predict(stub, "fragile", [1.0] * 8)
+        except grpc.RpcError as exc:
+            return exc if exc.code() != grpc.StatusCode.NOT_FOUND else None  # route not yet in the cache
+        raise AssertionError("a corrupt artifact was served")
+
+    err = fleet.wait_for(corrupt_error, what="the corrupt tenant to be routed")
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "fragile" in err.details() and "corrupt" in err.details()
+    for tenant in TENANTS:  # everyone else keeps serving, every worker is alive
+        assert predict(stub, tenant, sample_features(1, 1)[0]).model_version == "v1"
+    assert all(p.popen.poll() is None for p in fleet.procs)

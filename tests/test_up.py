@@ -1,0 +1,68 @@
+"""`modelfleet up`: the demo fleet starts, serves, and shuts down leaving no process behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from modelfleet import processes
+from modelfleet.demo_models import sample_features
+from tests.fleet import REPO_ROOT, predict, predictor
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
+    etcd_port, router_port = processes.free_port(), processes.free_port()
+    env = dict(os.environ, MODELFLEET_HOME=str(tmp_path / "home"), MODELFLEET_STORE=str(tmp_path / "store"),
+               MODELFLEET_ETCD=f"127.0.0.1:{etcd_port}", PYTHONPATH=str(REPO_ROOT))
+    up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", "--workers", "2", "--demo-tenants", "6",
+                           "--port", str(router_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    try:
+        stub = predictor(f"127.0.0.1:{router_port}")
+        x = sample_features(1, 1, 8)[0]
+
+        def serving():
+            assert up.poll() is None, up.stdout.read()
+            return predict(stub, "demo-0006", x, timeout=2)
+
+        answer = processes.wait_for(serving, 90, interval=0.2, what="the demo fleet")
+        assert answer.model_version == "v1" and answer.worker_id in ("worker-1", "worker-2")
+
+        # Every other command works against the demo fleet with no flags but the environment.
+        done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "workers", "--json"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "worker-2" in done.stdout, done.stderr
+
+        kids = children_of(up.pid)
+        assert len(kids) == 4  # etcd, 2 workers, router
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+        assert up.returncode == 0, out
+        assert "modelfleet is up" in out and "stopped" in out
+        processes.wait_for(lambda: not any(processes.pid_alive(k) for k in kids), 10, what="children to exit")
+        try:
+            predict(stub, "demo-0006", x, timeout=1)
+            raise AssertionError("the router still answers after shutdown")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

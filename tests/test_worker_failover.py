@@ -1,0 +1,34 @@
+"""Losing a worker: the router fails over to the other shard member; the dead one leaves."""
+from __future__ import annotations
+
+from modelfleet.demo_models import sample_features
+from version_service.membership import list_workers
+from tests.fleet import predict, predictor
+
+
+def test_sigkill_of_a_shard_member_is_absorbed_by_the_other(fleet):
+    fleet.register("acme", "v1", seed=1)
+    workers = {n: fleet.start_worker(n) for n in ("w1", "w2")}
+    router = fleet.start_router(shard_size=2)
+    stub = predictor(router.address)
+    x = sample_features(1, 1)[0]
+    first = fleet.wait_for(lambda: predict(stub, "acme", x), what="first predict").worker_id
+    survivor = "w2" if first == "w1" else "w1"
+
+    workers[first].kill()  # no goodbye: its lease is still alive for a few seconds
+    answers = [predict(stub, "acme", x, timeout=5).worker_id for _ in range(50)]
+    assert answers == [survivor] * 50
+
+    fleet.wait_for(lambda: [w.worker_id for w in list_workers(fleet.client, fleet.keys)] == [survivor],
+                   timeout=fleet.lease_ttl + 5, what="the dead worker's lease to expire")
+    assert predict(stub, "acme", x).worker_id == survivor
+
+
+def test_sigterm_worker_leaves_membership_at_once(fleet):
+    fleet.register("acme", "v1", seed=1)
+    w1 = fleet.start_worker("w1")
+    fleet.start_worker("w2")
+    w1.signal(15)
+    assert w1.popen.wait(15) == 0
+    ids = [w.worker_id for w in list_workers(fleet.client, fleet.keys)]
+    assert ids == ["w2"]  # revoked on the way out, not left for the lease to expire
