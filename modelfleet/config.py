@@ -79,6 +79,11 @@ LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", 4, int, "thre
 LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, int,
                    "seconds a dead worker stays in membership before its etcd lease expires")
 
+WARM_ON_JOIN = Option("--warm-on-join", "MODELFLEET_WARM_ON_JOIN", True, lambda v: str(v).lower() in ("1", "true", "yes", "on"),
+                      "a joining worker loads the active tenants it is about to own before it takes traffic (1/0)")
+WARM_ACTIVE_MINUTES = Option("--warm-active-minutes", "MODELFLEET_WARM_ACTIVE_MINUTES", 10.0, float,
+                             "make-before-break warms tenants active within this many minutes")
+
 # -- demo fleet -------------------------------------------------------------------------------
 UP_WORKERS = Option("--workers", "MODELFLEET_UP_WORKERS", 3, int, "worker processes in the demo fleet")
 UP_DEMO_TENANTS = Option("--demo-tenants", "MODELFLEET_UP_DEMO_TENANTS", 50, int, "demo tenants to register")
@@ -89,7 +94,7 @@ ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str,
 ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, LOG_FORMAT, LOG_LEVEL, HOST, ROUTER_PORT, SHARD_SIZE, SPILL_INFLIGHT,
     DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
-    LEASE_TTL, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
+    LEASE_TTL, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
 )
 
 

@@ -14,10 +14,11 @@ import logging
 from modelfleet import config
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
-from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
+from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
+from router.admin import RouterAdminServicer
 from router.servicer import PredictorServicer
 from router.worker_pool import WorkerPool
-from sharding import Member, ShardCache
+from sharding import ShardCache
 from version_service.routing_cache import RoutingCache
 from version_service.schema import Keys
 
@@ -26,6 +27,7 @@ log = logging.getLogger("modelfleet.router")
 OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.SHARD_SIZE,
            config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE)
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
+ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
 
 
 class Membership:
@@ -41,8 +43,7 @@ class Membership:
 
     def apply(self) -> None:  # event loop
         workers = dict(self.routes.workers)
-        live = sorted((Member(w.worker_id, w.zone) for w in workers.values() if not w.draining),
-                      key=lambda m: m.worker_id)
+        live = self.routes.live_members()
         self.shards.set_members(live)
         for channel in self.pool.update(workers):
             self._loop.create_task(channel.close(grace=5))
@@ -60,9 +61,11 @@ async def serve(args: argparse.Namespace) -> None:
     routes.add_listener(membership.on_change)
     membership.apply()
 
-    server, health = build_server([SERVICE_NAME])
+    server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME])
     servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline)
     predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
+    router_admin_pb2_grpc.add_RouterAdminServicer_to_server(RouterAdminServicer(routes, shards, args.shard_size),
+                                                            server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     await set_serving(health, [SERVICE_NAME], True)

@@ -139,3 +139,18 @@ def test_corrupt_artifact_fails_only_its_tenant(running):
     for tenant in TENANTS:  # everyone else keeps serving, every worker is alive
         assert predict(stub, tenant, sample_features(1, 1)[0]).model_version == "v1"
     assert all(p.popen.poll() is None for p in fleet.procs)
+
+
+def test_router_serves_health_and_reflection(running):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    fleet, _ = running
+    router = next(p for p in fleet.procs if p.name.startswith("router"))
+    with grpc.insecure_channel(router.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "modelfleet.v1.Predictor"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert {"modelfleet.v1.Predictor", "grpc.health.v1.Health"} <= set(services)

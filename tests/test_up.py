@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -34,15 +35,19 @@ def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
     up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", "--workers", "2", "--demo-tenants", "6",
                            "--port", str(router_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         stub = predictor(f"127.0.0.1:{router_port}")
         x = sample_features(1, 1, 8)[0]
 
         def serving():
-            assert up.poll() is None, up.stdout.read()
+            assert up.poll() is None, "".join(output)
             return predict(stub, "demo-0006", x, timeout=2)
 
         answer = processes.wait_for(serving, 90, interval=0.2, what="the demo fleet")
+        processes.wait_for(lambda: any("modelfleet is up" in line for line in output), 30, what="the banner")
         assert answer.model_version == "v1" and answer.worker_id in ("worker-1", "worker-2")
 
         # Every other command works against the demo fleet with no flags but the environment.
@@ -53,9 +58,9 @@ def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
         kids = children_of(up.pid)
         assert len(kids) == 4  # etcd, 2 workers, router
         up.send_signal(signal.SIGTERM)
-        out, _ = up.communicate(timeout=60)
-        assert up.returncode == 0, out
-        assert "modelfleet is up" in out and "stopped" in out
+        assert up.wait(60) == 0, "".join(output)
+        reader.join(10)
+        assert "stopped" in "".join(output)
         processes.wait_for(lambda: not any(processes.pid_alive(k) for k in kids), 10, what="children to exit")
         try:
             predict(stub, "demo-0006", x, timeout=1)

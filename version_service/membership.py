@@ -6,12 +6,14 @@ network blip) and finds its lease gone on return grants a new one and registers 
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 
+from modelfleet.errors import NotFound
 from modelfleet.log import event
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import Keys, WorkerRecord
+from version_service.schema import DrainRecord, Keys, WorkerRecord, validate_id
 
 log = logging.getLogger("modelfleet.membership")
 
@@ -41,6 +43,13 @@ class WorkerMembership:
         self.lease_id = lease.id
         event(log, "membership.registered", worker=self.record.worker_id, address=self.record.address,
               zone=self.record.zone, lease=lease.id, ttl=self.ttl)
+
+    def update(self, record: WorkerRecord) -> None:
+        """Rewrites this worker's record under the same lease (e.g. joining -> live)."""
+        self.record = record
+        with etcd_errors(self.client, f"updating worker {record.worker_id}"):
+            self.client.put(self.keys.worker(record.worker_id), record.to_json(), lease=self.lease_id)
+        event(log, "membership.updated", worker=record.worker_id, joining=record.joining)
 
     def _refresh(self) -> bool:
         """True while the lease is alive; False when etcd says it expired."""
@@ -75,7 +84,42 @@ class WorkerMembership:
 
 
 def list_workers(client: EtcdClient, keys: Keys) -> list[WorkerRecord]:
-    """Every registered worker (draining ones included), sorted by id."""
+    """Every registered worker (drained and joining ones included), sorted by id."""
     with etcd_errors(client, "listing workers"):
         resp = client.get_prefix_response(keys.workers)
     return sorted((WorkerRecord.from_json(kv.value) for kv in resp.kvs), key=lambda w: w.worker_id)
+
+
+def read_fleet(client: EtcdClient, keys: Keys) -> tuple[dict[str, WorkerRecord], dict[str, DrainRecord]]:
+    """Workers and drains at one etcd revision (what a router's cache holds)."""
+    with etcd_errors(client, "reading the fleet"):
+        workers_resp = client.get_prefix_response(keys.workers)
+        drains_resp = client.get_prefix_response(keys.drains, revision=workers_resp.header.revision)
+    workers = {keys.worker_of_key(kv.key.decode()): WorkerRecord.from_json(kv.value) for kv in workers_resp.kvs}
+    drains = {keys.worker_of_drain(kv.key.decode()): DrainRecord.from_json(kv.value) for kv in drains_resp.kvs}
+    return workers, drains
+
+
+def drain(client: EtcdClient, keys: Keys, worker_id: str, actor: str, reason: str = "") -> bool:
+    """Takes the worker out of every shard for new traffic; False if it was already drained."""
+    validate_id("worker id", worker_id)
+    workers, drains = read_fleet(client, keys)
+    if worker_id in drains:
+        return False
+    if worker_id not in workers:
+        raise NotFound(f"no live worker {worker_id!r} to drain")
+    record = DrainRecord(since=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), actor=actor,
+                         reason=reason)
+    key = keys.drain(worker_id)
+    txn = client.transactions
+    with etcd_errors(client, f"draining {worker_id}"):
+        ok, _ = client.transaction(compare=[txn.version(key) == 0], success=[txn.put(key, record.to_json())],
+                                   failure=[])
+    return ok
+
+
+def undrain(client: EtcdClient, keys: Keys, worker_id: str) -> bool:
+    """Puts the worker back into shards; False if it was not drained."""
+    validate_id("worker id", worker_id)
+    with etcd_errors(client, f"undraining {worker_id}"):
+        return bool(client.delete(keys.drain(worker_id)))

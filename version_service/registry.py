@@ -138,6 +138,20 @@ class Registry:
         return self._update_route(tenant, lambda r: RouteRecord(serving=r.newest, newest=r.newest, pinned=False,
                                                                shard_size=r.shard_size), f"unpin {tenant}")
 
+    def set_shard_size(self, tenant: str, shard_size: int | None) -> RouteRecord:
+        """Gives a hot tenant a larger shard (None: back to the routers' default)."""
+        if shard_size is not None and not 1 <= shard_size <= 1024:
+            raise InvalidArgument(f"shard size must be between 1 and 1024, got {shard_size}")
+        return self._update_route(tenant, lambda r: RouteRecord(serving=r.serving, newest=r.newest, pinned=r.pinned,
+                                                               shard_size=shard_size),
+                                  f"set the shard size of {tenant} to {shard_size or 'default'}")
+
+    def tenants(self) -> dict[str, RouteRecord]:
+        """Every tenant's route (one ranged read)."""
+        with etcd_errors(self.client, "listing tenants"):
+            resp = self.client.get_prefix_response(self.keys.routes)
+        return {self.keys.tenant_of_route(kv.key.decode()): RouteRecord.from_json(kv.value) for kv in resp.kvs}
+
     def _update_route(self, tenant: str, change, doing: str) -> RouteRecord:
         route, mod_revision = self.route(tenant)
         new_route = change(route)

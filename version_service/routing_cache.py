@@ -1,4 +1,4 @@
-"""The router's in-memory copy of routes/ and workers/, fed by one etcd watch.
+"""The router's in-memory copy of routes/, workers/ and drains/, fed by one etcd watch.
 
 Every Predict reads this cache; none talks to etcd. It starts with one ranged read per prefix
 (both at the same revision), then watches from the next revision. When the watch breaks (etcd
@@ -24,7 +24,7 @@ from pyetcd.etcdrpc import kv_pb2
 from modelfleet.config import etcd_endpoints
 from modelfleet.errors import Unavailable
 from modelfleet.log import event
-from version_service.schema import Keys, RouteRecord, WorkerRecord
+from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
 
 log = logging.getLogger("modelfleet.routing_cache")
 
@@ -54,6 +54,7 @@ class RoutingCache:
         self.timeout = timeout
         self.routes: dict[str, RouteRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
+        self.drains: dict[str, DrainRecord] = {}
         self.revision = 0
         self.connected = False
         self.resyncs = 0
@@ -70,8 +71,9 @@ class RoutingCache:
     def route(self, tenant: str) -> RouteRecord | None:
         return self.routes.get(tenant)
 
-    def live_workers(self) -> list[WorkerRecord]:
-        return list(self.workers.values())
+    def live_members(self):
+        """Shard members now: registered, not joining, not drained."""
+        return live_members(self.workers, self.drains)
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
@@ -121,29 +123,33 @@ class RoutingCache:
             self._channel = None
             self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
 
+    def _prefixes(self):
+        """(prefix, record class, key parser, map attribute) for every watched prefix."""
+        return ((self.keys.routes, RouteRecord, self.keys.tenant_of_route, "routes"),
+                (self.keys.workers, WorkerRecord, self.keys.worker_of_key, "workers"),
+                (self.keys.drains, DrainRecord, self.keys.worker_of_drain, "drains"))
+
     def _resync(self) -> None:
         kv = etcdrpc.KVStub(self._chan())
-        routes_resp = kv.Range(etcdrpc.RangeRequest(key=self.keys.routes.encode(),
-                                                    range_end=_range_end(self.keys.routes)), timeout=self.timeout)
-        revision = routes_resp.header.revision
-        workers_resp = kv.Range(etcdrpc.RangeRequest(key=self.keys.workers.encode(),
-                                                     range_end=_range_end(self.keys.workers), revision=revision),
-                                timeout=self.timeout)
-        routes: dict[str, RouteRecord] = {}
-        for item in routes_resp.kvs:
-            record = self._decode(RouteRecord, item)
-            if record is not None:
-                routes[self.keys.tenant_of_route(item.key.decode())] = record
-        workers: dict[str, WorkerRecord] = {}
-        for item in workers_resp.kvs:
-            record = self._decode(WorkerRecord, item)
-            if record is not None:
-                workers[self.keys.worker_of_key(item.key.decode())] = record
-        self.routes, self.workers, self.revision = routes, workers, revision
+        revision = 0
+        maps: dict[str, dict] = {}
+        for prefix, cls, parse_key, attr in self._prefixes():
+            resp = kv.Range(etcdrpc.RangeRequest(key=prefix.encode(), range_end=_range_end(prefix), revision=revision),
+                            timeout=self.timeout)
+            revision = revision or resp.header.revision  # later reads at the first read's revision
+            records = {}
+            for item in resp.kvs:
+                record = self._decode(cls, item)
+                if record is not None:
+                    records[parse_key(item.key.decode())] = record
+            maps[attr] = records
+        self.routes, self.workers, self.drains = maps["routes"], maps["workers"], maps["drains"]
+        self.revision = revision
         self.resyncs += 1
         self.connected = True
         self.last_change = time.monotonic()
-        event(log, "routing_cache.synced", revision=revision, tenants=len(routes), workers=len(workers))
+        event(log, "routing_cache.synced", revision=revision, tenants=len(self.routes), workers=len(self.workers),
+              drains=len(self.drains))
         self._notify("routes")
         self._notify("workers")
 
@@ -164,7 +170,7 @@ class RoutingCache:
                 log.exception("routing_cache.listener_failed")
 
     def _requests(self, start_revision: int, outbox: "queue.Queue[object]") -> Iterator[etcdrpc.WatchRequest]:
-        for prefix in (self.keys.routes, self.keys.workers):
+        for prefix, *_ in self._prefixes():
             yield etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
                 key=prefix.encode(), range_end=_range_end(prefix), start_revision=start_revision))
         while outbox.get() is not None:  # blocks until the stream ends
@@ -192,25 +198,18 @@ class RoutingCache:
         changed: set[str] = set()
         for ev in events:
             key = ev.kv.key.decode()
-            is_delete = ev.type == kv_pb2.Event.DELETE
-            if key.startswith(self.keys.routes):
-                tenant = self.keys.tenant_of_route(key)
-                if is_delete:
-                    self.routes.pop(tenant, None)
-                else:
-                    record = self._decode(RouteRecord, ev.kv)
-                    if record is not None:
-                        self.routes[tenant] = record
-                changed.add("routes")
-            elif key.startswith(self.keys.workers):
-                worker_id = self.keys.worker_of_key(key)
-                if is_delete:
-                    self.workers.pop(worker_id, None)
-                else:
-                    record = self._decode(WorkerRecord, ev.kv)
-                    if record is not None:
-                        self.workers[worker_id] = record
-                changed.add("workers")
+            for prefix, cls, parse_key, attr in self._prefixes():
+                if key.startswith(prefix):
+                    records = getattr(self, attr)
+                    name = parse_key(key)
+                    if ev.type == kv_pb2.Event.DELETE:
+                        records.pop(name, None)
+                    else:
+                        record = self._decode(cls, ev.kv)
+                        if record is not None:
+                            records[name] = record
+                    changed.add("routes" if attr == "routes" else "workers")  # drains change membership
+                    break
             self.revision = max(self.revision, ev.kv.mod_revision)
         if changed:
             self.last_change = time.monotonic()

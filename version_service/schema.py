@@ -5,8 +5,9 @@ Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
     {prefix}/routes/{tenant}              RouteRecord   -- what serves a tenant; routers watch it
     {prefix}/versions/{tenant}/{version}  VersionRecord -- one registered model artifact
     {prefix}/workers/{worker_id}          WorkerRecord  -- a live worker, under its etcd lease
+    {prefix}/drains/{worker_id}           DrainRecord   -- an operator took the worker out of shards
 
-Routers hold routes/ and workers/ in memory (one small record per tenant); workers read one
+Routers hold routes/, workers/ and drains/ in memory (one small record per tenant); workers read one
 versions/ record when they load a model. Records are compact JSON; unknown fields are ignored
 on read, so a newer writer does not break an older reader.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Collection, Mapping, TypeVar
 
 from modelfleet.errors import InvalidArgument
+from sharding import Member
 
 SCHEMA_VERSION = 1
 DEFAULT_PREFIX = f"/modelfleet/v{SCHEMA_VERSION}"
@@ -64,11 +66,21 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         return f"{self.workers}{worker_id}"
 
+    @property
+    def drains(self) -> str:
+        return f"{self.prefix}/drains/"
+
+    def drain(self, worker_id: str) -> str:
+        return f"{self.drains}{worker_id}"
+
     def tenant_of_route(self, key: str) -> str:
         return key[len(self.routes):]
 
     def worker_of_key(self, key: str) -> str:
         return key[len(self.workers):]
+
+    def worker_of_drain(self, key: str) -> str:
+        return key[len(self.drains):]
 
 
 R = TypeVar("R", bound="_Record")
@@ -112,10 +124,32 @@ class VersionRecord(_Record):
 
 @dataclass(frozen=True)
 class WorkerRecord(_Record):
-    """A live worker; the key lives under the worker's lease and vanishes when it dies."""
+    """A live worker; the key lives under the worker's lease and vanishes when it dies.
+
+    `joining` is true while a new worker warms the models it is about to own (make-before-break):
+    routers keep it out of shards until it flips to false.
+    """
 
     worker_id: str
     address: str
     zone: str = "default"
-    draining: bool = False
+    joining: bool = False
     started: str = ""
+
+
+@dataclass(frozen=True)
+class DrainRecord(_Record):
+    """An operator's drain of a worker. Not leased: it survives the worker's restarts."""
+
+    since: str
+    actor: str = ""
+    reason: str = ""
+
+
+def live_members(workers: Mapping[str, WorkerRecord], drained: Collection[str]) -> list[Member]:
+    """The workers shards are computed over: registered, not joining, not drained; sorted by id.
+
+    Router, CLI and plans all call this, so they agree on the live set by construction.
+    """
+    return sorted((Member(w.worker_id, w.zone) for w in workers.values()
+                   if not w.joining and w.worker_id not in drained), key=lambda m: m.worker_id)

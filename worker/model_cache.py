@@ -63,6 +63,7 @@ class ModelCache:
         self._loader = loader
         self._lru = _ByteLRU(budget_bytes, self._evicted)
         self._inflight: dict[ModelKey, asyncio.Task] = {}
+        self._last_used: dict[ModelKey, float] = {}  # cached models only: who is active (make-before-break)
         self._load_counts: LRUCache = LRUCache(maxsize=200_000)
         self._pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
 
@@ -89,6 +90,7 @@ class ModelCache:
         model = self._lru.get(key)
         if model is not None:
             self.counters.hits += 1
+            self._last_used[key] = time.monotonic()
             return model, False
         self.counters.misses += 1
         task = self._inflight.get(key)
@@ -116,12 +118,17 @@ class ModelCache:
             raise ResourceExhausted(f"tenant {key[0]!r} version {key[1]!r} needs {model.nbytes} bytes loaded, "
                                     f"more than this worker's whole model cache ({self.budget} bytes)")
         self._lru[key] = model
+        self._last_used[key] = time.monotonic()
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,
               ms=round((time.perf_counter() - started) * 1000, 2))
         return model
 
+    def idle_seconds(self, key: ModelKey) -> float:
+        return time.monotonic() - self._last_used.get(key, 0.0)
+
     def _evicted(self, key: ModelKey, model: LoadedModel) -> None:
         self.counters.evictions += 1
+        self._last_used.pop(key, None)
         model.close()
 
     def close(self) -> None:

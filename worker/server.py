@@ -1,13 +1,14 @@
 """`modelfleet worker`: one multi-model worker process.
 
-Start: listen (port 0 picks a free one), then join the fleet under an etcd lease, then report
-SERVING. SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new
+Start: listen (port 0 picks a free one), join the fleet under an etcd lease as `joining`, load
+the active tenants this worker is about to own (make-before-break), go live, report SERVING. SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new
 requests), finish in-flight requests, free every model, exit 0.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -20,8 +21,10 @@ from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import LocalStore
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from version_service.etcd_client import connect
-from version_service.membership import WorkerMembership
-from version_service.schema import Keys, WorkerRecord, validate_id
+from modelfleet.rebalance import active_models, run_warmups, warmups_for
+from version_service.membership import WorkerMembership, read_fleet
+from version_service.registry import Registry
+from version_service.schema import Keys, WorkerRecord, live_members, validate_id
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.servicer import WorkerServicer
@@ -29,7 +32,8 @@ from worker.servicer import WorkerServicer
 log = logging.getLogger("modelfleet.worker")
 
 OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.HOST, config.WORKER_PORT, config.WORKER_ID,
-           config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL)
+           config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
+           config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 REGISTER_TIMEOUT_S = 30.0
 
@@ -50,9 +54,14 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
 
     record = WorkerRecord(worker_id=worker_id, address=f"{args.advertise_host}:{port}", zone=args.zone,
+                          joining=args.warm_on_join,
                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     membership = WorkerMembership(client, keys, record, ttl=args.lease_ttl)
     await _join(membership)
+    if args.warm_on_join:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, warm_before_going_live, client, keys, record, args)
+        await loop.run_in_executor(None, membership.update, dataclasses.replace(record, joining=False))
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone,
           cache_bytes=args.cache_bytes)
@@ -65,6 +74,31 @@ async def serve(args: argparse.Namespace) -> None:
     cache.close()
     client.close()
     event(log, "worker.stopped", worker=worker_id)
+
+
+def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.Namespace) -> None:
+    """Make-before-break for a join: load the active tenants this worker is about to own.
+
+    Active = used within --warm-active-minutes on some other worker. Failures are logged and do
+    not block the join: a cold load later is better than a worker that never goes live.
+    """
+    try:
+        workers, drains = read_fleet(client, keys)
+        if me.worker_id in drains:
+            return
+        others = {w: r for w, r in workers.items() if w != me.worker_id}
+        before = live_members(others, drains)
+        after = live_members({**others, me.worker_id: dataclasses.replace(me, joining=False)}, drains)
+        active = active_models(others.values(), args.warm_active_minutes * 60)
+        if not active:
+            return
+        routes = Registry(client, keys).tenants()
+        mine = [w for w in warmups_for(active, routes, before, after, args.shard_size) if w.worker_id == me.worker_id]
+        result = run_warmups(mine, {me.worker_id: me.address})
+        event(log, "worker.warmed_before_join", worker=me.worker_id, active_tenants=len(active),
+              placements=len(mine), loaded=result.loaded, failed=len(result.failed))
+    except Exception as exc:  # noqa: BLE001 - never block a join on warm-up
+        event(log, "worker.warm_before_join_failed", level=logging.WARNING, worker=me.worker_id, error=str(exc))
 
 
 async def _join(membership: WorkerMembership) -> None:

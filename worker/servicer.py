@@ -63,9 +63,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             evictions_total=counters.evictions, hits_total=counters.hits, misses_total=counters.misses,
             predictions_total=self.predictions)
         if request.include_models:
-            for (tenant, version), model in self.cache.items():
-                response.models.add(tenant_id=tenant, version=version, bytes=model.nbytes,
-                                    loads=self.cache.load_count((tenant, version)))
+            for key, model in self.cache.items():
+                idle = self.cache.idle_seconds(key)
+                if request.active_within_s <= 0 or idle <= request.active_within_s:
+                    response.models.add(tenant_id=key[0], version=key[1], bytes=model.nbytes,
+                                        loads=self.cache.load_count(key), idle_s=idle)
         return response
 
     def close(self) -> None:

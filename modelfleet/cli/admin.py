@@ -9,11 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from modelfleet.store import LocalStore
-from sharding import Member, shard_for
+from sharding import shard_for
 from version_service.etcd_client import connect
-from version_service.membership import list_workers
+from version_service.membership import read_fleet
 from version_service.registry import Registry
-from version_service.schema import Keys
+from version_service.schema import Keys, live_members
 
 console = Console(highlight=False)
 
@@ -67,32 +67,35 @@ def versions(args: argparse.Namespace) -> int:
 def shard(args: argparse.Namespace) -> int:
     registry = open_registry(args)
     route, _ = registry.route(args.tenant)
-    workers = list_workers(registry.client, registry.keys)
-    by_id = {w.worker_id: w for w in workers}
-    live = [Member(w.worker_id, w.zone) for w in workers if not w.draining]
+    workers, drains = read_fleet(registry.client, registry.keys)
+    live = live_members(workers, drains)
     k = route.shard_size or args.shard_size
     members = shard_for(args.tenant, live, k)
     if args.json:
-        print(json.dumps({"tenant": args.tenant, "shard_size": k,
-                          "workers": [asdict(by_id[m]) for m in members]}))
+        print(json.dumps({"tenant": args.tenant, "shard_size": k, "short": len(members) < k,
+                          "workers": [asdict(workers[m]) for m in members]}))
         return 0
-    console.print(f"{args.tenant}: shard of {k} over {len(live)} live workers")
+    short = f" (only {len(members)} live: the shard is all of them)" if len(members) < k else ""
+    console.print(f"{args.tenant}: shard of {k} over {len(live)} live workers{short}")
     for position, worker_id in enumerate(members, 1):
-        w = by_id[worker_id]
+        w = workers[worker_id]
         console.print(f"  {position}. {w.worker_id}  {w.address}  zone={w.zone}")
     return 0
 
 
 def workers(args: argparse.Namespace) -> int:
     client = connect(args.etcd)
-    records = list_workers(client, Keys(args.prefix))
+    records, drains = read_fleet(client, Keys(args.prefix))
+    rows = [{**asdict(w), "drained": w.worker_id in drains,
+             "state": "drained" if w.worker_id in drains else "joining" if w.joining else "live"}
+            for w in sorted(records.values(), key=lambda w: w.worker_id)]
     if args.json:
-        print(json.dumps([asdict(w) for w in records]))
+        print(json.dumps(rows))
         return 0
-    table = Table(title=f"{len(records)} workers")
-    for column in ("worker", "address", "zone", "draining", "started"):
+    table = Table(title=f"{len(rows)} workers")
+    for column in ("worker", "address", "zone", "state", "started"):
         table.add_column(column)
-    for w in records:
-        table.add_row(w.worker_id, w.address, w.zone, "yes" if w.draining else "", w.started)
+    for row in rows:
+        table.add_row(row["worker_id"], row["address"], row["zone"], row["state"], row["started"])
     console.print(table)
     return 0

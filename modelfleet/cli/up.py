@@ -100,7 +100,10 @@ def run(args: argparse.Namespace) -> int:
             [*python, "router", "--port", str(args.port), "--shard-size", str(args.shard_size)],
             env=env, stdout=log_file, stderr=log_file)))
         router = f"127.0.0.1:{args.port}"
-        _wait_until_serving(router, children, stopping)
+        try:
+            _wait_until_serving(router, children, stopping)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM during start-up: a clean stop, not an error
+            return 0
         example = ",".join(f"{v:.3f}" for v in sample_features(1, 1, DEMO_FEATURES)[0])
         print(f"""
 modelfleet is up: router on {router}, {args.workers} workers, {args.demo_tenants} demo tenants (demo-0001 ...).

@@ -24,22 +24,26 @@ class WarmResponse(_message.Message):
     def __init__(self, loaded: _Optional[bool] = ..., load_ms: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("include_models",)
+    __slots__ = ("include_models", "active_within_s")
     INCLUDE_MODELS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_WITHIN_S_FIELD_NUMBER: _ClassVar[int]
     include_models: bool
-    def __init__(self, include_models: _Optional[bool] = ...) -> None: ...
+    active_within_s: float
+    def __init__(self, include_models: _Optional[bool] = ..., active_within_s: _Optional[float] = ...) -> None: ...
 
 class ModelStats(_message.Message):
-    __slots__ = ("tenant_id", "version", "bytes", "loads")
+    __slots__ = ("tenant_id", "version", "bytes", "loads", "idle_s")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     version: str
     bytes: int
     loads: int
-    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ..., bytes: _Optional[int] = ..., loads: _Optional[int] = ...) -> None: ...
+    idle_s: float
+    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ..., bytes: _Optional[int] = ..., loads: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("worker_id", "bytes_used", "bytes_budget", "models_loaded", "loads_total", "load_failures_total", "evictions_total", "hits_total", "misses_total", "predictions_total", "models")

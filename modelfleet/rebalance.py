@@ -1,0 +1,113 @@
+"""Make-before-break: load a tenant's model where it is about to be served, before traffic moves.
+
+When a shard gains a member (a worker joins, another is drained, a tenant's shard grows), the
+tenants that were active in the last few minutes would each pay a cold load on the new member.
+Workers' LRUs know who is active (`Stats(active_within_s)`); from that, the placements a change
+creates, and `Worker.Warm` on each, the change only becomes visible once those loads are done.
+Used by a joining worker (before it leaves `joining`), `workers drain` and `shards apply`.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import grpc
+
+from modelfleet.log import event
+from modelfleet.v1 import worker_pb2, worker_pb2_grpc
+from sharding import Member, shard_for
+from version_service.schema import RouteRecord, WorkerRecord
+
+log = logging.getLogger("modelfleet.rebalance")
+
+
+@dataclass(frozen=True)
+class Warmup:
+    tenant: str
+    version: str
+    worker_id: str
+
+
+@dataclass
+class WarmupResult:
+    loaded: int = 0
+    already_warm: int = 0
+    failed: list[tuple[Warmup, str]] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return self.loaded + self.already_warm + len(self.failed)
+
+
+def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: float = 5.0) -> dict[str, set[str]]:
+    """tenant -> versions some worker served within `within_s` seconds. Unreachable workers are skipped."""
+    active: dict[str, set[str]] = {}
+    request = worker_pb2.StatsRequest(include_models=True, active_within_s=max(within_s, 1e-9))
+    for worker in workers:
+        try:
+            with grpc.insecure_channel(worker.address) as channel:
+                stats = worker_pb2_grpc.WorkerStub(channel).Stats(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            event(log, "rebalance.stats_failed", level=logging.WARNING, worker=worker.worker_id,
+                  error=exc.code().name)  # type: ignore[attr-defined]
+            continue
+        for model in stats.models:
+            active.setdefault(model.tenant_id, set()).add(model.version)
+    return active
+
+
+def warmups_for(active: Mapping[str, set[str]], routes: Mapping[str, RouteRecord], before: Sequence[Member],
+                after: Sequence[Member], default_k: int, sizes_after: Mapping[str, int] | None = None) -> list[Warmup]:
+    """The (tenant, version, worker) loads a change needs: new placements of active tenants."""
+    sizes_after = sizes_after or {}
+    warmups = []
+    for tenant in sorted(active):
+        route = routes.get(tenant)
+        if route is None:
+            continue
+        k_before = route.shard_size or default_k
+        k_after = sizes_after.get(tenant, k_before)
+        old = set(shard_for(tenant, before, k_before))
+        for worker_id in shard_for(tenant, after, k_after):
+            if worker_id not in old:
+                warmups.extend(Warmup(tenant, version, worker_id) for version in sorted(active[tenant]))
+    return warmups
+
+
+def run_warmups(warmups: Sequence[Warmup], addresses: Mapping[str, str], concurrency: int = 8,
+                timeout: float = 30.0, on_progress: Callable[[WarmupResult, int], None] | None = None) -> WarmupResult:
+    """Calls Worker.Warm for each placement, `concurrency` at a time; never raises for one failure."""
+    result = WarmupResult()
+    if not warmups:
+        return result
+    channels = {w: grpc.insecure_channel(addresses[w]) for w in {wu.worker_id for wu in warmups} if w in addresses}
+    stubs = {w: worker_pb2_grpc.WorkerStub(c) for w, c in channels.items()}
+
+    def warm(wu: Warmup) -> bool:
+        stub = stubs.get(wu.worker_id)
+        if stub is None:
+            raise LookupError(f"worker {wu.worker_id} is not registered")
+        return stub.Warm(worker_pb2.WarmRequest(tenant_id=wu.tenant, version=wu.version), timeout=timeout).loaded
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            futures = {pool.submit(warm, wu): wu for wu in warmups}
+            for future in as_completed(futures):
+                try:
+                    if future.result():
+                        result.loaded += 1
+                    else:
+                        result.already_warm += 1
+                except (grpc.RpcError, LookupError) as exc:
+                    detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                    result.failed.append((futures[future], detail or "failed"))
+                if on_progress is not None:
+                    on_progress(result, len(warmups))
+    finally:
+        for channel in channels.values():
+            channel.close()
+    event(log, "rebalance.warmed", placements=len(warmups), loaded=result.loaded, already_warm=result.already_warm,
+          failed=len(result.failed))
+    return result
