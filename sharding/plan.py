@@ -32,6 +32,7 @@ list is materialised per placement in Python.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -147,11 +148,10 @@ def plan_change(tenants: Sequence[str], members: Sequence[Member], draining: Col
 
     after_members, drain_after = _apply_workers(members, drain_before, change)
 
-    index = None
-    if sizes or change.set_size:
-        index = dict(zip(tenants, range(t)))
-        if len(index) != t:
-            raise ValueError("tenants contains duplicate ids")
+    index = dict(zip(tenants, range(t)))
+    if len(index) != t:
+        dup = next(x for x, n in Counter(tenants).items() if n > 1)
+        raise ValueError(f"duplicate tenant id {dup!r} in tenants")
     k_before = np.full(t, default_k, dtype=np.int64)
     if sizes:
         _apply_sizes(k_before, index, sizes.items())

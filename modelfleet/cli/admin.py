@@ -8,6 +8,7 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
+from modelfleet.errors import InvalidArgument
 from modelfleet.store import LocalStore
 from sharding import shard_for
 from version_service.etcd_client import connect
@@ -44,6 +45,21 @@ def unpin(args: argparse.Namespace) -> int:
     route = open_registry(args).unpin(args.tenant)
     console.print(f"{args.tenant} unpinned: serving newest version {route.serving}")
     return 0
+
+
+def set_shard_size(args: argparse.Namespace) -> int:
+    """Shortcut for a size change without warm-up (`shards apply --set-size` warms first)."""
+    size = None if args.size == "default" else _positive_int(args.size)
+    route = open_registry(args).set_shard_size(args.tenant, size)
+    console.print(f"{args.tenant} shard size: {route.shard_size or 'default'}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidArgument(f"size must be a number or 'default', got {text!r}") from None
 
 
 def versions(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ def _run_router(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelfleet.cli import admin, client, up
+    from modelfleet.cli import admin, client, shards, up
     from router import server as router_server
     from worker import server as worker_server
 
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--version", required=True)
     sub.add_argument("--model-file", required=True, help="a LightGBM text model file")
 
+    sub = command("set-shard-size", admin.set_shard_size, "give a tenant a larger (or default) shard",
+                  config.ETCD, config.PREFIX)
+    sub.add_argument("tenant")
+    sub.add_argument("size", help="workers in the tenant's shard, or 'default'")
+
     sub = command("pin", admin.pin, "serve one version of a tenant until unpinned", config.ETCD, config.PREFIX)
     sub.add_argument("tenant")
     sub.add_argument("version")
@@ -72,7 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
                   config.ETCD, config.PREFIX, config.SHARD_SIZE)
     sub.add_argument("tenant")
     sub.add_argument("--json", action="store_true", help="print JSON")
-    sub = command("workers", admin.workers, "list the fleet's workers", config.ETCD, config.PREFIX)
+    workers = command("workers", admin.workers, "list the fleet's workers; drain or undrain one",
+                      config.ETCD, config.PREFIX)
+    workers.add_argument("--json", action="store_true", help="print JSON")
+    actions = workers.add_subparsers(dest="action", metavar="ACTION")
+    for name, handler, help_text in (
+            ("drain", shards.drain, "warm the active tenants' new members, then take the worker out of every shard"),
+            ("undrain", shards.undrain, "put a drained worker back into shards (warming first)")):
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES)
+        sub.add_argument("worker_id")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+        sub.set_defaults(handler=handler)
+
+    group = commands.add_parser("shards", help="plan, apply and report shard changes",
+                                description="plan, apply and report shard changes")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def shards_action(name: str, handler: Command, help_text: str, *options: config.Option) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, *options, config.LOG_FORMAT,
+                           config.LOG_LEVEL)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    shards.add_change_arguments(shards_action("plan", shards.plan, "what a proposed change would move"))
+    shards.add_change_arguments(shards_action("apply", shards.apply, "warm, then commit a change in one transaction",
+                                              config.WARM_ACTIVE_MINUTES))
+    sub = shards_action("report", shards.report, "isolation figures for the live fleet or a simulated one")
+    sub.add_argument("--simulate-workers", type=int, metavar="N", help="report on N simulated workers instead")
+    sub.add_argument("--tenants", type=int, default=100_000, help="simulated tenants (with --simulate-workers)")
+    sub.add_argument("--zones", type=int, default=1, help="simulated zones (with --simulate-workers)")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = command("predict", client.predict, "call Predict through a router", config.ROUTER_ADDRESS)

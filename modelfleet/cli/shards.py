@@ -1,0 +1,238 @@
+"""`shards plan | apply | report` and `workers drain | undrain`: rebalancing the fleet safely.
+
+plan   : what a proposed change moves (read-only, from etcd's current state).
+apply  : warm the new placements of recently active tenants (make-before-break), then commit
+         the whole change in one etcd transaction that fails if anything it read has changed.
+report : how well shuffle sharding isolates tenants, live or for a hypothetical fleet.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument
+from modelfleet.rebalance import WarmupResult, active_models, run_warmups, warmups_for
+from sharding import Member
+from sharding.plan import FleetChange, ShardPlan, plan_change
+from sharding.report import isolation_report, simulated_fleet
+from version_service.etcd_client import connect, etcd_errors
+from version_service.membership import read_fleet
+from version_service.registry import Registry
+from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members, validate_id
+
+console = Console(highlight=False)
+
+
+@dataclass
+class FleetState:
+    registry: Registry
+    workers: dict[str, WorkerRecord]
+    drains: set[str]
+    routes: dict[str, RouteRecord]
+
+    @property
+    def members(self) -> list[Member]:
+        """Registered, non-joining workers (drained ones included), as plans see them."""
+        return sorted((Member(w.worker_id, w.zone) for w in self.workers.values() if not w.joining),
+                      key=lambda m: m.worker_id)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {t: r.shard_size for t, r in self.routes.items() if r.shard_size}
+
+
+def read_state(args: argparse.Namespace) -> FleetState:
+    registry = Registry(connect(args.etcd), Keys(args.prefix))
+    workers, drains = read_fleet(registry.client, registry.keys)
+    return FleetState(registry, workers, set(drains) & set(workers), registry.tenants())
+
+
+def change_from_args(args: argparse.Namespace) -> FleetChange:
+    try:
+        sizes = tuple((validate_id("tenant id", t), int(k)) for t, k in (args.set_size or ()))
+        return FleetChange(add=tuple(FleetChange.parse_worker(s) for s in args.add_worker or ()),
+                           remove=tuple(args.remove_worker or ()), drain=tuple(args.drain or ()),
+                           undrain=tuple(args.undrain or ()), set_size=sizes)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def make_plan(state: FleetState, change: FleetChange, default_k: int) -> ShardPlan:
+    try:
+        return plan_change(list(state.routes), state.members, state.drains, state.sizes, default_k, change)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def add_change_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--add-worker", action="append", metavar="ID[@ZONE]", help="a worker that will join")
+    parser.add_argument("--remove-worker", action="append", metavar="ID", help="a worker that will leave")
+    parser.add_argument("--drain", action="append", metavar="ID", help="take a worker out of every shard")
+    parser.add_argument("--undrain", action="append", metavar="ID", help="put a drained worker back")
+    parser.add_argument("--set-size", action="append", nargs=2, metavar=("TENANT", "K"), help="a tenant's shard size")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+# -- plan ---------------------------------------------------------------------------------------
+def plan(args: argparse.Namespace) -> int:
+    state = read_state(args)
+    change = change_from_args(args)
+    result = make_plan(state, change, args.shard_size)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print_plan(result)
+    return 0
+
+
+def print_plan(result: ShardPlan) -> None:
+    table = Table(title="tenants per worker")
+    for column in ("worker", "before", "after", "change"):
+        table.add_column(column, justify="right" if column != "worker" else "left")
+    for worker_id, (before, after) in sorted(result.per_worker.items()):
+        delta = after - before
+        table.add_row(worker_id, str(before), str(after), f"{delta:+d}" if delta else "")
+    console.print(table)
+    console.print(f"{result.tenants} tenants, {result.placements_before} placements before, "
+                  f"{result.placements_after} after")
+    console.print(f"moved placements: {result.moved_placements} ({result.moved_fraction:.2%}); "
+                  f"tenants whose shard changes: {result.tenants_changed}")
+    console.print(f"new placements to warm (before traffic shifts, active tenants only): {len(result.warmups)}")
+    if result.short_shard_tenants:
+        console.print(f"[yellow]{result.short_shard_tenants} tenants ask for more workers than are live: "
+                      f"their shard is every live worker[/yellow]")
+
+
+# -- apply --------------------------------------------------------------------------------------
+def apply(args: argparse.Namespace) -> int:
+    change = change_from_args(args)
+    if change.add:
+        raise FailedPrecondition(
+            "a worker joins by starting it (`modelfleet worker --worker-id ID --zone Z`): it warms the active "
+            "tenants it will own before it takes traffic; use `shards plan --add-worker` to preview")
+    if change.remove:  # leaving the fleet for good = drained now, stopped by its orchestrator later
+        change = FleetChange(drain=change.drain + change.remove, undrain=change.undrain, set_size=change.set_size)
+    if change.empty:
+        raise InvalidArgument("nothing to apply: give --drain, --undrain, --remove-worker or --set-size")
+    return apply_change(args, change)
+
+
+def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
+    state = read_state(args)
+    result = make_plan(state, change, args.shard_size)
+    drains_after = (state.drains | set(change.drain)) - set(change.undrain)
+    before = live_members(state.workers, state.drains)
+    after = live_members(state.workers, drains_after)
+    sizes_after = dict(change.set_size)
+    active = active_models([state.workers[m.worker_id] for m in before], args.warm_active_minutes * 60)
+    warmups = warmups_for(active, state.routes, before, after, args.shard_size, sizes_after)
+    warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, quiet=args.json)
+    commit(state, change)
+    summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
+               "active_tenants": len(active), "warmups": len(warmups), "loaded": warm.loaded,
+               "already_warm": warm.already_warm, "warmup_failures": len(warm.failed)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        console.print(f"applied: {result.moved_placements} placements moved, {len(warmups)} warm-ups for "
+                      f"{len(active)} active tenants ({warm.loaded} loaded, {warm.already_warm} already warm, "
+                      f"{len(warm.failed)} failed)")
+        for wu, why in warm.failed[:10]:
+            console.print(f"  [yellow]warm-up failed[/yellow] {wu.tenant} {wu.version} on {wu.worker_id}: {why}")
+    return 0
+
+
+def warm_with_progress(warmups, addresses, quiet: bool) -> WarmupResult:
+    if quiet or not warmups:
+        return run_warmups(warmups, addresses)
+    columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("warm", total=len(warmups))
+        return run_warmups(warmups, addresses, on_progress=lambda r, total: progress.update(task, completed=r.done))
+
+
+def commit(state: FleetState, change: FleetChange) -> None:
+    """One transaction: every drain, undrain and size change, or none (Conflict if etcd moved on)."""
+    client, keys = state.registry.client, state.registry.keys
+    txn = client.transactions
+    compare, success = [], []
+    record = DrainRecord(since=_now(), actor=getpass.getuser(), reason="shards apply")
+    for worker_id in change.drain:
+        compare.append(txn.version(keys.drain(worker_id)) == 0)
+        success.append(txn.put(keys.drain(worker_id), record.to_json()))
+    for worker_id in change.undrain:
+        compare.append(txn.version(keys.drain(worker_id)) > 0)
+        success.append(txn.delete(keys.drain(worker_id)))
+    for tenant, k in change.set_size:
+        route, mod_revision = state.registry.route(tenant)
+        compare.append(txn.mod(keys.route(tenant)) == mod_revision)
+        new = RouteRecord(serving=route.serving, newest=route.newest, pinned=route.pinned, shard_size=k)
+        success.append(txn.put(keys.route(tenant), new.to_json()))
+    with etcd_errors(client, "applying the shard change"):
+        ok, _ = client.transaction(compare=compare, success=success, failure=[])
+    if not ok:
+        raise Conflict("the fleet changed while applying (a drain, undrain or route was modified concurrently); "
+                       "re-run plan and apply")
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def drain(args: argparse.Namespace) -> int:
+    return apply_change(args, FleetChange(drain=(validate_id("worker id", args.worker_id),)))
+
+
+def undrain(args: argparse.Namespace) -> int:
+    return apply_change(args, FleetChange(undrain=(validate_id("worker id", args.worker_id),)))
+
+
+# -- report -------------------------------------------------------------------------------------
+def report(args: argparse.Namespace) -> int:
+    if args.simulate_workers:
+        if args.tenants < 2 or args.simulate_workers < 1 or args.zones < 1:
+            raise InvalidArgument("--simulate-workers >= 1, --tenants >= 2 and --zones >= 1 please")
+        tenants, members = simulated_fleet(args.simulate_workers, args.tenants, args.zones)
+        k = args.shard_size
+        source = f"simulated: {args.simulate_workers} workers, {args.tenants} tenants, {args.zones} zones"
+    else:
+        state = read_state(args)
+        tenants = list(state.routes)
+        members = live_members(state.workers, state.drains)
+        if len(tenants) < 2 or not members:
+            raise FailedPrecondition(f"the live fleet has {len(tenants)} tenants and {len(members)} live workers: "
+                                     "nothing to report (try --simulate-workers N --tenants T)")
+        import numpy as np
+
+        k = np.array([state.routes[t].shard_size or args.shard_size for t in tenants])
+        source = f"live fleet at {args.etcd}{args.prefix}"
+    result = isolation_report(tenants, members, k)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print_report(result, source)
+    return 0
+
+
+def print_report(result: dict, source: str) -> None:
+    table = Table(title=f"shuffle-sharding isolation ({source})")
+    for column in ("measure", "measured", "uniform random k-subsets"):
+        table.add_column(column)
+    for key in ("identical_shard_fraction", "tenants_per_worker_max_over_mean", "moved_fraction_add_one",
+                "moved_placement_fraction_add_one"):
+        if key in result:
+            theory = result.get(f"{key}_theory")
+            table.add_row(key, f"{result[key]:.6g}", "" if theory is None else f"{theory:.6g}")
+    for j, (measured, theory) in enumerate(zip(result["overlap_distribution"], result["overlap_distribution_theory"])):
+        table.add_row(f"pairs sharing {j} workers", f"{measured:.6g}", f"{theory:.6g}")
+    console.print(table)
+    if result.get("short_shards"):
+        console.print(f"[yellow]{result['short_shard_tenants']} tenants ask for more workers than are live[/yellow]")

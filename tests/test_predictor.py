@@ -1,0 +1,364 @@
+"""LoadedModel against lightgbm.Booster.predict on real trained models, plus its lifetime rules.
+
+Predictions must be bit-identical to Booster.predict: both paths end in the same LightGBM tree
+walk, so any difference means a wrong argument (iterations, predict type, layout).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import lightgbm
+import numpy as np
+import pytest
+
+from modelfleet import demo_models
+from modelfleet.demo_models import sample_features, train_model_text
+from modelfleet.errors import FailedPrecondition, InvalidArgument
+from modelfleet.v1 import predictor_pb2
+from worker import predictor
+from worker.predictor import LoadedModel
+
+NUM_FEATURES = 8
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", params=demo_models.OBJECTIVES)
+def trained(request) -> tuple[str, str]:
+    """(objective, model text) for each objective, trained once per module."""
+    return request.param, train_model_text(seed=11, num_features=NUM_FEATURES, objective=request.param)
+
+
+@pytest.fixture
+def model(trained):
+    loaded = LoadedModel.from_model_text(trained[1])
+    yield loaded
+    loaded.close()
+
+
+def rows_with_edge_values(rows: int = 100) -> np.ndarray:
+    """Realistic rows (some NaN) plus rows of all NaN, +inf, -inf and mixed non-finite values."""
+    x = sample_features(seed=5, rows=rows, num_features=NUM_FEATURES)
+    x[0, :] = np.nan
+    x[1, :] = np.inf
+    x[2, :] = -np.inf
+    x[3, ::2] = np.inf
+    x[3, 1::2] = np.nan
+    return x
+
+
+def reference(text: str, x: np.ndarray) -> np.ndarray:
+    """Booster.predict, flattened row-major like LoadedModel.predict."""
+    return np.asarray(lightgbm.Booster(model_str=text).predict(x), dtype=np.float64).reshape(-1)
+
+
+def count_frees(monkeypatch) -> list[tuple[int, int]]:
+    """Records every native free of models loaded after this call (and still frees them)."""
+    calls: list[tuple[int, int]] = []
+    real_free = predictor._free_native
+
+    def recording_free(fast_config: int, booster: int) -> None:
+        calls.append((fast_config, booster))
+        real_free(fast_config, booster)
+
+    monkeypatch.setattr(predictor, "_free_native", recording_free)
+    return calls
+
+
+# --- values ------------------------------------------------------------------------------------
+
+def test_shape_matches_the_model(trained, model):
+    objective, _ = trained
+    assert model.num_features == NUM_FEATURES
+    assert model.num_classes == (3 if objective == "multiclass" else 1)
+
+
+def test_single_rows_match_booster_predict_exactly(trained, model):
+    x = rows_with_edge_values()
+    expected = reference(trained[1], x).reshape(len(x), model.num_classes)
+    for row, want in zip(x, expected):
+        np.testing.assert_array_equal(model.predict(row), want)
+        np.testing.assert_array_equal(model.predict(row.tolist()), want)
+    if trained[0] != "regression":  # probabilities, not raw scores
+        assert ((expected >= 0) & (expected <= 1)).all()
+
+
+def test_single_row_from_protobuf_and_odd_arrays(trained, model):
+    x = rows_with_edge_values(10)
+    expected = reference(trained[1], x[4:5])
+    request = predictor_pb2.PredictRequest(features=x[4].tolist())
+    np.testing.assert_array_equal(model.predict(request.features), expected)
+    np.testing.assert_array_equal(model.predict(x[4:5]), expected)  # 2-D, one row
+    np.testing.assert_array_equal(model.predict(x[:, :].T.copy().T[4]), expected)  # strided view
+    np.testing.assert_array_equal(model.predict(x[4].astype(">f8")), expected)  # big-endian
+
+
+@pytest.mark.parametrize("rows", [2, 3, 100])
+def test_batches_match_booster_predict_exactly(trained, model, rows):
+    x = rows_with_edge_values()[:rows]
+    expected = reference(trained[1], x)
+    np.testing.assert_array_equal(model.predict(x.reshape(-1)), expected)
+    np.testing.assert_array_equal(model.predict(x), expected)
+    np.testing.assert_array_equal(model.predict(x.reshape(-1).tolist()), expected)
+    request = predictor_pb2.PredictRequest(features=x.reshape(-1).tolist())
+    np.testing.assert_array_equal(model.predict(request.features), expected)
+
+
+def test_returned_arrays_are_independent(model):
+    x = sample_features(seed=1, rows=2, num_features=NUM_FEATURES)
+    first = model.predict(x[0])
+    kept = first.copy()
+    model.predict(x[1])
+    np.testing.assert_array_equal(first, kept)  # not a view of a reused buffer
+
+
+def test_8_threads_predicting_on_one_model_get_the_reference_values(trained, model):
+    x = rows_with_edge_values(64)
+    expected = reference(trained[1], x).reshape(len(x), model.num_classes)
+    start = threading.Barrier(8)
+    failures: list[str] = []
+
+    def hammer(thread: int) -> None:
+        start.wait()
+        for i in range(300):
+            r = (i * 7 + thread) % len(x)
+            if i % 25 == 0:  # batches interleaved with single rows
+                got = model.predict(x[r:r + 5].reshape(-1)).reshape(-1, model.num_classes)
+                if not np.array_equal(got, expected[r:r + 5]):
+                    failures.append(f"thread {thread} batch at row {r}")
+            elif not np.array_equal(model.predict(x[r]), expected[r]):
+                failures.append(f"thread {thread} row {r}")
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("empty", [[], np.array([]), np.empty((0, NUM_FEATURES))])
+def test_empty_features_are_invalid(model, empty):
+    with pytest.raises(InvalidArgument, match=r"^empty features: expected a multiple of 8 features"):
+        model.predict(empty)
+
+
+@pytest.mark.parametrize("length", [1, 5, 7, 9, 17])
+def test_a_length_that_is_not_whole_rows_is_invalid(model, length):
+    expected = rf"expected a multiple of 8 features \(8 per row\), got {length}$"
+    with pytest.raises(InvalidArgument, match=expected):
+        model.predict([0.5] * length)
+    with pytest.raises(InvalidArgument, match=expected):
+        model.predict(np.zeros(length))
+
+
+@pytest.mark.parametrize("length", [8, 16])
+def test_non_numbers_are_invalid(model, length):
+    with pytest.raises(InvalidArgument, match="must be numbers"):
+        model.predict(["x"] * length)
+    with pytest.raises(InvalidArgument, match="must be numbers"):
+        model.predict(np.array(["x"] * length))
+    with pytest.raises(InvalidArgument, match="sequence of numbers"):
+        model.predict(42)
+
+
+def test_bad_input_leaves_the_model_usable(trained, model):
+    x = sample_features(seed=2, rows=1, num_features=NUM_FEATURES)
+    with pytest.raises(InvalidArgument):
+        model.predict(["x"] * NUM_FEATURES)
+    np.testing.assert_array_equal(model.predict(x[0]), reference(trained[1], x))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", "garbage", "tree\nversion=v4\n", "num_class=1\n\x00"])
+def test_garbage_model_text_is_a_failed_precondition(text):
+    with pytest.raises(FailedPrecondition, match="cannot load LightGBM model"):
+        LoadedModel.from_model_text(text)
+
+
+def test_truncated_model_text_is_a_failed_precondition():
+    text = train_model_text(seed=3, num_trees=5)
+    trees_end = text.index("end of trees")
+    for cut in [text.index("Tree=0") + 9, text.index("Tree=3"), text.index("Tree=3") + 40, trees_end - 3]:
+        with pytest.raises(FailedPrecondition, match="cannot load LightGBM model: the text is truncated"):
+            LoadedModel.from_model_text(text[:cut])
+    LoadedModel.from_model_text(text[:trees_end]).close()  # every tree is there
+
+
+def test_a_damaged_tree_header_is_a_failed_precondition():
+    text = train_model_text(seed=3, num_trees=5).replace("Tree=2", "Tree 2")
+    with pytest.raises(FailedPrecondition, match="declares 5 trees but LightGBM read 2"):
+        LoadedModel.from_model_text(text)
+
+
+def test_no_truncation_or_corruption_crashes_the_process():
+    """LightGBM itself aborts or reads out of bounds on these; LoadedModel must refuse cleanly.
+
+    In a child process, so that a crash fails this test instead of killing the test run.
+    """
+    script = """
+import random
+from modelfleet.demo_models import train_model_text
+from modelfleet.errors import FailedPrecondition
+from worker.predictor import LoadedModel
+text = train_model_text(seed=4, num_trees=3)
+rng = random.Random(0)
+texts = [text[:cut] for cut in range(0, len(text), 3)]
+for _ in range(1000):  # in-bounds damage to the trees: a byte changed, deleted or inserted
+    chars = list(text)
+    pos = rng.randrange(text.index("Tree=0"), text.index("end of trees"))
+    op = rng.randrange(3)
+    if op == 0: chars[pos] = rng.choice("=\\n -.0xT")
+    elif op == 1: del chars[pos]
+    else: chars.insert(pos, rng.choice("=\\n -.0xT"))
+    texts.append("".join(chars))
+loaded = refused = 0
+for t in texts:
+    try:
+        LoadedModel.from_model_text(t).close()
+        loaded += 1
+    except FailedPrecondition:
+        refused += 1
+print("loaded", loaded, "refused", refused)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused" in result.stdout
+
+
+# --- lifetime ----------------------------------------------------------------------------------
+
+def test_close_is_idempotent_and_frees_once(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    loaded = LoadedModel.from_model_text(trained[1])
+    loaded.close()
+    loaded.close()
+    assert len(frees) == 1
+    with pytest.raises(FailedPrecondition, match="closed"):
+        loaded.predict(np.zeros(NUM_FEATURES))
+    with pytest.raises(FailedPrecondition, match="closed"):
+        loaded.predict(np.zeros(3 * NUM_FEATURES))
+    with pytest.raises(FailedPrecondition, match="closed"):
+        with loaded.borrow():
+            pass
+    del loaded
+    gc.collect()
+    assert len(frees) == 1
+
+
+def test_racing_closes_free_once(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    models = [LoadedModel.from_model_text(trained[1]) for _ in range(20)]
+    start = threading.Barrier(8)
+
+    def close_all() -> None:
+        start.wait()
+        for m in models:
+            m.close()
+
+    threads = [threading.Thread(target=close_all) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(frees) == 20 and len(set(frees)) == 20
+
+
+def test_borrow_defers_the_free_until_the_last_borrower_leaves(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    loaded = LoadedModel.from_model_text(trained[1])
+    x = sample_features(seed=6, rows=3, num_features=NUM_FEATURES)
+    expected = reference(trained[1], x)
+    per_row = loaded.num_classes
+    with loaded.borrow() as outer:
+        assert outer is loaded
+        with loaded.borrow():
+            loaded.close()
+            assert frees == []
+            np.testing.assert_array_equal(loaded.predict(x[0]), expected[:per_row])
+            with pytest.raises(FailedPrecondition, match="closed"):  # no new borrowers once closing
+                with loaded.borrow():
+                    pass
+        assert frees == []
+        np.testing.assert_array_equal(loaded.predict(x.reshape(-1)), expected)
+    assert len(frees) == 1
+    with pytest.raises(FailedPrecondition, match="closed"):
+        loaded.predict(x[0])
+
+
+def test_a_dropped_model_is_freed_without_close(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    LoadedModel.from_model_text(trained[1]).predict(np.zeros(NUM_FEATURES))
+    gc.collect()
+    assert len(frees) == 1
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+def test_nbytes_is_measured_and_grows_with_the_model():
+    small = LoadedModel.from_model_text(train_model_text(seed=1, num_trees=10))
+    large = LoadedModel.from_model_text(train_model_text(seed=1, num_trees=200))
+    try:
+        assert 0 < small.nbytes < large.nbytes
+        assert large.nbytes > 10 * small.nbytes  # 20x the trees; the fixed part is small
+    finally:
+        small.close()
+        large.close()
+
+
+def test_nbytes_estimate_is_close_to_the_measurement(monkeypatch):
+    text = train_model_text(seed=2, num_trees=100, num_leaves=31, objective="binary")
+    measured = LoadedModel.from_model_text(text)
+    monkeypatch.setattr(predictor, "_mallinfo2", None)  # as on musl or macOS
+    estimated = LoadedModel.from_model_text(text)
+    try:
+        assert measured.nbytes > 0
+        assert 0.8 < estimated.nbytes / measured.nbytes < 1.25
+    finally:
+        measured.close()
+        estimated.close()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")
+def test_loading_and_closing_2000_models_does_not_grow_memory():
+    text = train_model_text(seed=9)
+    row = np.zeros(NUM_FEATURES)
+    for _ in range(200):  # let malloc's arenas reach their steady state first
+        m = LoadedModel.from_model_text(text)
+        m.predict(row)
+        m.close()
+    before = rss_bytes()
+    nbytes = 0
+    for _ in range(2000):
+        m = LoadedModel.from_model_text(text)
+        m.predict(row)
+        nbytes = m.nbytes
+        m.close()
+    grown = rss_bytes() - before
+    # A leak of even a tenth of each model would be 2000 * nbytes / 10 (~7 MB) here.
+    assert grown < 2000 * nbytes / 10, f"RSS grew {grown} bytes over 2000 load/close cycles"
+
+
+# --- demo models -------------------------------------------------------------------------------
+
+def test_demo_models_are_deterministic_and_differ_by_seed():
+    assert train_model_text(seed=7) == train_model_text(seed=7)
+    assert train_model_text(seed=7) != train_model_text(seed=8)
+    x = sample_features(seed=7, rows=500, num_features=NUM_FEATURES)
+    assert x.shape == (500, NUM_FEATURES) and x.dtype == np.float64
+    assert 0 < np.isnan(x).mean() < 0.2
+    with pytest.raises(ValueError, match="objective"):
+        train_model_text(seed=1, objective="ranking")

@@ -1,0 +1,136 @@
+"""Rebalancing a live fleet: drain, make-before-break warm-ups, shard sizes, zones, agreement."""
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+from modelfleet.demo_models import sample_features
+from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
+from sharding import Member, shard_for
+from tests.fleet import predict, predictor, stats
+from tests.test_cli import cli
+
+X = sample_features(1, 1)[0]
+
+
+def router_shard(address: str, tenant: str) -> tuple[str, ...]:
+    with grpc.insecure_channel(address) as channel:
+        stub = router_admin_pb2_grpc.RouterAdminStub(channel)
+        return tuple(stub.Shard(router_admin_pb2.ShardRequest(tenant_id=tenant), timeout=5).workers)
+
+
+def loaded(address: str) -> set[str]:
+    return {m.tenant_id for m in stats(address, include_models=True).models}
+
+
+def test_drain_warms_the_new_member_first_then_moves_traffic_and_undrain_restores(fleet):
+    fleet.register("acme", "v1", seed=1)
+    workers = {w: fleet.start_worker(w) for w in ("w1", "w2", "w3")}
+    router = fleet.start_router(shard_size=2)
+    stub = predictor(router.address)
+    first, second = router_shard(router.address, "acme")
+    assert predict(stub, "acme", X).worker_id == first  # affinity: active on its first member
+    newcomer = ({"w1", "w2", "w3"} - {first, second}).pop()
+    assert "acme" not in loaded(workers[newcomer].address)
+
+    done = cli(fleet, "workers", "drain", first, "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["warmups"] == 1 and summary["loaded"] == 1
+    # make-before-break: loaded on the new member before any request was routed there
+    assert "acme" in loaded(workers[newcomer].address)
+    fleet.wait_for(lambda: first not in router_shard(router.address, "acme"), timeout=1.0, what="drain to apply")
+    assert set(router_shard(router.address, "acme")) == {second, newcomer}
+    for _ in range(20):
+        assert predict(stub, "acme", X).worker_id != first
+    assert stats(workers[newcomer].address).loads_total == 1  # no cold load once traffic moved
+    state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
+    assert state[first] == "drained"
+
+    assert cli(fleet, "workers", "undrain", first).returncode == 0
+    fleet.wait_for(lambda: router_shard(router.address, "acme")[0] == first, timeout=1.0, what="undrain")
+
+
+def test_a_joining_worker_warms_the_active_tenants_it_will_own_before_going_live(fleet):
+    tenants = [f"t{i:02d}" for i in range(16)]
+    for i, tenant in enumerate(tenants):
+        fleet.register(tenant, "v1", seed=1 + i % 3)
+    fleet.start_worker("w1")
+    fleet.start_worker("w2")
+    router = fleet.start_router(shard_size=1)
+    stub = predictor(router.address)
+    for tenant in tenants:
+        predict(stub, tenant, X)
+    new = fleet.start_worker("w3", extra=("--shard-size", "1"))
+    fleet.wait_for(lambda: "w3" in [m.worker_id for m in _live(fleet)], what="w3 to go live")
+    live = [Member(w) for w in ("w1", "w2", "w3")]
+    owned = {t for t in tenants if shard_for(t, live, 1) == ("w3",)}
+    assert owned, "the test needs w3 to own some tenants"
+    assert loaded(new.address) == owned  # warmed exactly what it took over, before taking traffic
+    fleet.wait_for(lambda: all(router_shard(router.address, t) == ("w3",) for t in owned), timeout=1.0,
+                   what="routers to route to w3")
+    for tenant in owned:
+        assert predict(stub, tenant, X).worker_id == "w3"
+    assert stats(new.address).loads_total == len(owned)  # no cold load when traffic arrived
+
+
+def _live(fleet):
+    from version_service.membership import read_fleet
+    from version_service.schema import live_members
+
+    workers, drains = read_fleet(fleet.client, fleet.keys)
+    return live_members(workers, drains)
+
+
+def test_shard_size_change_reaches_every_router_within_a_second(fleet):
+    fleet.register("hot", "v1", seed=1)
+    for w in ("w1", "w2", "w3", "w4"):
+        fleet.start_worker(w)
+    routers = [fleet.start_router(shard_size=2) for _ in range(2)]
+    assert all(len(router_shard(r.address, "hot")) == 2 for r in routers)
+    done = cli(fleet, "shards", "apply", "--set-size", "hot", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    for r in routers:
+        fleet.wait_for(lambda: len(router_shard(r.address, "hot")) == 4, timeout=1.0, what="size 4 on every router")
+    assert cli(fleet, "set-shard-size", "hot", "default").returncode == 0
+    for r in routers:
+        fleet.wait_for(lambda: len(router_shard(r.address, "hot")) == 2, timeout=1.0, what="default size")
+
+
+def test_routers_cli_and_plan_agree_on_every_shard_and_zones_spread(fleet):
+    tenants = [f"tenant-{i:03d}" for i in range(40)]
+    for tenant in tenants:
+        fleet.register(tenant, "v1", seed=1)
+    zones = {"w1": "a", "w2": "a", "w3": "a", "w4": "b", "w5": "b"}
+    for worker_id, zone in zones.items():
+        fleet.start_worker(worker_id, zone=zone)
+    routers = [fleet.start_router(shard_size=2) for _ in range(2)]
+    shards = {t: router_shard(routers[0].address, t) for t in tenants}
+    for tenant in tenants:
+        assert router_shard(routers[1].address, tenant) == shards[tenant]
+        assert {zones[w] for w in shards[tenant]} == {"a", "b"}  # one member per zone
+    for tenant in tenants[:5]:  # the CLI runs the same function in another process
+        cli_shard = json.loads(cli(fleet, "shard", tenant, "--json").stdout)
+        assert tuple(w["worker_id"] for w in cli_shard["workers"]) == shards[tenant]
+    plan = json.loads(cli(fleet, "shards", "plan", "--drain", "w1", "--json").stdout)
+    per_worker_before = {w: sum(w in s for s in shards.values()) for w in zones}
+    assert {w: c["before"] for w, c in plan["per_worker"].items()} == per_worker_before
+    assert plan["per_worker"]["w1"]["after"] == 0
+    assert plan["moved_placements"] == per_worker_before["w1"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (("shards", "plan", "--drain", "nope"), "nope"),
+    (("shards", "plan", "--set-size", "t", "0"), "size"),
+    (("shards", "apply", "--add-worker", "w9@z"), "joins by starting it"),
+    (("shards", "apply"), "nothing to apply"),
+    (("workers", "drain", "ghost"), "ghost"),
+    (("shards", "report"), "nothing to report"),
+])
+def test_bad_rebalance_requests_are_one_clear_error(fleet, argv, needle):
+    fleet.register("t", "v1", seed=1)
+    fleet.client.put(fleet.keys.worker("w1"), '{"worker_id":"w1","address":"127.0.0.1:1"}')
+    done = cli(fleet, *argv)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and needle in done.stderr, done.stderr

@@ -1,0 +1,373 @@
+"""One loaded LightGBM model, predicting through the C API with as little Python as possible.
+
+Why not `lightgbm.Booster.predict`: for one row it spends ~100x longer in Python (pandas checks,
+array conversions, a fresh predictor per call) than LightGBM spends walking the trees. Here a
+single row goes through LightGBM's "fast" single-row API with every ctypes argument built once at
+load, and a batch goes straight to `LGBM_BoosterPredictForMat`. Both give exactly the values
+`Booster.predict` gives (normal prediction: probabilities for binary and multiclass).
+
+Native resources (the booster and its fast config) are freed exactly once: `close()` hands them
+to a `weakref.finalize`, which runs at most once however many threads race to it, and which also
+frees them if a model is dropped without being closed.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Callable
+
+import lightgbm.basic
+import numpy as np
+
+from modelfleet.errors import FailedPrecondition, InvalidArgument, ModelfleetError
+
+Features = Sequence[float] | np.ndarray
+_ndarray = np.ndarray  # one global lookup instead of two on the hot path
+
+_C_API_PREDICT_NORMAL = 0
+_C_API_DTYPE_FLOAT64 = 1
+_ROW_MAJOR = 1
+_ALL_ITERATIONS = -1  # what Booster.predict uses for a booster loaded from text
+# The fast single-row path never runs in parallel, and with one thread LightGBM allocates one
+# scratch row per model instead of one per core. Batches use LightGBM's default, as
+# Booster.predict does: OpenMP over all cores (~3x faster than one thread for 100 rows on 2
+# cores). Note that LightGBM 4.x keeps num_threads in a process-wide variable, so a load that
+# races a batch may briefly run that batch on one thread; values are the same either way.
+_FAST_PARAMETERS = b"num_threads=1"
+_BATCH_PARAMETERS = b""
+
+# Our own handles on LightGBM's shared library (same dlopen handle, separate function objects),
+# so setting argtypes here never changes the prototypes lightgbm's own code relies on.
+# Loading and batches release the GIL (they can take milliseconds). The single-row call keeps
+# it (PyDLL): it lasts microseconds, and releasing the GIL for that long would cost more than it
+# saves: on return, a thread can wait up to the 5 ms switch interval to get the GIL back.
+_lib = ctypes.CDLL(lightgbm.basic._LIB._name)
+_fast_predict = ctypes.PyDLL(lightgbm.basic._LIB._name).LGBM_BoosterPredictForMatSingleRowFast
+
+_p = ctypes.c_void_p
+_int = ctypes.c_int
+_lib.LGBM_GetLastError.restype = ctypes.c_char_p
+_lib.LGBM_GetLastError.argtypes = []
+_lib.LGBM_BoosterLoadModelFromString.argtypes = [ctypes.c_char_p, ctypes.POINTER(_int), ctypes.POINTER(_p)]
+_lib.LGBM_BoosterGetNumFeature.argtypes = [_p, ctypes.POINTER(_int)]
+_lib.LGBM_BoosterGetNumClasses.argtypes = [_p, ctypes.POINTER(_int)]
+_lib.LGBM_BoosterNumberOfTotalModel.argtypes = [_p, ctypes.POINTER(_int)]
+_lib.LGBM_BoosterPredictForMatSingleRowFastInit.argtypes = [
+    _p, _int, _int, _int, _int, ctypes.c_int32, ctypes.c_char_p, ctypes.POINTER(_p)]
+_lib.LGBM_BoosterPredictForMat.argtypes = [
+    _p, _p, _int, ctypes.c_int32, ctypes.c_int32, _int, _int, _int, _int, ctypes.c_char_p,
+    ctypes.POINTER(ctypes.c_int64), _p]
+_lib.LGBM_FastConfigFree.argtypes = [_p]
+_lib.LGBM_BoosterFree.argtypes = [_p]
+
+
+def _last_error() -> str:
+    return _lib.LGBM_GetLastError().decode("utf-8", "replace")
+
+
+# --- measuring native memory -------------------------------------------------------------------
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _find_mallinfo2() -> Callable[[], _MallInfo2] | None:
+    """glibc >= 2.33's mallinfo2, or None (musl, macOS, ...)."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = []
+    fn.restype = _MallInfo2
+    return fn
+
+
+_mallinfo2 = _find_mallinfo2()
+# Held only around a parse, so two loads in different threads never see each other's bytes.
+_MEASURE_LOCK = threading.Lock()
+
+
+def _heap_bytes_in_use() -> int:
+    """Bytes malloc has handed out and not had back, over all arenas (~5 µs); -1 if unknown."""
+    if _mallinfo2 is None:
+        return -1
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd  # small chunks in arenas + large mmapped chunks
+
+
+# Fitted to mallinfo2 measurements of demo models (1 to 300 trees of 2 to 127 leaves, 4 to 30
+# features), all within 20%: ~6 KiB for the booster, its header and the fast config, ~690 bytes
+# per tree and ~63 per leaf (the split, threshold, child and value arrays).
+_EST_FIXED, _EST_PER_TREE, _EST_PER_LEAF = 5_800, 690, 63
+_NUM_LEAVES_RE = re.compile(rb"^num_leaves=(\d+)", re.MULTILINE)
+
+
+def _estimate_nbytes(trees: int, data: bytes) -> int:
+    """The fallback when malloc can't be asked: a calibrated per-tree/per-leaf formula."""
+    leaves = sum(int(n) for n in _NUM_LEAVES_RE.findall(data))
+    return _EST_FIXED + _EST_PER_TREE * trees + _EST_PER_LEAF * leaves
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def _parseable_bytes(text: str) -> tuple[bytes, int | None]:
+    """The model text as bytes LightGBM 4.7 can parse without crashing the whole process, and
+    the number of trees the text declares (None if it doesn't say).
+
+    LightGBM's model parser trusts its input: given a truncated text (an interrupted upload or
+    copy) it reads past the end of the buffer, and a malformed tree found while parsing trees in
+    parallel (which the `tree_sizes=` index enables) aborts the process from inside OpenMP
+    instead of returning an error. So: refuse NUL bytes (the C side would stop there) and texts
+    shorter than their `tree_sizes=` index says, then drop that index so trees are parsed
+    sequentially and errors come back as errors (sequential parsing is no slower for
+    fleet-sized models), and end the buffer with a sentinel that stops every scan of the tree
+    parser before the end of the buffer. This makes truncation and garbage safe; a text that
+    parses but is internally inconsistent (bit flips, hand edits) can still crash, so artifacts
+    must come from a trusted writer and be checked against their digest.
+    """
+    if "\x00" in text:
+        raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
+    data = text.encode("utf-8")
+    declared_trees = None
+    index_at = data.find(b"\ntree_sizes=")
+    if index_at >= 0:
+        index_end = data.find(b"\n", index_at + 1)
+        index_end = len(data) if index_end < 0 else index_end
+        try:
+            sizes = [int(size) for size in data[index_at + len(b"\ntree_sizes="):index_end].split()]
+        except ValueError:
+            raise FailedPrecondition("cannot load LightGBM model: malformed tree_sizes") from None
+        trees_at = data.find(b"\nTree=", index_end) + 1  # where LightGBM's offsets start from
+        if trees_at == 0 or len(data) < trees_at + sum(sizes):
+            raise FailedPrecondition(f"cannot load LightGBM model: the text is truncated (its "
+                                     f"{len(sizes)} trees need {sum(sizes)} bytes)")
+        declared_trees = len(sizes)
+        data = data[:index_at] + data[index_end:]
+    return data + b"\n=\n\n", declared_trees
+
+
+def _get_int(fn: Callable[..., int], booster: int) -> int:
+    out = _int()
+    if fn(booster, ctypes.byref(out)) != 0:
+        raise FailedPrecondition(f"cannot read LightGBM model: {_last_error()}")
+    return out.value
+
+
+def _load_booster(data: bytes) -> int:
+    handle, iterations = _p(), _int()
+    if _lib.LGBM_BoosterLoadModelFromString(data, ctypes.byref(iterations), ctypes.byref(handle)) != 0:
+        raise FailedPrecondition(f"cannot load LightGBM model: {_last_error()}")
+    assert handle.value is not None
+    return handle.value
+
+
+def _init_fast_config(booster: int, num_features: int) -> int:
+    fast_config = _p()
+    rc = _lib.LGBM_BoosterPredictForMatSingleRowFastInit(
+        booster, _C_API_PREDICT_NORMAL, 0, _ALL_ITERATIONS, _C_API_DTYPE_FLOAT64, num_features,
+        _FAST_PARAMETERS, ctypes.byref(fast_config))
+    if rc != 0:
+        raise FailedPrecondition(f"cannot prepare LightGBM model for prediction: {_last_error()}")
+    assert fast_config.value is not None
+    return fast_config.value
+
+
+def _free_native(fast_config: int, booster: int) -> None:
+    """Runs exactly once per model, from `weakref.finalize` (see the module docstring)."""
+    _lib.LGBM_FastConfigFree(fast_config)
+    _lib.LGBM_BoosterFree(booster)
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+class LoadedModel:
+    """A parsed LightGBM booster ready to predict, shared by every thread of a worker.
+
+    Thread safety: one lock per model. A single-row prediction holds it for its whole call,
+    because the ctypes input and output buffers are preallocated per model (allocating them per
+    call would double the cost of a prediction). Per-thread fast configs would buy nothing here:
+    the fast call keeps the GIL, so only one thread is ever inside it, and per-thread configs
+    would multiply native memory by the thread count and make "freed exactly once" a
+    cross-thread bookkeeping problem. Batches only take the lock to register as in flight, then
+    predict concurrently with fresh buffers.
+
+    Lifetime: `close()` frees the native model, unless it is borrowed or a batch is in flight,
+    in which case the last of those frees it. Until then predictions keep working (they may come
+    from a borrower); afterwards they raise FailedPrecondition, and so does `borrow()` once
+    `close()` has been called.
+    """
+
+    num_features: int
+    num_classes: int
+    nbytes: int
+
+    def __init__(self, booster: int, fast_config: int, num_features: int, num_classes: int,
+                 nbytes: int) -> None:
+        """Takes ownership of both native handles; use `from_model_text`."""
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.nbytes = nbytes
+        self._lock = threading.Lock()
+        self._users = 0  # borrowers and batches in flight
+        self._close_requested = False
+        self._freed = False
+        self._finalizer = weakref.finalize(self, _free_native, fast_config, booster)
+        self._finalizer.atexit = False  # the process is exiting anyway
+        self._booster = _p(booster)
+        # Single-row buffers, shared under self._lock: one ctypes array with numpy and
+        # memoryview views of the same memory, because each copies a kind of input fastest.
+        self._row = (ctypes.c_double * num_features)()
+        self._row_np = np.frombuffer(self._row, dtype=np.float64)
+        self._row_view = memoryview(self._row_np)
+        self._out = np.empty(num_classes, dtype=np.float64)
+        self._out_len = ctypes.c_int64()
+        self._fast_args = (_p(fast_config), _p(ctypes.addressof(self._row)),
+                           ctypes.byref(self._out_len), _p(self._out.ctypes.data))
+
+    @classmethod
+    def from_model_text(cls, text: str) -> LoadedModel:
+        """Parses a LightGBM model text; FailedPrecondition if LightGBM can't.
+
+        `nbytes` is measured, not guessed: the growth of malloc's in-use bytes across the parse
+        (glibc `mallinfo2`, under a module lock so concurrent loads don't count each other), or
+        a per-tree/per-leaf estimate when that isn't available or isn't plausible (another
+        thread freed more than this load allocated). Other threads' allocations during a
+        parse still land in the measurement; they are small next to a model.
+        """
+        data, declared_trees = _parseable_bytes(text)
+        with _MEASURE_LOCK:
+            before = _heap_bytes_in_use()
+            booster = _load_booster(data)
+            try:
+                trees = _get_int(_lib.LGBM_BoosterNumberOfTotalModel, booster)
+                if declared_trees is not None and trees != declared_trees:
+                    raise FailedPrecondition(f"cannot load LightGBM model: the text declares "
+                                             f"{declared_trees} trees but LightGBM read {trees}")
+                num_features = _get_int(_lib.LGBM_BoosterGetNumFeature, booster)
+                num_classes = _get_int(_lib.LGBM_BoosterGetNumClasses, booster)
+                fast_config = _init_fast_config(booster, num_features)
+            except BaseException:
+                _lib.LGBM_BoosterFree(booster)
+                raise
+            after = _heap_bytes_in_use()
+        loaded = cls(booster, fast_config, num_features, num_classes, nbytes=after - before)
+        if before < 0 or loaded.nbytes <= 0:
+            loaded.nbytes = _estimate_nbytes(trees, data)
+        return loaded
+
+    def __repr__(self) -> str:
+        state = "closed" if self._close_requested else "open"
+        return (f"LoadedModel(num_features={self.num_features}, num_classes={self.num_classes}, "
+                f"nbytes={self.nbytes}, {state})")
+
+    def predict(self, features: Features) -> np.ndarray:
+        """Predicts rows of row-major float64 features; returns rows * num_classes values.
+
+        NaN and +/-inf are valid features (LightGBM treats NaN as missing). The single-row path
+        is inline and uses acquire/release rather than `with` on purpose: it is the hot path,
+        where a Python function call or a `with` block each cost ~5% of a small model's call.
+        """
+        try:
+            n = features.size if isinstance(features, _ndarray) else len(features)
+        except TypeError:
+            raise InvalidArgument(
+                f"features must be a sequence of numbers, got {type(features).__name__}") from None
+        if n != self.num_features:
+            return self._predict_rows(features, n)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._freed:
+                raise FailedPrecondition("model is closed")
+            try:
+                if isinstance(features, _ndarray):
+                    try:
+                        self._row_view[:] = features  # a plain memcpy for 1-D contiguous float64
+                    except (TypeError, ValueError):
+                        self._row_np[:] = features  # any other shape or dtype numpy can convert
+                else:
+                    self._row[:] = features  # ctypes copies lists and protobuf repeated fields fastest
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"features must be numbers: {exc}") from None
+            if _fast_predict(*self._fast_args) != 0:
+                raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
+            return self._out.copy()
+        finally:
+            lock.release()
+
+    def _predict_rows(self, features: Features, n: int) -> np.ndarray:
+        """Any number of rows but one: validation, then one LGBM_BoosterPredictForMat call."""
+        per_row = self.num_features
+        if n == 0:
+            raise InvalidArgument(f"empty features: expected a multiple of {per_row} features "
+                                  f"({per_row} per row), got 0")
+        if n % per_row:
+            raise InvalidArgument(f"expected a multiple of {per_row} features ({per_row} per row), got {n}")
+        try:
+            if isinstance(features, _ndarray):
+                data = np.ascontiguousarray(features, dtype=np.float64)
+            else:
+                data = np.fromiter(features, dtype=np.float64, count=n)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"features must be numbers: {exc}") from None
+        rows = n // per_row
+        out = np.empty(rows * self.num_classes, dtype=np.float64)
+        out_len = ctypes.c_int64()
+        self._acquire(for_borrow=False)
+        try:
+            rc = _lib.LGBM_BoosterPredictForMat(
+                self._booster, data.ctypes.data, _C_API_DTYPE_FLOAT64, rows, per_row, _ROW_MAJOR,
+                _C_API_PREDICT_NORMAL, 0, _ALL_ITERATIONS, _BATCH_PARAMETERS,
+                ctypes.byref(out_len), out.ctypes.data)
+        finally:
+            self._release()
+        if rc != 0:
+            raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
+        if out_len.value != out.size:
+            raise ModelfleetError(f"LightGBM returned {out_len.value} predictions, expected {out.size}")
+        return out
+
+    @contextmanager
+    def borrow(self) -> Iterator[LoadedModel]:
+        """Keeps the native model alive across a `close()` until the block ends.
+
+        For a cache that may evict (close) a model while a request is still using it: the
+        request borrows, the eviction closes, and the last one out frees.
+        """
+        self._acquire(for_borrow=True)
+        try:
+            yield self
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        """Frees the native model now, or when the last borrower leaves. Idempotent."""
+        with self._lock:
+            if self._close_requested:
+                return
+            self._close_requested = True
+            if self._users == 0:
+                self._free_locked()
+
+    def _acquire(self, *, for_borrow: bool) -> None:
+        with self._lock:
+            if self._freed or (for_borrow and self._close_requested):
+                raise FailedPrecondition("model is closed")
+            self._users += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._close_requested:
+                self._free_locked()
+
+    def _free_locked(self) -> None:
+        # Under self._lock, so no single-row call is running, and none can start after this.
+        self._freed = True
+        self._finalizer()
