@@ -72,8 +72,7 @@ class EtcdServer:
             "--log-level", "error",
         ]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        env = dict(os.environ, ETCD_UNSUPPORTED_ARCH=os.environ.get("ETCD_UNSUPPORTED_ARCH", ""))
-        self.proc = processes.spawn(argv, env=env, stdout=log, stderr=log)
+        self.proc = processes.spawn(argv, stdout=log, stderr=log)
         processes.wait_for(self._ready, timeout, interval=0.05, what=f"etcd on {self.endpoint}")
         return self
 

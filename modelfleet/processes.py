@@ -1,7 +1,13 @@
 """Child processes that never outlive their parent, and free loopback ports.
 
-`modelfleet up` and the test suite start etcd, workers and routers as children. Each child
-gets PR_SET_PDEATHSIG=SIGTERM, so even a SIGKILLed parent leaves no orphans behind.
+`modelfleet up`, the tests and the benchmarks start etcd, workers and routers as children. Each
+child gets PR_SET_PDEATHSIG=SIGTERM, so even a SIGKILLed parent leaves no orphans behind.
+
+Not with `preexec_fn`: that makes subprocess fork() a parent that runs gRPC threads, and gRPC's
+fork handlers can abort the child ("epoll_wait error: Bad file descriptor"). Instead the child
+is this module run as a launcher (`python -m modelfleet.processes PARENT_PID ARGV...`), which
+sets the death signal on itself, checks the parent is still there, and execs ARGV: the setting
+survives exec, and subprocess can use vfork/posix_spawn.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import IO, Sequence
 
@@ -27,8 +34,8 @@ def _die_with_parent() -> None:
 def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, stdout: IO | int | None = None,
           stderr: IO | int | None = None) -> subprocess.Popen:
     """Starts argv as a child that receives SIGTERM when this process dies."""
-    return subprocess.Popen(list(argv), env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
+    launcher = [sys.executable, "-m", "modelfleet.processes", str(os.getpid())]
+    return subprocess.Popen([*launcher, *argv], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
@@ -83,3 +90,15 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _launch(args: list[str]) -> None:
+    parent, argv = int(args[0]), args[1:]
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        sys.exit(1)
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1:])
