@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import grpc
 
 from modelfleet.log import event
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from sharding import Member, shard_for
-from version_service.schema import RouteRecord, WorkerRecord
+from version_service.schema import WorkerRecord
 
 log = logging.getLogger("modelfleet.rebalance")
 
@@ -58,16 +58,19 @@ def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: flo
     return active
 
 
-def warmups_for(active: Mapping[str, set[str]], routes: Mapping[str, RouteRecord], before: Sequence[Member],
-                after: Sequence[Member], default_k: int, sizes_after: Mapping[str, int] | None = None) -> list[Warmup]:
-    """The (tenant, version, worker) loads a change needs: new placements of active tenants."""
+def warmups_for(active: Mapping[str, set[str]], tenants: Collection[str], sizes: Mapping[str, int],
+                before: Sequence[Member], after: Sequence[Member], default_k: int,
+                sizes_after: Mapping[str, int] | None = None) -> list[Warmup]:
+    """The (tenant, version, worker) loads a change needs: new placements of active tenants.
+
+    `tenants` are the registered ones, `sizes` their shard-size overrides (others: default_k).
+    """
     sizes_after = sizes_after or {}
     warmups = []
     for tenant in sorted(active):
-        route = routes.get(tenant)
-        if route is None:
+        if tenant not in tenants:
             continue
-        k_before = route.shard_size or default_k
+        k_before = sizes.get(tenant, default_k)
         k_after = sizes_after.get(tenant, k_before)
         old = set(shard_for(tenant, before, k_before))
         for worker_id in shard_for(tenant, after, k_after):

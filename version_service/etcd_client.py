@@ -18,6 +18,9 @@ from modelfleet.errors import Unavailable
 
 EtcdClient = pyetcd.MultiEndpointEtcd3Client
 
+# A ranged read of every route at 100k+ tenants is tens of MB: gRPC's 4 MB default is too small.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 512 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
 _UNAVAILABLE = (
     etcd_exceptions.ConnectionFailedError,
     etcd_exceptions.ConnectionTimeoutError,
@@ -29,7 +32,7 @@ _UNAVAILABLE = (
 def connect(spec: str, timeout: float = 5.0, retry_after: float = 0.2, user: str | None = None,
             password: str | None = None) -> EtcdClient:
     """A client for the endpoints in spec ('host:port[,host:port]'); connects lazily."""
-    endpoints = [pyetcd.Endpoint(host, port, secure=False, time_retry=retry_after)
+    endpoints = [pyetcd.Endpoint(host, port, secure=False, time_retry=retry_after, opts=_CHANNEL_OPTIONS)
                  for host, port in etcd_endpoints(spec)]
     return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, user=user,
                                            password=password, failover=True)

@@ -92,8 +92,9 @@ def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.
         active = active_models(others.values(), args.warm_active_minutes * 60)
         if not active:
             return
-        routes = Registry(client, keys).tenants()
-        mine = [w for w in warmups_for(active, routes, before, after, args.shard_size) if w.worker_id == me.worker_id]
+        tenants, sizes = Registry(client, keys).shard_sizes()
+        mine = [w for w in warmups_for(active, set(tenants), sizes, before, after, args.shard_size)
+                if w.worker_id == me.worker_id]
         result = run_warmups(mine, {me.worker_id: me.address})
         event(log, "worker.warmed_before_join", worker=me.worker_id, active_tenants=len(active),
               placements=len(mine), loaded=result.loaded, failed=len(result.failed))

@@ -34,7 +34,8 @@ class FleetState:
     registry: Registry
     workers: dict[str, WorkerRecord]
     drains: set[str]
-    routes: dict[str, RouteRecord]
+    tenants: list[str]
+    sizes: dict[str, int]  # shard-size overrides
 
     @property
     def members(self) -> list[Member]:
@@ -42,15 +43,12 @@ class FleetState:
         return sorted((Member(w.worker_id, w.zone) for w in self.workers.values() if not w.joining),
                       key=lambda m: m.worker_id)
 
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {t: r.shard_size for t, r in self.routes.items() if r.shard_size}
-
 
 def read_state(args: argparse.Namespace) -> FleetState:
     registry = Registry(connect(args.etcd), Keys(args.prefix))
     workers, drains = read_fleet(registry.client, registry.keys)
-    return FleetState(registry, workers, set(drains) & set(workers), registry.tenants())
+    tenants, sizes = registry.shard_sizes()
+    return FleetState(registry, workers, set(drains) & set(workers), tenants, sizes)
 
 
 def change_from_args(args: argparse.Namespace) -> FleetChange:
@@ -65,7 +63,7 @@ def change_from_args(args: argparse.Namespace) -> FleetChange:
 
 def make_plan(state: FleetState, change: FleetChange, default_k: int) -> ShardPlan:
     try:
-        return plan_change(list(state.routes), state.members, state.drains, state.sizes, default_k, change)
+        return plan_change(state.tenants, state.members, state.drains, state.sizes, default_k, change)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
 
@@ -131,7 +129,7 @@ def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     after = live_members(state.workers, drains_after)
     sizes_after = dict(change.set_size)
     active = active_models([state.workers[m.worker_id] for m in before], args.warm_active_minutes * 60)
-    warmups = warmups_for(active, state.routes, before, after, args.shard_size, sizes_after)
+    warmups = warmups_for(active, set(state.tenants), state.sizes, before, after, args.shard_size, sizes_after)
     warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, quiet=args.json)
     commit(state, change)
     summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
@@ -205,14 +203,14 @@ def report(args: argparse.Namespace) -> int:
         source = f"simulated: {args.simulate_workers} workers, {args.tenants} tenants, {args.zones} zones"
     else:
         state = read_state(args)
-        tenants = list(state.routes)
+        tenants = state.tenants
         members = live_members(state.workers, state.drains)
         if len(tenants) < 2 or not members:
             raise FailedPrecondition(f"the live fleet has {len(tenants)} tenants and {len(members)} live workers: "
                                      "nothing to report (try --simulate-workers N --tenants T)")
         import numpy as np
 
-        k = np.array([state.routes[t].shard_size or args.shard_size for t in tenants])
+        k = np.array([state.sizes.get(t, args.shard_size) for t in tenants])
         source = f"live fleet at {args.etcd}{args.prefix}"
     result = isolation_report(tenants, members, k)
     if args.json:

@@ -1,0 +1,139 @@
+"""Microbenchmark: how close LoadedModel.predict gets to a raw LightGBM C call, and how far
+Booster.predict is from both. Run as `python -m loadtest.bench_predictor` (~5 s).
+
+Every call is timed on its own (perf_counter_ns around it, the timer's own median cost
+subtracted), so p99 is a real per-call tail, not an average of averages. Contenders alternate in
+short rounds so that CPU frequency changes and noisy neighbours hit them alike. The "raw" call
+is the floor for any ctypes caller: LoadedModel's own fast-call binding with prebuilt arguments,
+no input copy, no output copy, no checks.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from statistics import median
+
+import lightgbm
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from modelfleet.demo_models import sample_features, train_model_text
+from worker import predictor
+from worker.predictor import LoadedModel
+
+NUM_FEATURES = 8
+# (label, train_model_text kwargs, single-row calls per round, batch calls per round)
+MODELS = [
+    ("20 trees x 15 leaves", dict(num_trees=20, num_leaves=15), 2000, 200),
+    ("200 trees x 31 leaves", dict(num_trees=200, num_leaves=31), 1000, 40),
+    ("multiclass 3 x 50 trees", dict(objective="multiclass", num_trees=50, num_leaves=15), 1000, 60),
+]
+ROUNDS = 10
+BATCH_ROWS = 100
+
+
+def timer_overhead_ns() -> float:
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(20_000):
+        t0 = clock()
+        samples.append(clock() - t0)
+    return median(samples)
+
+
+def time_calls(fn: Callable[[], object], calls: int, into: list[float], overhead_ns: float) -> None:
+    clock = time.perf_counter_ns
+    for _ in range(calls):
+        t0 = clock()
+        fn()
+        into.append((clock() - t0 - overhead_ns) / 1000.0)
+
+
+def run(contenders: dict[str, Callable[[], object]], calls: int, overhead_ns: float) -> dict[str, list[float]]:
+    """µs per call for each contender, interleaved in ROUNDS rounds after a warm-up."""
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for fn in contenders.values():
+        time_calls(fn, max(calls // 10, 10), [], overhead_ns)
+    for _ in range(ROUNDS):
+        for name, fn in contenders.items():
+            time_calls(fn, calls, samples[name], overhead_ns)
+    return samples
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with LoadedModel batches on one thread instead of LightGBM's default of all cores."""
+    def call() -> object:
+        default, predictor._BATCH_PARAMETERS = predictor._BATCH_PARAMETERS, b"num_threads=1"
+        try:
+            return fn()
+        finally:
+            predictor._BATCH_PARAMETERS = default
+    return call
+
+
+def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, overhead_ns: float,
+                table: Table) -> None:
+    text = train_model_text(seed=1, num_features=NUM_FEATURES, **kwargs)
+    model = LoadedModel.from_model_text(text)
+    booster = lightgbm.Booster(model_str=text)
+    x = sample_features(seed=2, rows=BATCH_ROWS, num_features=NUM_FEATURES)
+    row, row_2d, flat = x[7].copy(), x[7:8].copy(), x.reshape(-1).copy()
+    row_list = row.tolist()
+    raw_call, raw_args = predictor._fast_predict, model._fast_args
+
+    single = run({
+        "raw C fast call": lambda: raw_call(*raw_args),
+        "LoadedModel (ndarray)": lambda: model.predict(row),
+        "LoadedModel (list)": lambda: model.predict(row_list),
+        "Booster.predict": lambda: booster.predict(row_2d),
+    }, single_calls, overhead_ns)
+    batch = run({
+        "LoadedModel (all cores)": lambda: model.predict(flat),
+        "LoadedModel (1 thread)": one_thread(lambda: model.predict(flat)),
+        "Booster.predict (all cores)": lambda: booster.predict(x),
+    }, batch_calls, overhead_ns)
+
+    raw_med = stats(single["raw C fast call"])[0]
+    loaded_med = stats(single["LoadedModel (ndarray)"])[0]
+    for name, values in single.items():
+        med, p99 = stats(values)
+        table.add_row(label, "1 row", name, f"{med:.2f}", f"{p99:.2f}", f"{med / raw_med:.2f}",
+                      f"{med / loaded_med:.2f}")
+        label = ""
+    batch_loaded = stats(batch["LoadedModel (all cores)"])[0]
+    for name, values in batch.items():
+        med, p99 = stats(values)
+        table.add_row("", f"{BATCH_ROWS} rows", name, f"{med:.1f}", f"{p99:.1f}", "",
+                      f"{med / batch_loaded:.2f}")
+    table.add_section()
+    model.close()
+
+
+def main() -> None:
+    console = Console(width=120)
+    started = time.perf_counter()
+    overhead_ns = timer_overhead_ns()
+    table = Table(title="µs per call (timer overhead subtracted)")
+    for column in ("model", "input", "contender"):
+        table.add_column(column)
+    for column in ("median µs", "p99 µs", "÷ raw", "÷ LoadedModel"):
+        table.add_column(column, justify="right")
+    for label, kwargs, single_calls, batch_calls in MODELS:
+        bench_model(label, kwargs, single_calls, batch_calls, overhead_ns, table)
+    console.print(table)
+    console.print(f"os.cpu_count()={os.cpu_count()}  python {platform.python_version()}  "
+                  f"lightgbm {lightgbm.__version__}  numpy {np.__version__}  "
+                  f"timer overhead {overhead_ns:.0f} ns  {NUM_FEATURES} features  "
+                  f"took {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
