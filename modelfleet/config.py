@@ -52,7 +52,13 @@ ETCD = Option("--etcd", "MODELFLEET_ETCD", "127.0.0.1:2379", str,
 PREFIX = Option("--prefix", "MODELFLEET_PREFIX", "/modelfleet/v1", str,
                 "etcd key prefix; fleets sharing one etcd use different prefixes")
 STORE = Option("--store", "MODELFLEET_STORE", lambda: str(_default_home() / "store"), str,
-               "model store: a local directory holding content-addressed artifacts")
+               "model store: a directory, file://PATH or s3://BUCKET[/PREFIX] (content-addressed artifacts)")
+STORE_CACHE_DIR = Option("--store-cache-dir", "MODELFLEET_STORE_CACHE_DIR", lambda: str(_default_home() / "store-cache"),
+                         str, "worker's disk cache of artifacts from a remote (s3://) store ('' = none)")
+STORE_CACHE_BYTES = Option("--store-cache-bytes", "MODELFLEET_STORE_CACHE_BYTES", 4 << 30, byte_size,
+                           "byte bound of that disk cache (e.g. 512MiB, 4GiB; 0 = no cache)")
+S3_ENDPOINT = Option("--s3-endpoint", "MODELFLEET_S3_ENDPOINT", "", str,
+                     "S3-compatible endpoint http(s)://host:port ('' = AWS); credentials from the AWS_* variables")
 LOG_FORMAT = Option("--log-format", "MODELFLEET_LOG_FORMAT", "text", str, "log lines as 'text' (key=value) or 'json'")
 LOG_LEVEL = Option("--log-level", "MODELFLEET_LOG_LEVEL", "info", str, "debug, info, warning or error")
 HOST = Option("--host", "MODELFLEET_HOST", "127.0.0.1", str, "address to listen on")
@@ -63,6 +69,10 @@ SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, int,
                     "workers per tenant shard when the tenant's route names none")
 SPILL_INFLIGHT = Option("--spill-inflight", "MODELFLEET_SPILL_INFLIGHT", 32, int,
                         "requests in flight on a tenant's first shard member before the next member takes more")
+ROUTER_ID = Option("--router-id", "MODELFLEET_ROUTER_ID", "", str,
+                   "stable router identity (default: router-<host>-<port>)")
+SHADOW_BUDGET = Option("--shadow-budget", "MODELFLEET_SHADOW_BUDGET", 16, int,
+                       "shadow copies in flight per router; more are dropped (and counted), never queued")
 DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, float,
                           "seconds a Predict may take when the caller sets no deadline")
 
@@ -72,7 +82,7 @@ WORKER_ID = Option("--worker-id", "MODELFLEET_WORKER_ID", "", str,
                    "stable worker identity, [A-Za-z0-9._-]{1,128} (default: worker-<host>-<port>)")
 ZONE = Option("--zone", "MODELFLEET_ZONE", "default", str, "failure zone of this worker")
 ADVERTISE_HOST = Option("--advertise-host", "MODELFLEET_ADVERTISE_HOST", "127.0.0.1", str,
-                        "host routers use to reach this worker")
+                        "host others use to reach this process (routers dial workers, tools dial routers)")
 CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_size,
                      "byte budget of the worker's model LRU (e.g. 512MiB, 2GiB)")
 LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", 4, int, "threads that load models")
@@ -92,8 +102,8 @@ UP_DEMO_TENANTS = Option("--demo-tenants", "MODELFLEET_UP_DEMO_TENANTS", 50, int
 ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str, "router address for `predict`")
 
 ALL_OPTIONS: tuple[Option, ...] = (
-    ETCD, PREFIX, STORE, LOG_FORMAT, LOG_LEVEL, HOST, ROUTER_PORT, SHARD_SIZE, SPILL_INFLIGHT,
-    DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
+    ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT,
+    SHADOW_BUDGET, DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
 )
 

@@ -14,9 +14,9 @@ from typing import Any
 _FIELDS = "mf_fields"
 
 
-def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(logger: logging.Logger, event_name: str, /, level: int = logging.INFO, **fields: Any) -> None:
     if logger.isEnabledFor(level):
-        logger.log(level, name, extra={_FIELDS: fields})
+        logger.log(level, event_name, extra={_FIELDS: fields})
 
 
 class _KeyValueFormatter(logging.Formatter):

@@ -4,6 +4,16 @@ An artifact lives at `{root}/sha256/{hh}/{sha256}.lgbm`. Registering copies a fi
 rename, so a reader never sees half an artifact); a worker reads by the relative path recorded
 in etcd and verifies the digest. Paths are built only from a validated hex digest, never from
 tenant ids or versions, so nothing a caller sends can escape the root.
+
+Backends sit behind one `Store` interface and are chosen by a URI (`open_store`):
+
+    /srv/models, file:///srv/models   LocalStore: a directory on local disk or a shared mount
+    s3://bucket/prefix                S3Store: S3 or any S3-compatible object store (store_s3.py)
+
+Every backend keeps the same key layout under its root, so an artifact path recorded in etcd
+means the same thing whichever backend serves it, and a store can be copied between backends
+file for file. Invariant: an artifact's bytes never change once written (the path names their
+digest), so re-putting is idempotent and a reader may cache by digest forever.
 """
 from __future__ import annotations
 
@@ -13,10 +23,19 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
 
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 
 _ARTIFACT_RE = re.compile(r"sha256/([0-9a-f]{2})/([0-9a-f]{64})\.lgbm")
+
+# Default byte bound of a worker's on-disk cache of downloaded artifacts (remote stores only).
+DEFAULT_STORE_CACHE_BYTES = 4 << 30
+# Environment variable naming the S3 endpoint (http(s)://host:port); unset means AWS itself.
+S3_ENDPOINT_ENV = "MODELFLEET_S3_ENDPOINT"
+
+_SPEC_HELP = "expected a directory, file://PATH or s3://BUCKET[/PREFIX]"
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,50 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def artifact_for(sha256: str) -> str:
+    """The relative artifact path of a digest: `sha256/<hh>/<sha256>.lgbm`."""
+    return f"sha256/{sha256[:2]}/{sha256}.lgbm"
+
+
+def validate_artifact(artifact: str) -> str:
+    """Returns `artifact` unchanged when it is exactly `sha256/<hh>/<sha256>.lgbm`.
+
+    Every backend builds paths and object keys only through this check, so nothing from etcd or
+    a caller can name anything outside the store's root.
+    """
+    match = _ARTIFACT_RE.fullmatch(artifact) if isinstance(artifact, str) else None
+    if match is None or match.group(1) != match.group(2)[:2]:
+        raise InvalidArgument(f"invalid artifact path {artifact!r}: expected sha256/<hh>/<sha256>.lgbm")
+    return artifact
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What every model store backend offers. Implementations are safe to share between threads.
+
+    - `put_file(source)` stores a file's bytes under their digest; idempotent.
+    - `read_verified(artifact, sha256, what)` returns bytes whose sha256 is `sha256`, or raises
+      FailedPrecondition naming `what` (missing or corrupt), InvalidArgument (bad artifact path)
+      or Unavailable (the store cannot be reached right now: retrying may help).
+    - `delete(artifact)` removes an artifact; True if it was there.
+    - `exists(artifact)` says whether an artifact is stored (without verifying its bytes).
+    - `uri` is the spec `open_store` accepts to open the same store again.
+    """
+
+    @property
+    def uri(self) -> str: ...
+
+    def put_file(self, source: str | Path) -> StoredArtifact: ...
+
+    def read_verified(self, artifact: str, sha256: str, what: str) -> bytes: ...
+
+    def delete(self, artifact: str) -> bool: ...
+
+    def exists(self, artifact: str) -> bool: ...
+
+    def __repr__(self) -> str: ...
+
+
 class LocalStore:
     """A directory on local disk (or a shared mount) holding artifacts."""
 
@@ -43,15 +106,17 @@ class LocalStore:
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
 
+    @property
+    def uri(self) -> str:
+        """`file://` + the absolute root (percent-encoded; `open_store(store.uri)` reopens it)."""
+        return self.root.as_uri()
+
     @staticmethod
     def artifact_for(sha256: str) -> str:
-        return f"sha256/{sha256[:2]}/{sha256}.lgbm"
+        return artifact_for(sha256)
 
     def _path(self, artifact: str) -> Path:
-        match = _ARTIFACT_RE.fullmatch(artifact)
-        if match is None or match.group(1) != match.group(2)[:2]:
-            raise InvalidArgument(f"invalid artifact path {artifact!r}: expected sha256/<hh>/<sha256>.lgbm")
-        return self.root / artifact
+        return self.root / validate_artifact(artifact)
 
     def put_file(self, source: str | Path) -> StoredArtifact:
         """Copies source into the store (idempotent: an artifact with the same digest is kept)."""
@@ -88,3 +153,113 @@ class LocalStore:
             raise FailedPrecondition(
                 f"{what}: artifact is corrupt (sha256 {got[:12]}..., expected {sha256[:12]}...)")
         return data
+
+    def delete(self, artifact: str) -> bool:
+        """Removes the artifact; True if it existed. Callers make sure no version still names it."""
+        path = self._path(artifact)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def exists(self, artifact: str) -> bool:
+        return self._path(artifact).is_file()
+
+
+# -- choosing a backend by URI ----------------------------------------------------------------
+
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# S3 bucket naming rules (the subset valid in every region and for path-style addressing).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4_RE = re.compile(r"\d+\.\d+\.\d+\.\d+")
+# One prefix segment: AWS's "safe" key characters plus '='.
+_PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9!_.*'()=-]+")
+
+
+def open_store(spec: str, cache_dir: str | Path | None = None,
+               cache_bytes: int = DEFAULT_STORE_CACHE_BYTES, *,
+               endpoint_url: str | None = None) -> Store:
+    """Opens the model store that `spec` names.
+
+    - `/path/to/dir`, `relative/dir` or `file:///path/to/dir` -> LocalStore (cache ignored).
+    - `s3://bucket` or `s3://bucket/some/prefix` -> S3Store. The endpoint is `endpoint_url`, else
+      $MODELFLEET_S3_ENDPOINT (an S3-compatible server, e.g. http://127.0.0.1:9000), else AWS.
+      Credentials and region come from boto3's usual chain (AWS_ACCESS_KEY_ID,
+      AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, profiles, instance roles).
+      Downloads are cached in `cache_dir`, bounded to `cache_bytes` (no disk cache when
+      cache_dir is None or cache_bytes is 0).
+
+    Anything else raises InvalidArgument saying what was expected.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgument(f"model store is empty: {_SPEC_HELP}")
+    spec = spec.strip()
+    if "\x00" in spec:
+        raise InvalidArgument(f"model store {spec!r} contains a NUL byte: {_SPEC_HELP}")
+    match = _SCHEME_RE.match(spec)
+    if match is None:
+        lowered = spec.lower()
+        if lowered.startswith(("s3:", "file:")):
+            raise InvalidArgument(f"model store {spec!r} looks like a malformed URI: {_SPEC_HELP}")
+        return LocalStore(spec)
+    scheme = match.group(1).lower()
+    rest = spec[match.end():]
+    if scheme == "file":
+        return LocalStore(_file_uri_path(spec, rest))
+    if scheme == "s3":
+        bucket, prefix = _parse_s3(spec, rest)
+        endpoint = _endpoint(endpoint_url if endpoint_url is not None else os.environ.get(S3_ENDPOINT_ENV))
+        if cache_bytes is None or cache_bytes < 0:
+            raise InvalidArgument(f"store cache size must be >= 0 bytes, got {cache_bytes!r}")
+        from modelfleet.store_cache import DiskCache  # noqa: PLC0415 (keeps boto3 off LocalStore's path)
+        from modelfleet.store_s3 import S3Store  # noqa: PLC0415
+
+        cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes > 0 else None
+        return S3Store(bucket, prefix, endpoint_url=endpoint, cache=cache)
+    raise InvalidArgument(f"unsupported model store scheme {scheme + '://'!r} in {spec!r}: {_SPEC_HELP}")
+
+
+def _file_uri_path(spec: str, rest: str) -> str:
+    parts = urlsplit("file://" + rest)
+    if parts.query or parts.fragment:
+        raise InvalidArgument(f"model store {spec!r}: a file:// URI takes no query or fragment")
+    if parts.netloc not in ("", "localhost"):
+        raise InvalidArgument(f"model store {spec!r}: file:// URIs name a local path "
+                              f"(file:///abs/path), not host {parts.netloc!r}")
+    path = unquote(parts.path)
+    if not path:
+        raise InvalidArgument(f"model store {spec!r} names no directory: {_SPEC_HELP}")
+    return path
+
+
+def _parse_s3(spec: str, rest: str) -> tuple[str, str]:
+    if any(ch in rest for ch in "?#\\ "):
+        raise InvalidArgument(f"model store {spec!r}: an s3:// URI is s3://BUCKET[/PREFIX], "
+                              "without query, fragment, spaces or backslashes")
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket or _IPV4_RE.fullmatch(bucket):
+        raise InvalidArgument(f"model store {spec!r}: {bucket!r} is not a valid S3 bucket name "
+                              "(3-63 characters: lowercase letters, digits, '.', '-')")
+    prefix = prefix.strip("/")
+    if prefix:
+        for segment in prefix.split("/"):
+            if segment in ("", ".", "..") or not _PREFIX_SEGMENT_RE.fullmatch(segment):
+                raise InvalidArgument(f"model store {spec!r}: bad key prefix {prefix!r} (segments of "
+                                      "letters, digits and !_.*'()=-, no empty, '.' or '..' segments)")
+    return bucket, prefix
+
+
+def _endpoint(raw: str | None) -> str | None:
+    if raw is None or not raw.strip():
+        return None
+    raw = raw.strip()
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise InvalidArgument(f"S3 endpoint {raw!r} (${S3_ENDPOINT_ENV}) must look like "
+                              "http(s)://host[:port]")
+    try:
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise InvalidArgument(f"S3 endpoint {raw!r} (${S3_ENDPOINT_ENV}) has a bad port") from None
+    return raw.rstrip("/")

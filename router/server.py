@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
+import socket
 
 from modelfleet import config
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
+from modelfleet.errors import Unavailable
 from router.admin import RouterAdminServicer
+from router.rollout import Rollouts
 from router.servicer import PredictorServicer
 from router.worker_pool import WorkerPool
 from sharding import ShardCache
+from version_service.etcd_client import connect
+from version_service.membership import LeasedRegistration
 from version_service.routing_cache import RoutingCache
-from version_service.schema import Keys
+from version_service.schema import Keys, RouterRecord, validate_id
 
 log = logging.getLogger("modelfleet.router")
 
-OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.SHARD_SIZE,
-           config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE)
+OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.ROUTER_ID, config.ADVERTISE_HOST,
+           config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL)
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
 
@@ -62,19 +68,35 @@ async def serve(args: argparse.Namespace) -> None:
     membership.apply()
 
     server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME])
-    servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline)
-    predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
-    router_admin_pb2_grpc.add_RouterAdminServicer_to_server(RouterAdminServicer(routes, shards, args.shard_size),
-                                                            server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
+    router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
+    validate_id("router id", router_id)
+    rollouts = Rollouts(args.shadow_budget)
+    servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline,
+                                 rollouts)
+    predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
+    router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
+        RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), server)
     await server.start()
-    await set_serving(health, [SERVICE_NAME], True)
-    event(log, "router.serving", address=f"{args.host}:{port}", tenants=len(routes.routes),
+    client = connect(args.etcd)
+    keys = Keys(args.prefix)
+    record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
+                          started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    registration = LeasedRegistration(client, keys.router(router_id), record, ttl=args.lease_ttl)
+    try:  # admin tools find routers here; serving does not depend on it
+        await loop.run_in_executor(None, registration.start)
+    except Unavailable as exc:
+        event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
+    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME], True)
+    event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 
     await wait_for_signal()
-    await set_serving(health, [SERVICE_NAME], False)
+    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME], False)
+    await loop.run_in_executor(None, registration.stop)
     await server.stop(grace=10)
+    await rollouts.close()
     routes.stop()
     await pool.close()
-    event(log, "router.stopped")
+    client.close()
+    event(log, "router.stopped", router=router_id)

@@ -97,7 +97,7 @@ def test_invalid_tenant_ids_are_refused(fleet, tenant):
 def test_not_a_model_is_refused_before_anything_is_written(fleet, tmp_path):
     junk = tmp_path / "junk.txt"
     junk.write_text("this is not a model")
-    with pytest.raises(FailedPrecondition, match="not a LightGBM model"):
+    with pytest.raises(FailedPrecondition, match="not a usable LightGBM model"):
         fleet.registry.register("acme", "v1", junk)
     with pytest.raises(NotFound):
         fleet.registry.route("acme")

@@ -1,29 +1,30 @@
-"""Worker membership: a worker's record lives under an etcd lease it keeps alive.
+"""Membership: a worker's (or router's) record lives under an etcd lease it keeps alive.
 
 A worker that dies stops refreshing; etcd deletes its key when the lease's TTL runs out and
-every router's watch drops it from the shards. A worker that was merely cut off (SIGSTOP, a
+every router's watch drops it from the shards. A process that was merely cut off (SIGSTOP, a
 network blip) and finds its lease gone on return grants a new one and registers again.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 
-from modelfleet.errors import NotFound
 from modelfleet.log import event
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import DrainRecord, Keys, WorkerRecord, validate_id
+from version_service.schema import DrainRecord, Keys, RouterRecord, WorkerRecord
 
 log = logging.getLogger("modelfleet.membership")
 
 
-class WorkerMembership:
-    def __init__(self, client: EtcdClient, keys: Keys, record: WorkerRecord, ttl: int = 10) -> None:
+class LeasedRegistration:
+    """Keeps `record` at `key` for as long as this process lives (and a little longer: the TTL)."""
+
+    def __init__(self, client: EtcdClient, key: str, record, ttl: int = 10) -> None:
         if ttl < 2:
             raise ValueError("lease TTL must be at least 2 seconds")
         self.client = client
-        self.keys = keys
+        self.key = key
+        self.name = key.rstrip("/").rsplit("/", 1)[-1]
         self.record = record
         self.ttl = ttl
         self.lease_id: int | None = None
@@ -37,19 +38,19 @@ class WorkerMembership:
         self._thread.start()
 
     def _register(self) -> None:
-        with etcd_errors(self.client, f"registering worker {self.record.worker_id}"):
+        with etcd_errors(self.client, f"registering {self.name}"):
             lease = self.client.lease(self.ttl)
-            self.client.put(self.keys.worker(self.record.worker_id), self.record.to_json(), lease=lease.id)
+            self.client.put(self.key, self.record.to_json(), lease=lease.id)
         self.lease_id = lease.id
-        event(log, "membership.registered", worker=self.record.worker_id, address=self.record.address,
-              zone=self.record.zone, lease=lease.id, ttl=self.ttl)
+        event(log, "membership.registered", name=self.name, address=self.record.address, lease=lease.id,
+              ttl=self.ttl)
 
-    def update(self, record: WorkerRecord) -> None:
-        """Rewrites this worker's record under the same lease (e.g. joining -> live)."""
+    def update(self, record) -> None:
+        """Rewrites the record under the same lease (e.g. a worker going from joining to live)."""
         self.record = record
-        with etcd_errors(self.client, f"updating worker {record.worker_id}"):
-            self.client.put(self.keys.worker(record.worker_id), record.to_json(), lease=self.lease_id)
-        event(log, "membership.updated", worker=record.worker_id, joining=record.joining)
+        with etcd_errors(self.client, f"updating {self.name}"):
+            self.client.put(self.key, record.to_json(), lease=self.lease_id)
+        event(log, "membership.updated", name=self.name)
 
     def _refresh(self) -> bool:
         """True while the lease is alive; False when etcd says it expired."""
@@ -63,10 +64,10 @@ class WorkerMembership:
         while not self._stop.wait(interval):
             try:
                 if not self._refresh():
-                    event(log, "membership.lease_lost", level=logging.WARNING, worker=self.record.worker_id)
+                    event(log, "membership.lease_lost", level=logging.WARNING, name=self.name)
                     self._register()
             except Exception as exc:  # noqa: BLE001 - keep trying while etcd is away
-                event(log, "membership.refresh_failed", level=logging.WARNING, worker=self.record.worker_id,
+                event(log, "membership.refresh_failed", level=logging.WARNING, name=self.name,
                       error=str(exc))
 
     def stop(self) -> None:
@@ -78,7 +79,7 @@ class WorkerMembership:
             try:
                 with etcd_errors(self.client, "revoking the worker lease"):
                     self.client.revoke_lease(self.lease_id)
-                event(log, "membership.left", worker=self.record.worker_id)
+                event(log, "membership.left", name=self.name)
             except Exception as exc:  # noqa: BLE001 - the lease will expire by itself
                 event(log, "membership.leave_failed", level=logging.WARNING, error=str(exc))
 
@@ -100,26 +101,8 @@ def read_fleet(client: EtcdClient, keys: Keys) -> tuple[dict[str, WorkerRecord],
     return workers, drains
 
 
-def drain(client: EtcdClient, keys: Keys, worker_id: str, actor: str, reason: str = "") -> bool:
-    """Takes the worker out of every shard for new traffic; False if it was already drained."""
-    validate_id("worker id", worker_id)
-    workers, drains = read_fleet(client, keys)
-    if worker_id in drains:
-        return False
-    if worker_id not in workers:
-        raise NotFound(f"no live worker {worker_id!r} to drain")
-    record = DrainRecord(since=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), actor=actor,
-                         reason=reason)
-    key = keys.drain(worker_id)
-    txn = client.transactions
-    with etcd_errors(client, f"draining {worker_id}"):
-        ok, _ = client.transaction(compare=[txn.version(key) == 0], success=[txn.put(key, record.to_json())],
-                                   failure=[])
-    return ok
-
-
-def undrain(client: EtcdClient, keys: Keys, worker_id: str) -> bool:
-    """Puts the worker back into shards; False if it was not drained."""
-    validate_id("worker id", worker_id)
-    with etcd_errors(client, f"undraining {worker_id}"):
-        return bool(client.delete(keys.drain(worker_id)))
+def list_routers(client: EtcdClient, keys: Keys) -> list[RouterRecord]:
+    """Every live router (they register under a lease, like workers), sorted by id."""
+    with etcd_errors(client, "listing routers"):
+        resp = client.get_prefix_response(keys.routers)
+    return sorted((RouterRecord.from_json(kv.value) for kv in resp.kvs), key=lambda r: r.router_id)

@@ -1,4 +1,4 @@
-"""The model registry: register versions, pin and unpin, list — every write a CAS transaction.
+"""The model registry: versions, pins, rollouts and their history — every write a CAS transaction.
 
 Invariants kept here:
 - a tenant's route exists iff it has at least one registered version;
@@ -6,46 +6,49 @@ Invariants kept here:
   `route.pinned`;
 - a version record never changes once written (same version + same sha256 is an idempotent
   no-op, a different sha256 is AlreadyExists);
+- a tenant has at most one rollout (canary or shadow) at a time, of a registered version other
+  than the serving one;
+- every change of what serves a tenant writes a history record in the same transaction;
 - every write compares the revisions it read, so two admins never silently overwrite each
-  other: register re-reads and retries (its result does not depend on who wins), pin and unpin
-  fail with Conflict when the route changed after they read it.
+  other: register re-reads and retries (its result does not depend on who wins); pin, unpin,
+  rollback and rollouts fail with Conflict when the route changed after they were read.
 """
 from __future__ import annotations
 
 import datetime as dt
+import getpass
+import secrets
+import time
 from pathlib import Path
+from typing import Callable
 
-import lightgbm
-
+from modelfleet.artifact_check import ModelInfo, check_in_child, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
-from modelfleet.store import LocalStore
+from modelfleet.store import Store, artifact_for, sha256_file
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import Keys, RouteRecord, VersionRecord, validate_id
+from version_service.schema import HistoryRecord, Keys, RouteRecord, VersionRecord, validate_id
 
 _REGISTER_ATTEMPTS = 8
 
 
-def inspect_model(path: Path) -> tuple[int, int, str]:
-    """(num_features, num_classes, objective) of a LightGBM model file; FailedPrecondition if unparseable."""
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def default_actor() -> str:
     try:
-        booster = lightgbm.Booster(model_file=str(path))
-    except lightgbm.basic.LightGBMError as exc:
-        raise FailedPrecondition(f"{path} is not a LightGBM model: {exc}") from None
-    try:
-        objective = str(booster.params.get("objective", "")) if booster.params else ""
-        if not objective:
-            for line in path.read_text(errors="replace").splitlines()[:40]:
-                if line.startswith("objective="):
-                    objective = line.split("=", 1)[1].split()[0]
-                    break
-        return booster.num_feature(), booster.num_model_per_iteration(), objective
-    finally:
-        booster.free_network()
-        del booster
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def new_event_id() -> str:
+    """Sortable by time, unique across admins writing in the same nanosecond."""
+    return f"{time.time_ns():020d}-{secrets.token_hex(3)}"
 
 
 class Registry:
-    def __init__(self, client: EtcdClient, keys: Keys, store: LocalStore | None = None) -> None:
+    def __init__(self, client: EtcdClient, keys: Keys, store: Store | None = None) -> None:
         self.client = client
         self.keys = keys
         self.store = store
@@ -77,74 +80,12 @@ class Registry:
         kvs = sorted(resp.kvs, key=lambda kv: kv.create_revision)
         return [VersionRecord.from_json(kv.value) for kv in kvs]
 
-    # -- writes ----------------------------------------------------------------------------
-    def register(self, tenant: str, version: str, model_file: str | Path) -> tuple[VersionRecord, bool]:
-        """Copies the artifact into the store and records it; returns (record, created).
-
-        The new version becomes serving unless the tenant is pinned.
-        """
+    def history(self, tenant: str) -> list[HistoryRecord]:
+        """Every recorded change of what serves the tenant, oldest first."""
         validate_id("tenant id", tenant)
-        validate_id("version", version)
-        if self.store is None:
-            raise FailedPrecondition("registering needs a model store (--store / MODELFLEET_STORE)")
-        path = Path(model_file)
-        if not path.is_file():
-            raise InvalidArgument(f"model file {str(path)!r} does not exist")
-        num_features, num_classes, objective = inspect_model(path)
-        stored = self.store.put_file(path)
-        record = VersionRecord(
-            version=version, artifact=stored.artifact, sha256=stored.sha256, num_features=num_features,
-            num_classes=num_classes, bytes=stored.size, objective=objective,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
-        )
-        route_key, version_key = self.keys.route(tenant), self.keys.version(tenant, version)
-        txn = self.client.transactions
-        for _ in range(_REGISTER_ATTEMPTS):
-            with etcd_errors(self.client, f"registering {tenant} version {version}"):
-                raw_version, _ = self.client.get(version_key)
-                if raw_version is not None:
-                    existing = VersionRecord.from_json(raw_version)
-                    if existing.sha256 == record.sha256:
-                        return existing, False
-                    raise AlreadyExists(
-                        f"tenant {tenant!r} version {version!r} is already registered with a different "
-                        f"artifact (sha256 {existing.sha256[:12]}..., this file {record.sha256[:12]}...)")
-                raw_route, route_meta = self.client.get(route_key)
-                if raw_route is None:
-                    route = RouteRecord(serving=version, newest=version)
-                    route_unchanged = txn.version(route_key) == 0
-                else:
-                    old = RouteRecord.from_json(raw_route)
-                    route = RouteRecord(serving=old.serving if old.pinned else version, newest=version,
-                                        pinned=old.pinned, shard_size=old.shard_size)
-                    route_unchanged = txn.mod(route_key) == route_meta.mod_revision
-                ok, _ = self.client.transaction(
-                    compare=[txn.version(version_key) == 0, route_unchanged],
-                    success=[txn.put(version_key, record.to_json()), txn.put(route_key, route.to_json())],
-                    failure=[],
-                )
-            if ok:
-                return record, True
-        raise Conflict(f"could not register {tenant!r} version {version!r}: the route kept changing; retry")
-
-    def pin(self, tenant: str, version: str) -> RouteRecord:
-        """Serves `version` until unpinned, whatever is registered later."""
-        self.version(tenant, version)  # NotFound for an unknown version
-        return self._update_route(tenant, lambda r: RouteRecord(serving=version, newest=r.newest, pinned=True,
-                                                               shard_size=r.shard_size), f"pin {tenant} to {version}")
-
-    def unpin(self, tenant: str) -> RouteRecord:
-        """Back to serving the newest registered version."""
-        return self._update_route(tenant, lambda r: RouteRecord(serving=r.newest, newest=r.newest, pinned=False,
-                                                               shard_size=r.shard_size), f"unpin {tenant}")
-
-    def set_shard_size(self, tenant: str, shard_size: int | None) -> RouteRecord:
-        """Gives a hot tenant a larger shard (None: back to the routers' default)."""
-        if shard_size is not None and not 1 <= shard_size <= 1024:
-            raise InvalidArgument(f"shard size must be between 1 and 1024, got {shard_size}")
-        return self._update_route(tenant, lambda r: RouteRecord(serving=r.serving, newest=r.newest, pinned=r.pinned,
-                                                               shard_size=shard_size),
-                                  f"set the shard size of {tenant} to {shard_size or 'default'}")
+        with etcd_errors(self.client, f"reading the history of {tenant}"):
+            resp = self.client.get_prefix_response(self.keys.history(tenant))
+        return [HistoryRecord.from_json(kv.value) for kv in sorted(resp.kvs, key=lambda kv: kv.key)]
 
     def tenants(self) -> dict[str, RouteRecord]:
         """Every tenant's route (one ranged read)."""
@@ -171,15 +112,170 @@ class Registry:
                     sizes[tenant] = size
         return tenants, sizes
 
-    def _update_route(self, tenant: str, change, doing: str) -> RouteRecord:
+    # -- artifacts -------------------------------------------------------------------------
+    def store_artifact(self, path: Path) -> tuple[str, str, int, ModelInfo]:
+        """(artifact, sha256, size, info): new artifacts are checked in a child process first."""
+        if self.store is None:
+            raise FailedPrecondition("registering needs a model store (--store / MODELFLEET_STORE)")
+        if not path.is_file():
+            raise InvalidArgument(f"model file {str(path)!r} does not exist")
+        sha = sha256_file(path)
+        artifact = artifact_for(sha)
+        if self.store.exists(artifact):  # stored => already checked; the header is enough
+            info = read_header(path.read_text(errors="replace"), str(path))
+            return artifact, sha, path.stat().st_size, info
+        info = check_in_child(path)
+        stored = self.store.put_file(path)
+        return stored.artifact, stored.sha256, stored.size, info
+
+    # -- writes ----------------------------------------------------------------------------
+    def register(self, tenant: str, version: str, model_file: str | Path,
+                 actor: str | None = None) -> tuple[VersionRecord, bool]:
+        """Copies the artifact into the store and records it; returns (record, created).
+
+        The new version becomes serving unless the tenant is pinned.
+        """
+        validate_id("tenant id", tenant)
+        validate_id("version", version)
+        artifact, sha, size, info = self.store_artifact(Path(model_file))
+        record = VersionRecord(version=version, artifact=artifact, sha256=sha, num_features=info.num_features,
+                               num_classes=info.num_classes, bytes=size, objective=info.objective, created=now_iso())
+        route_key, version_key = self.keys.route(tenant), self.keys.version(tenant, version)
+        txn = self.client.transactions
+        for _ in range(_REGISTER_ATTEMPTS):
+            with etcd_errors(self.client, f"registering {tenant} version {version}"):
+                raw_version, _ = self.client.get(version_key)
+                if raw_version is not None:
+                    existing = VersionRecord.from_json(raw_version)
+                    if existing.sha256 == record.sha256:
+                        return existing, False
+                    raise AlreadyExists(
+                        f"tenant {tenant!r} version {version!r} is already registered with a different "
+                        f"artifact (sha256 {existing.sha256[:12]}..., this file {record.sha256[:12]}...)")
+                raw_route, route_meta = self.client.get(route_key)
+                old = RouteRecord.from_json(raw_route) if raw_route is not None else None
+                route = next_route_on_register(old, version)
+                ops = [txn.put(version_key, record.to_json()), txn.put(route_key, route.to_json())]
+                if old is None or old.serving != route.serving:
+                    ops.append(self.history_op(tenant, "register", old.serving if old else "", route.serving,
+                                                actor, ""))
+                unchanged = (txn.version(route_key) == 0 if old is None
+                             else txn.mod(route_key) == route_meta.mod_revision)
+                ok, _ = self.client.transaction(compare=[txn.version(version_key) == 0, unchanged], success=ops,
+                                                failure=[])
+            if ok:
+                return record, True
+        raise Conflict(f"could not register {tenant!r} version {version!r}: the route kept changing; retry")
+
+    def pin(self, tenant: str, version: str, actor: str | None = None, reason: str = "") -> RouteRecord:
+        """Serves `version` until unpinned, whatever is registered later."""
+        self.version(tenant, version)  # NotFound for an unknown version
+        return self._update_route(tenant, "pin", lambda r: r.with_changes(serving=version, pinned=True),
+                                  actor, reason)
+
+    def unpin(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
+        """Back to serving the newest registered version."""
+        return self._update_route(tenant, "unpin", lambda r: r.with_changes(serving=r.newest, pinned=False),
+                                  actor, reason)
+
+    def rollback(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
+        """Pins the version that served before the current one (from the history)."""
+        route, _ = self.route(tenant)
+        previous = next((h.from_version for h in reversed(self.history(tenant))
+                         if h.to_version == route.serving and h.from_version and h.from_version != route.serving),
+                        None)
+        if previous is None:
+            raise FailedPrecondition(f"tenant {tenant!r} has no earlier serving version to roll back to")
+        self.version(tenant, previous)
+        return self._update_route(tenant, "rollback", lambda r: r.with_changes(serving=previous, pinned=True),
+                                  actor, reason)
+
+    def start_rollout(self, tenant: str, version: str, percent: float | None = None, shadow: bool = False,
+                      actor: str | None = None, reason: str = "") -> RouteRecord:
+        """A canary (`percent` of traffic answered by `version`) or a shadow (a copy of traffic)."""
+        if shadow == (percent is not None):
+            raise InvalidArgument("a rollout is either --percent P (canary) or --shadow")
+        if percent is not None and not 0 < percent <= 100:
+            raise InvalidArgument(f"--percent must be in (0, 100], got {percent}")
+        self.version(tenant, version)
+
+        def start(route: RouteRecord) -> RouteRecord:
+            if version == route.serving:
+                raise FailedPrecondition(f"{version!r} already serves tenant {tenant!r}")
+            if route.in_rollout - {version}:
+                raise FailedPrecondition(f"tenant {tenant!r} already has a rollout of "
+                                         f"{sorted(route.in_rollout)[0]!r}: promote or abort it first")
+            if shadow:
+                return route.with_changes(shadow=version, canary=None, canary_percent=None)
+            return route.with_changes(canary=version, canary_percent=float(percent), shadow=None)
+
+        action = "shadow" if shadow else f"canary {percent:g}%"
+        return self._update_route(tenant, action, start, actor, reason, to_version=version)
+
+    def promote(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
+        """The rollout's version serves (pinned unless it is the newest); the rollout ends."""
+        route, _ = self.route(tenant)
+        version = route.canary or route.shadow
+        if version is None:
+            raise FailedPrecondition(f"tenant {tenant!r} has no rollout to promote")
+        return self._update_route(
+            tenant, "promote", lambda r: _ended(r, version).with_changes(serving=version, pinned=version != r.newest),
+            actor, reason)
+
+    def abort(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
+        route, _ = self.route(tenant)
+        version = route.canary or route.shadow
+        if version is None:
+            raise FailedPrecondition(f"tenant {tenant!r} has no rollout to abort")
+        return self._update_route(tenant, "abort", lambda r: _ended(r, version), actor, reason, to_version=version)
+
+    def set_shard_size(self, tenant: str, shard_size: int | None) -> RouteRecord:
+        """Gives a hot tenant a larger shard (None: back to the routers' default)."""
+        if shard_size is not None and not 1 <= shard_size <= 1024:
+            raise InvalidArgument(f"shard size must be between 1 and 1024, got {shard_size}")
+        return self._update_route(tenant, "", lambda r: r.with_changes(shard_size=shard_size))
+
+    def delete_versions(self, tenant: str, versions: list[str], route_revision: int) -> None:
+        """Removes version records, if the route is still at `route_revision` and keeps none of them."""
+        route_key = self.keys.route(tenant)
+        txn = self.client.transactions
+        ops = [txn.delete(self.keys.version(tenant, v)) for v in versions]
+        with etcd_errors(self.client, f"deleting versions of {tenant}"):
+            ok, _ = self.client.transaction(compare=[txn.mod(route_key) == route_revision], success=ops, failure=[])
+        if not ok:
+            raise Conflict(f"the route of {tenant!r} changed while collecting garbage; re-run")
+
+    def history_op(self, tenant: str, action: str, from_version: str, to_version: str, actor: str | None,
+                    reason: str):
+        record = HistoryRecord(at=now_iso(), actor=actor or default_actor(), action=action,
+                               from_version=from_version, to_version=to_version, reason=reason)
+        return self.client.transactions.put(self.keys.history_event(tenant, new_event_id()), record.to_json())
+
+    # -- internals -------------------------------------------------------------------------
+    def _update_route(self, tenant: str, action: str, change: Callable[[RouteRecord], RouteRecord],
+                      actor: str | None = None, reason: str = "", to_version: str | None = None) -> RouteRecord:
         route, mod_revision = self.route(tenant)
         new_route = change(route)
         key = self.keys.route(tenant)
         txn = self.client.transactions
+        ops = [txn.put(key, new_route.to_json())]
+        if action:
+            ops.append(self.history_op(tenant, action, route.serving, to_version or new_route.serving, actor, reason))
+        doing = f"{action or 'update'} {tenant}"
         with etcd_errors(self.client, doing):
-            ok, _ = self.client.transaction(compare=[txn.mod(key) == mod_revision],
-                                            success=[txn.put(key, new_route.to_json())], failure=[])
+            ok, _ = self.client.transaction(compare=[txn.mod(key) == mod_revision], success=ops, failure=[])
         if not ok:
             raise Conflict(f"could not {doing}: the route of {tenant!r} changed concurrently "
                            f"(read at revision {mod_revision}); re-read and retry")
         return new_route
+
+
+def next_route_on_register(old: RouteRecord | None, version: str) -> RouteRecord:
+    """The route after `version` is registered: newest always, serving unless pinned."""
+    if old is None:
+        return RouteRecord(serving=version, newest=version)
+    return old.with_changes(serving=old.serving if old.pinned else version, newest=version)
+
+
+def _ended(route: RouteRecord, version: str) -> RouteRecord:
+    return route.with_changes(canary=None, canary_percent=None, shadow=None)

@@ -6,6 +6,8 @@ Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
     {prefix}/versions/{tenant}/{version}  VersionRecord -- one registered model artifact
     {prefix}/workers/{worker_id}          WorkerRecord  -- a live worker, under its etcd lease
     {prefix}/drains/{worker_id}           DrainRecord   -- an operator took the worker out of shards
+    {prefix}/history/{tenant}/{event_id}  HistoryRecord -- who changed what serves a tenant, when, why
+    {prefix}/routers/{router_id}          RouterRecord  -- a live router, under its lease (admin tools)
 
 Routers hold routes/, workers/ and drains/ in memory (one small record per tenant); workers read one
 versions/ record when they load a model. Records are compact JSON; unknown fields are ignored
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Collection, Mapping, TypeVar
 
 from modelfleet.errors import InvalidArgument
@@ -73,6 +75,19 @@ class Keys:
     def drain(self, worker_id: str) -> str:
         return f"{self.drains}{worker_id}"
 
+    def history(self, tenant: str) -> str:
+        return f"{self.prefix}/history/{tenant}/"
+
+    def history_event(self, tenant: str, event_id: str) -> str:
+        return f"{self.history(tenant)}{event_id}"
+
+    @property
+    def routers(self) -> str:
+        return f"{self.prefix}/routers/"
+
+    def router(self, router_id: str) -> str:
+        return f"{self.routers}{router_id}"
+
     def tenant_of_route(self, key: str) -> str:
         return key[len(self.routes):]
 
@@ -87,6 +102,8 @@ R = TypeVar("R", bound="_Record")
 
 
 class _Record:
+    __slots__ = ()
+
     def to_json(self) -> str:
         doc = {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]
         return json.dumps(doc, separators=(",", ":"), sort_keys=True)
@@ -98,14 +115,29 @@ class _Record:
         return cls(**{k: v for k, v in doc.items() if k in known})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteRecord(_Record):
-    """Which version serves a tenant. `serving` is `newest` unless `pinned`."""
+    """Which version serves a tenant. `serving` is `newest` unless `pinned`.
+
+    A rollout adds either a canary (`canary` answers `canary_percent` % of the tenant's traffic)
+    or a shadow (`shadow` gets a copy of the traffic; its answers are compared, never returned).
+    Routers hold one of these per tenant, so it stays small (slots, short JSON).
+    """
 
     serving: str
     newest: str
     pinned: bool = False
     shard_size: int | None = None
+    canary: str | None = None
+    canary_percent: float | None = None
+    shadow: str | None = None
+
+    def with_changes(self, **changes: Any) -> "RouteRecord":
+        return replace(self, **changes)
+
+    @property
+    def in_rollout(self) -> set[str]:
+        return {v for v in (self.canary, self.shadow) if v}
 
 
 @dataclass(frozen=True)
@@ -134,6 +166,25 @@ class WorkerRecord(_Record):
     address: str
     zone: str = "default"
     joining: bool = False
+    started: str = ""
+
+
+@dataclass(frozen=True)
+class HistoryRecord(_Record):
+    """One change of what serves a tenant: pin, unpin, rollback, rollout start/promote/abort."""
+
+    at: str
+    actor: str
+    action: str
+    from_version: str
+    to_version: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RouterRecord(_Record):
+    router_id: str
+    address: str
     started: str = ""
 
 

@@ -7,14 +7,14 @@ corrupt or unparseable artifact, Unavailable when etcd cannot be reached.
 from __future__ import annotations
 
 from modelfleet.errors import FailedPrecondition, NotFound
-from modelfleet.store import LocalStore
+from modelfleet.store import Store
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import Keys, VersionRecord
 from worker.predictor import LoadedModel
 
 
 class ModelLoader:
-    def __init__(self, client: EtcdClient, keys: Keys, store: LocalStore) -> None:
+    def __init__(self, client: EtcdClient, keys: Keys, store: Store) -> None:
         self.client = client
         self.keys = keys
         self.store = store

@@ -35,14 +35,11 @@ _ALL_ITERATIONS = -1  # what Booster.predict uses for a booster loaded from text
 # The fast single-row path never runs in parallel; one thread also makes LightGBM allocate one
 # scratch row per fast config instead of one per core.
 _FAST_PARAMETERS = b"num_threads=1"
-# Batches use LightGBM's default, OpenMP over all cores, as Booster.predict does: a worker runs
-# batches on a small thread pool, so this is what lets one big request use the machine (a
-# 100-row batch of a 200-tree model: ~0.6 ms on 2 cores vs ~1.3 ms on one). The price is tail
-# latency when cores are contended (an OpenMP team waits for its slowest, possibly preempted,
-# thread): measured on a busy 2-core machine, p99 ~2 ms vs ~0.15 ms single-threaded for a
-# 20-tree model. LightGBM 4.x keeps num_threads in one process-wide variable, so a load racing a
-# batch may run that batch on one thread; the values are the same either way.
-_BATCH_PARAMETERS = b""
+# Batches run on one thread too. A worker is shared by many tenants: one tenant's big batch must
+# not take every core (an OpenMP team across all cores also waits for its slowest, possibly
+# preempted, thread: measured p99 ~2 ms vs ~0.15 ms single-threaded on a busy 2-core machine).
+# Parallelism comes from serving several requests at once on the predict pool instead.
+_BATCH_PARAMETERS = b"num_threads=1"
 
 # Our own handles on LightGBM's shared library (same dlopen handle, separate function objects),
 # so setting argtypes here never changes the prototypes lightgbm's own code relies on.

@@ -18,11 +18,11 @@ from modelfleet import config
 from modelfleet.errors import Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
-from modelfleet.store import LocalStore
+from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from version_service.etcd_client import connect
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
-from version_service.membership import WorkerMembership, read_fleet
+from version_service.membership import LeasedRegistration, read_fleet
 from version_service.registry import Registry
 from version_service.schema import Keys, WorkerRecord, live_members, validate_id
 from worker.loading import ModelLoader
@@ -31,7 +31,8 @@ from worker.servicer import WorkerServicer
 
 log = logging.getLogger("modelfleet.worker")
 
-OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.HOST, config.WORKER_PORT, config.WORKER_ID,
+OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, config.STORE_CACHE_BYTES,
+           config.S3_ENDPOINT, config.HOST, config.WORKER_PORT, config.WORKER_ID,
            config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
            config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
@@ -44,7 +45,9 @@ async def serve(args: argparse.Namespace) -> None:
     if args.worker_id:
         validate_id("worker id", args.worker_id)
     validate_id("zone", args.zone)
-    cache = ModelCache(ModelLoader(client, keys, LocalStore(args.store)).load, args.cache_bytes, args.load_threads)
+    store = open_store(args.store, args.store_cache_dir or None, args.store_cache_bytes,
+                       endpoint_url=args.s3_endpoint or None)
+    cache = ModelCache(ModelLoader(client, keys, store).load, args.cache_bytes, args.load_threads)
 
     server, health = build_server([SERVICE_NAME])
     port = server.add_insecure_port(f"{args.host}:{args.port}")
@@ -56,7 +59,7 @@ async def serve(args: argparse.Namespace) -> None:
     record = WorkerRecord(worker_id=worker_id, address=f"{args.advertise_host}:{port}", zone=args.zone,
                           joining=args.warm_on_join,
                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    membership = WorkerMembership(client, keys, record, ttl=args.lease_ttl)
+    membership = LeasedRegistration(client, keys.worker(worker_id), record, ttl=args.lease_ttl)
     await _join(membership)
     if args.warm_on_join:
         loop = asyncio.get_running_loop()
@@ -102,7 +105,7 @@ def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.
         event(log, "worker.warm_before_join_failed", level=logging.WARNING, worker=me.worker_id, error=str(exc))
 
 
-async def _join(membership: WorkerMembership) -> None:
+async def _join(membership: LeasedRegistration) -> None:
     """Registers, retrying while etcd is unreachable, for up to REGISTER_TIMEOUT_S."""
     deadline = time.monotonic() + REGISTER_TIMEOUT_S
     loop = asyncio.get_running_loop()

@@ -38,8 +38,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if len(features) <= INLINE_MAX_VALUES:
                 predictions = model.predict(features)
             else:
-                predictions = await asyncio.get_running_loop().run_in_executor(
-                    self._predict_pool, _predict_borrowed, model, features)
+                with model.borrow():  # taken on the loop, before an eviction can close it
+                    predictions = await asyncio.get_running_loop().run_in_executor(
+                        self._predict_pool, model.predict, features)
         except ModelfleetError as exc:
             raise type(exc)(f"tenant {tenant!r} version {version!r}: {exc}") from None
         self.predictions += 1
@@ -73,7 +74,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def close(self) -> None:
         self._predict_pool.shutdown(wait=True)
 
-
-def _predict_borrowed(model, features):
-    with model.borrow():
-        return model.predict(features)

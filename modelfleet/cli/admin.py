@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelfleet.errors import InvalidArgument
-from modelfleet.store import LocalStore
+from modelfleet.store import open_store
 from sharding import shard_for
 from version_service.etcd_client import connect
 from version_service.membership import read_fleet
@@ -20,13 +20,14 @@ console = Console(highlight=False)
 
 
 def open_registry(args: argparse.Namespace) -> Registry:
-    store = LocalStore(args.store) if getattr(args, "store", None) else None
+    store = open_store(args.store, endpoint_url=getattr(args, "s3_endpoint", "") or None) \
+        if getattr(args, "store", None) else None
     return Registry(connect(args.etcd), Keys(args.prefix), store)
 
 
 def register(args: argparse.Namespace) -> int:
     registry = open_registry(args)
-    record, created = registry.register(args.tenant, args.version, args.model_file)
+    record, created = registry.register(args.tenant, args.version, args.model_file, actor=args.actor)
     route, _ = registry.route(args.tenant)
     state = "registered" if created else "already registered (same sha256)"
     console.print(f"{args.tenant} {record.version} {state}: {record.num_features} features, "
@@ -36,14 +37,20 @@ def register(args: argparse.Namespace) -> int:
 
 
 def pin(args: argparse.Namespace) -> int:
-    route = open_registry(args).pin(args.tenant, args.version)
+    route = open_registry(args).pin(args.tenant, args.version, args.actor, args.reason)
     console.print(f"{args.tenant} pinned to {route.serving}")
     return 0
 
 
 def unpin(args: argparse.Namespace) -> int:
-    route = open_registry(args).unpin(args.tenant)
+    route = open_registry(args).unpin(args.tenant, args.actor, args.reason)
     console.print(f"{args.tenant} unpinned: serving newest version {route.serving}")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    route = open_registry(args).rollback(args.tenant, args.actor, args.reason)
+    console.print(f"{args.tenant} rolled back: serving {route.serving} (pinned)")
     return 0
 
 
@@ -66,17 +73,31 @@ def versions(args: argparse.Namespace) -> int:
     registry = open_registry(args)
     route, _ = registry.route(args.tenant)
     records = registry.versions(args.tenant)
+    history = registry.history(args.tenant) if args.history else []
     if args.json:
-        print(json.dumps({"tenant": args.tenant, "route": asdict(route), "versions": [asdict(r) for r in records]}))
+        doc = {"tenant": args.tenant, "route": asdict(route), "versions": [asdict(r) for r in records]}
+        if args.history:
+            doc["history"] = [asdict(h) for h in history]
+        print(json.dumps(doc))
         return 0
     table = Table(title=f"{args.tenant}: serving {route.serving}{' (pinned)' if route.pinned else ''}")
     for column in ("version", "state", "features", "outputs", "bytes", "sha256", "created"):
         table.add_column(column)
     for r in records:
-        state = ", ".join(s for s, on in (("serving", r.version == route.serving), ("newest", r.version == route.newest),
-                                          ("pinned", route.pinned and r.version == route.serving)) if on)
-        table.add_row(r.version, state, str(r.num_features), str(r.num_classes), str(r.bytes), r.sha256[:12], r.created)
+        states = [s for s, on in (("serving", r.version == route.serving), ("newest", r.version == route.newest),
+                                  ("pinned", route.pinned and r.version == route.serving),
+                                  (f"canary {route.canary_percent or 0:g}%", r.version == route.canary),
+                                  ("shadow", r.version == route.shadow)) if on]
+        table.add_row(r.version, ", ".join(states), str(r.num_features), str(r.num_classes), str(r.bytes),
+                      r.sha256[:12], r.created)
     console.print(table)
+    if args.history:
+        table = Table(title=f"{args.tenant}: history")
+        for column in ("when", "who", "action", "from", "to", "reason"):
+            table.add_column(column)
+        for h in history:
+            table.add_row(h.at, h.actor, h.action, h.from_version, h.to_version, h.reason)
+        console.print(table)
     return 0
 
 

@@ -35,7 +35,7 @@ def _run_router(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelfleet.cli import admin, client, shards, up
+    from modelfleet.cli import admin, bulk, client, rollouts, shards, up
     from router import server as router_server
     from worker import server as worker_server
 
@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("router", _run_router, "run one router", *router_server.OPTIONS)
     command("worker", _run_worker, "run one worker", *worker_server.OPTIONS)
 
-    sub = command("register", admin.register, "register a model version for a tenant",
-                  config.ETCD, config.PREFIX, config.STORE)
+    def audited(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--actor", default=None, help="who is making the change (default: the OS user)")
+        sub.add_argument("--reason", default="", help="why, for the history")
+        return sub
+
+    sub = audited(command("register", admin.register, "register a model version for a tenant",
+                          config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT))
     sub.add_argument("--tenant", required=True)
     sub.add_argument("--version", required=True)
     sub.add_argument("--model-file", required=True, help="a LightGBM text model file")
@@ -65,14 +70,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("tenant")
     sub.add_argument("size", help="workers in the tenant's shard, or 'default'")
 
-    sub = command("pin", admin.pin, "serve one version of a tenant until unpinned", config.ETCD, config.PREFIX)
+    sub = audited(command("import", bulk.run, "register many tenant versions from a CSV or JSONL manifest",
+                          config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT))
+    sub.add_argument("manifest", help="CSV (tenant,version,artifact) or JSON lines")
+    sub.add_argument("--batch", type=int, default=40, help="records per etcd transaction (at most 40)")
+    sub.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    sub = audited(command("pin", admin.pin, "serve one version of a tenant until unpinned", config.ETCD, config.PREFIX))
     sub.add_argument("tenant")
     sub.add_argument("version")
-    sub = command("unpin", admin.unpin, "serve the tenant's newest version again", config.ETCD, config.PREFIX)
+    sub = audited(command("unpin", admin.unpin, "serve the tenant's newest version again", config.ETCD, config.PREFIX))
     sub.add_argument("tenant")
-    sub = command("versions", admin.versions, "list a tenant's versions", config.ETCD, config.PREFIX)
+    sub = audited(command("rollback", admin.rollback, "pin the version that served before the current one",
+                          config.ETCD, config.PREFIX))
     sub.add_argument("tenant")
+    sub = command("versions", admin.versions, "list a tenant's versions (and its history)", config.ETCD, config.PREFIX)
+    sub.add_argument("tenant")
+    sub.add_argument("--history", action="store_true", help="who changed what served, when, and why")
     sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = audited(command("rollout", rollouts.rollout, "canary or shadow a version; promote, abort, status",
+                          config.ETCD, config.PREFIX))
+    sub.add_argument("tenant")
+    sub.add_argument("version", nargs="?", help="the version to roll out (to start a rollout)")
+    mode = sub.add_mutually_exclusive_group()
+    mode.add_argument("--percent", type=float, help="canary: this share of the tenant's traffic")
+    mode.add_argument("--shadow", action="store_true", help="shadow: a copy of the traffic, answers compared")
+    mode.add_argument("--promote", action="store_true", help="the rollout's version serves from now on")
+    mode.add_argument("--abort", action="store_true", help="end the rollout")
+    mode.add_argument("--status", action="store_true", help="what every router has seen of the rollout")
+    sub.add_argument("--json", action="store_true", help="print JSON (with --status)")
     sub = command("shard", admin.shard, "the workers of a tenant's shard, in order",
                   config.ETCD, config.PREFIX, config.SHARD_SIZE)
     sub.add_argument("tenant")

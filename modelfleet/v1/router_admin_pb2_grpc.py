@@ -44,6 +44,11 @@ class RouterAdminStub:
                 request_serializer=modelfleet_dot_v1_dot_router__admin__pb2.RouterStatusRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_v1_dot_router__admin__pb2.RouterStatusResponse.FromString,
                 _registered_method=True)
+        self.Rollout = channel.unary_unary(
+                '/modelfleet.v1.RouterAdmin/Rollout',
+                request_serializer=modelfleet_dot_v1_dot_router__admin__pb2.RolloutStatusRequest.SerializeToString,
+                response_deserializer=modelfleet_dot_v1_dot_router__admin__pb2.RolloutStatusResponse.FromString,
+                _registered_method=True)
 
 
 class RouterAdminServicer:
@@ -63,6 +68,13 @@ class RouterAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollout(self, request, context):
+        """Rollout reports this router's view of a tenant's canary or shadow rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_RouterAdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=modelfleet_dot_v1_dot_router__admin__pb2.RouterStatusRequest.FromString,
                     response_serializer=modelfleet_dot_v1_dot_router__admin__pb2.RouterStatusResponse.SerializeToString,
+            ),
+            'Rollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollout,
+                    request_deserializer=modelfleet_dot_v1_dot_router__admin__pb2.RolloutStatusRequest.FromString,
+                    response_serializer=modelfleet_dot_v1_dot_router__admin__pb2.RolloutStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class RouterAdmin:
             '/modelfleet.v1.RouterAdmin/Status',
             modelfleet_dot_v1_dot_router__admin__pb2.RouterStatusRequest.SerializeToString,
             modelfleet_dot_v1_dot_router__admin__pb2.RouterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelfleet.v1.RouterAdmin/Rollout',
+            modelfleet_dot_v1_dot_router__admin__pb2.RolloutStatusRequest.SerializeToString,
+            modelfleet_dot_v1_dot_router__admin__pb2.RolloutStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

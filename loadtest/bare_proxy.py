@@ -1,0 +1,82 @@
+"""A bare pass-through gRPC proxy: the floor for any Python router hop on this gRPC stack.
+
+It forwards the raw request bytes of `/modelfleet.v1.Predictor/Predict` to ONE worker's
+`/modelfleet.v1.Worker/Predict` and returns the raw response bytes: no protobuf parsing, no
+routing, no validation, no retries. The caller must set `version` itself (the worker requires
+it; this proxy cannot fill it in without parsing). Status codes and details from the worker are
+passed back as they are.
+
+Same stack as the router: grpc.aio on asyncio, the same server and channel options
+(`modelfleet.rpc`), one persistent HTTP/2 channel to the worker. So `router - bare_proxy` in
+`loadtest.bench` is what the router's own work costs (parse, route, shard, choose, re-serialise),
+and `bare_proxy - direct` is what one extra Python gRPC hop costs at all.
+
+    python -m loadtest.bare_proxy --port 50070 --worker 127.0.0.1:50061
+
+Serves grpc.health.v1 too (SERVING once listening), so starters can wait for it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from modelfleet.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
+
+PUBLIC_METHOD = "/modelfleet.v1.Predictor/Predict"
+WORKER_METHOD = "/modelfleet.v1.Worker/Predict"
+
+
+class ForwardHandler(grpc.GenericRpcHandler):
+    """Answers PUBLIC_METHOD by sending the same bytes to WORKER_METHOD; nothing else."""
+
+    def __init__(self, channel: grpc.aio.Channel, default_timeout: float = 5.0) -> None:
+        # No serializer / deserializer: the multicallable takes and returns bytes.
+        self._call = channel.unary_unary(WORKER_METHOD)
+        self._default_timeout = default_timeout
+        self._handler = grpc.unary_unary_rpc_method_handler(self._forward)
+
+    def service(self, handler_call_details):
+        return self._handler if handler_call_details.method == PUBLIC_METHOD else None
+
+    async def _forward(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        remaining = context.time_remaining()
+        try:
+            return await self._call(request, timeout=remaining if remaining is not None else self._default_timeout)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or exc.code().name)
+
+
+async def serve(host: str, port: int, worker: str) -> None:
+    channel = grpc.aio.insecure_channel(worker, options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((ForwardHandler(channel),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(f"bare_proxy listening on {host}:{bound} -> {worker}", flush=True)
+
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    await stop
+    await server.stop(grace=2)
+    await channel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--worker", required=True, help="HOST:PORT of the one worker to forward to")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.host, args.port, args.worker))
+
+
+if __name__ == "__main__":
+    main()

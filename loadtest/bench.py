@@ -1,0 +1,647 @@
+"""Four ways to answer Predict, measured side by side in one run: throughput, p50 and p99.
+
+    direct      client -> worker                       (Worker/Predict, version "v1")
+    router      client -> router -> worker             (the real fleet: etcd, workers, one router)
+    bare_proxy  client -> bare pass-through proxy -> worker   (loadtest.bare_proxy: raw bytes, no
+                parsing: the floor for any Python gRPC hop on this stack)
+    naive       client -> naive server                 (loadtest.naive_server: one process,
+                Booster(model_str=...) on first use, cachetools LRU by count, Booster.predict)
+
+Mixes: `warm` (8 tenants, all cached) and the miss-heavy `zipf10k` / `zipf100k` (tenants drawn
+Zipf s=1.1 over 10k / 100k tenants; worker and naive caches hold --cache-models models, fewer
+than the working set, so misses happen). Rows per request: 1 and 100. Concurrency: fixed
+levels of closed-loop callers (each sends its next request when the last one is answered).
+
+Set-up is fast because tenants SHARE a few distinct artifacts: --artifacts models are trained
+and stored once, and every tenant gets a route + version record pointing at one of them,
+written straight into etcd in batched transactions (64 tenants = 128 ops per transaction). A
+worker or the naive server still parses each tenant's model separately on a miss: the cache
+is per tenant, not per artifact.
+
+The load generators are their own processes (multiprocessing spawn), started once and reused
+for every cell; each runs its share of the callers on one grpc.aio event loop over one channel
+per server, with requests prebuilt as bytes (a serialised tenant field + one of 64 feature
+blocks + version), so client CPU per request is small and the same for every path. Every cell
+first runs a short warm-up that is not measured (longer for the first cell of a mix on a
+server); caches carry over between cells. rps counts requests completed inside the measured
+window; p50/p99 are over their individual latencies.
+
+    python -m loadtest.bench                      # full: 3 mixes x rows 1,100 x concurrency 1,8,32
+    python -m loadtest.bench --quick --json F     # a subset of cells, all four paths, < 90 s on 2 cores
+    python -m loadtest.bench --workers 4 --gen-procs 4 --concurrency 1,8,32,128   # a bigger machine
+
+Writes OUT/bench.json (a list of records: path, mix, rows, concurrency, rps, p50_ms, p99_ms,
+errors, requests, cores, ...), OUT/bench.png, and prints a table; --out defaults to ./bench-out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from modelfleet import processes
+
+PATHS = ("direct", "router", "bare_proxy", "naive")
+MIX_TENANTS = {"warm": 8, "zipf10k": 10_000, "zipf100k": 100_000}
+ZIPF_S = 1.1
+VERSION = "v1"
+PUBLIC_METHOD = "/modelfleet.v1.Predictor/Predict"
+WORKER_METHOD = "/modelfleet.v1.Worker/Predict"
+NAIVE_STATS_METHOD = "/loadtest.Naive/Stats"
+TXN_TENANTS = 64  # 2 ops per tenant; etcd allows at most 128 ops per transaction
+FEATURE_BLOCKS = 64
+REQUEST_TIMEOUT_S = 10.0
+
+
+def tenant_name(mix: str, i: int) -> str:
+    """warm-0..7 for the warm mix; t-000000.. shared by both Zipf mixes (zipf10k is a prefix)."""
+    return f"warm-{i}" if mix == "warm" else f"t-{i:06d}"
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds the processes have used so far (Linux /proc); None elsewhere."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+# --- the load generator (runs in its own processes) ---------------------------------------------
+
+def zipf_ranks(n: int, size: int, rng: np.random.Generator, s: float = ZIPF_S) -> np.ndarray:
+    """`size` draws from a Zipf(s) law bounded to ranks 0..n-1 (rank 0 the hottest)."""
+    weights = np.arange(1, n + 1, dtype=np.float64) ** -s
+    cdf = np.cumsum(weights)
+    cdf /= cdf[-1]
+    return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), n - 1)
+
+
+def tenant_draws(mix: str, n: int, size: int, seed: int) -> np.ndarray:
+    """Tenant indices for `size` requests. Zipf ranks map to tenants through a fixed permutation
+    (the same in every generator process), so the hot tenants are scattered over shards."""
+    rng = np.random.default_rng(seed)
+    if mix == "warm":
+        return rng.integers(0, n, size)
+    perm = np.random.default_rng(12345).permutation(n)
+    return perm[zipf_ranks(n, size, rng)]
+
+
+def feature_blocks(rows: int, num_features: int, seed: int) -> list[bytes]:
+    """FEATURE_BLOCKS serialised `features` fields of `rows` realistic rows each."""
+    from modelfleet.demo_models import sample_features
+    from modelfleet.v1 import predictor_pb2
+
+    x = sample_features(seed, FEATURE_BLOCKS * rows, num_features).reshape(FEATURE_BLOCKS, -1)
+    return [predictor_pb2.PredictRequest(features=block.tolist()).SerializeToString() for block in x]
+
+
+async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
+    from modelfleet.rpc import CHANNEL_OPTIONS
+    from modelfleet.v1 import predictor_pb2
+
+    calls = []
+    for address in spec["addresses"]:
+        if address not in channels:
+            channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        calls.append(channels[address].unary_unary(spec["method"]))  # bytes in, bytes out
+    route = spec.get("route")  # tenant index -> index into calls (direct path), or None
+    mix, n = spec["mix"], spec["tenants"]
+    draws = tenant_draws(mix, n, 1 << 16, spec["seed"])
+    blocks = feature_blocks(spec["rows"], spec["num_features"], spec["seed"])
+    version = predictor_pb2.PredictRequest(version=spec["version"]).SerializeToString()
+    prefix_cache: dict[int, bytes] = {}
+
+    def request_for(t: int, j: int) -> bytes:
+        head = prefix_cache.get(t)
+        if head is None:
+            head = prefix_cache[t] = predictor_pb2.PredictRequest(tenant_id=tenant_name(mix, t)).SerializeToString()
+        return head + blocks[j % FEATURE_BLOCKS] + version  # concatenated messages merge into one
+
+    await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+    measure_from = time.perf_counter() + spec["warmup"]
+    end = measure_from + spec["duration"]
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    response_bytes = 0
+    callers = spec["concurrency"]
+
+    async def caller(k: int) -> None:
+        nonlocal response_bytes
+        j = k
+        perf = time.perf_counter
+        while perf() < end:
+            t = int(draws[j % len(draws)])
+            call = calls[route[t]] if route is not None else calls[0]
+            request = request_for(t, j)
+            j += callers
+            started = perf()
+            code = None
+            try:
+                response = await call(request, timeout=REQUEST_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+            done = perf()
+            if measure_from <= done <= end:
+                if code is None:
+                    latencies.append(done - started)
+                    response_bytes += len(response)
+                else:
+                    errors[code] += 1
+
+    await asyncio.gather(*(caller(k) for k in range(callers)))
+    return {"latencies": np.asarray(latencies, dtype=np.float64).tobytes(), "errors": dict(errors),
+            "response_bytes": response_bytes}
+
+
+def _generator_main(conn) -> None:
+    """A generator process: runs cells sent over `conn` until it receives None."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    channels: dict[str, grpc.aio.Channel] = {}
+    try:
+        while True:
+            spec = conn.recv()
+            if spec is None:
+                break
+            try:
+                conn.send(loop.run_until_complete(_run_cell(spec, channels)))
+            except Exception as exc:  # noqa: BLE001 - report, keep serving cells
+                conn.send({"failed": f"{type(exc).__name__}: {exc}"})
+    finally:
+        for channel in channels.values():
+            loop.run_until_complete(channel.close())
+        loop.close()
+
+
+class Generators:
+    """`count` generator processes, started once (spawn) and reused for every cell."""
+
+    def __init__(self, count: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(count):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_generator_main, args=(child,), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def run(self, spec: dict, concurrency: int, on_measuring=None) -> tuple[np.ndarray, Counter, int]:
+        """Splits `concurrency` callers over the processes; returns (latencies s, errors, bytes)."""
+        n = len(self.conns)
+        shares = [concurrency // n + (i < concurrency % n) for i in range(n)]
+        spec = dict(spec, start_at=time.time() + 0.2)
+        busy = []
+        for i, (conn, share) in enumerate(zip(self.conns, shares)):
+            if share:
+                conn.send(dict(spec, concurrency=share, seed=spec["seed"] * 1000 + i))
+                busy.append(conn)
+        if on_measuring is not None:
+            time.sleep(max(0.0, spec["start_at"] + spec["warmup"] - time.time()))
+            on_measuring()
+        latencies, errors, nbytes = [], Counter(), 0
+        for conn in busy:
+            result = conn.recv()
+            if "failed" in result:
+                raise RuntimeError(f"load generator failed: {result['failed']}")
+            latencies.append(np.frombuffer(result["latencies"], dtype=np.float64))
+            errors.update(result["errors"])
+            nbytes += result["response_bytes"]
+        return np.concatenate(latencies), errors, nbytes
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+
+
+# --- the fleet and the other servers ------------------------------------------------------------
+
+@dataclass
+class Artifact:
+    artifact: str  # relative to the store root
+    sha256: str
+    size: int
+    num_features: int
+    num_classes: int
+    objective: str
+    model_file: Path
+    nbytes: int  # LoadedModel's measured native size
+
+
+def register_bulk(client, keys, tenants: list[str], artifacts: list[Artifact], version: str = VERSION) -> None:
+    """Route + version records for every tenant (tenant i -> artifact i % len), 64 per transaction.
+
+    Straight into etcd with the schema module's records: the registry's one-CAS-per-tenant path
+    would take minutes for 100k tenants; a benchmark's fleet starts empty, so no compare needed.
+    """
+    from version_service.schema import RouteRecord, VersionRecord
+
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    route = RouteRecord(serving=version, newest=version).to_json()
+    records = [VersionRecord(version=version, artifact=a.artifact, sha256=a.sha256, num_features=a.num_features,
+                             num_classes=a.num_classes, bytes=a.size, created=created,
+                             objective=a.objective).to_json() for a in artifacts]
+    txn = client.transactions
+    for start in range(0, len(tenants), TXN_TENANTS):
+        ops = []
+        for i in range(start, min(start + TXN_TENANTS, len(tenants))):
+            ops.append(txn.put(keys.version(tenants[i], version), records[i % len(artifacts)]))
+            ops.append(txn.put(keys.route(tenants[i]), route))
+        client.transaction(compare=[], success=ops, failure=[])
+
+
+def wait_serving(address: str, proc, what: str, timeout: float = 30.0) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise ChildProcessError(f"{what} exited with {proc.returncode}")
+        with grpc.insecure_channel(address) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+        return status == health_pb2.HealthCheckResponse.SERVING
+
+    try:
+        processes.wait_for(ready, timeout, interval=0.05, what=f"{what} on {address}")
+    except TimeoutError as exc:
+        if isinstance(exc.__cause__, ChildProcessError):
+            raise exc.__cause__ from None
+        raise
+
+
+def spawn_module(module: str, argv: list[str], log_path: Path, env: dict[str, str]):
+    with open(log_path, "ab") as fh:
+        return processes.spawn([sys.executable, "-m", module, *argv], env=env, stdout=fh, stderr=fh)
+
+
+def start_naive(manifest: Path, cache_models: int, log_path: Path, env: dict[str, str], threads: int = 16):
+    """Spawns loadtest.naive_server; returns (popen, address) without waiting for it."""
+    port = processes.free_port()
+    proc = spawn_module("loadtest.naive_server", ["--port", str(port), "--manifest", str(manifest),
+                                                  "--cache-models", str(cache_models), "--threads", str(threads)],
+                        log_path, env)
+    return proc, f"127.0.0.1:{port}"
+
+
+def start_bare_proxy(worker: str, log_path: Path, env: dict[str, str]):
+    """Spawns loadtest.bare_proxy in front of `worker`; returns (popen, address) without waiting."""
+    port = processes.free_port()
+    return spawn_module("loadtest.bare_proxy", ["--port", str(port), "--worker", worker], log_path, env), \
+        f"127.0.0.1:{port}"
+
+
+def write_manifest(path: Path, store: Path, tenants: list[str], artifacts: list[Artifact]) -> None:
+    doc = {"store": str(store), "version": VERSION,
+           "tenants": {t: artifacts[i % len(artifacts)].artifact for i, t in enumerate(tenants)}}
+    path.write_text(json.dumps(doc, separators=(",", ":")))
+
+
+@dataclass
+class Bench:
+    """Everything one run needs, started in `start` and torn down in `stop`."""
+
+    args: argparse.Namespace
+    root: Path
+    etcd: object = None
+    fleet: object = None
+    artifacts: list[Artifact] = field(default_factory=list)
+    tenant_counts: dict[str, int] = field(default_factory=dict)
+    workers: list = field(default_factory=list)
+    router: object = None
+    naive: tuple = ()
+    bare: tuple = ()
+    routes: dict[str, np.ndarray] = field(default_factory=dict)
+    cache_models: int = 0
+
+    def start(self, log=print) -> None:
+        from modelfleet.etcd_server import EtcdServer
+        from modelfleet.local_fleet import LocalFleet
+        from modelfleet.store import LocalStore
+        from worker.predictor import LoadedModel
+
+        args = self.args
+        t0 = time.monotonic()
+        self.etcd = EtcdServer(data_dir=self.root / "etcd", log_path=self.root / "etcd.log").start()
+        self.fleet = LocalFleet(self.etcd.endpoint, f"/bench/{uuid.uuid4().hex[:8]}", self.root / "fleet")
+        store = LocalStore(self.fleet.store_dir)
+        for seed in range(args.artifacts):
+            path = self.fleet.model_file(seed, num_features=args.features, num_trees=args.trees,
+                                         num_leaves=args.leaves)
+            stored = store.put_file(path)
+            text = path.read_text()
+            model = LoadedModel.from_model_text(text)
+            objective = next((line.split("=", 1)[1].split()[0] for line in text.splitlines()[:40]
+                              if line.startswith("objective=")), "")
+            self.artifacts.append(Artifact(stored.artifact, stored.sha256, stored.size, model.num_features,
+                                           model.num_classes, objective, path, model.nbytes))
+            model.close()
+        tenants: list[str] = []
+        for mix in args.mixes:
+            n = MIX_TENANTS[mix] if mix == "warm" else min(MIX_TENANTS[mix], args.max_tenants)
+            self.tenant_counts[mix] = n
+        zipf_n = max((n for m, n in self.tenant_counts.items() if m != "warm"), default=0)
+        tenants = [tenant_name("warm", i) for i in range(MIX_TENANTS["warm"])] if "warm" in args.mixes else []
+        tenants += [tenant_name("zipf", i) for i in range(zipf_n)]
+        register_bulk(self.fleet.client, self.fleet.keys, tenants, self.artifacts)
+        manifest = self.root / "naive-manifest.json"
+        write_manifest(manifest, self.fleet.store_dir, tenants, self.artifacts)
+        log(f"set-up: {len(tenants)} tenants over {len(self.artifacts)} artifacts registered "
+            f"in {time.monotonic() - t0:.1f}s")
+
+        smallest_zipf = min((n for m, n in self.tenant_counts.items() if m != "warm"), default=0)
+        self.cache_models = args.cache_models or max(16, min(1000, smallest_zipf // 10))
+        model_bytes = max(a.nbytes for a in self.artifacts)
+        env = self.fleet.env()
+        self.naive = start_naive(manifest, self.cache_models, self.root / "naive.log", env)
+        self.workers = self.fleet.start_workers(
+            [(f"w{i}", "default") for i in range(1, args.workers + 1)],
+            cache_bytes=int(self.cache_models * model_bytes * 1.05))
+        self.bare = start_bare_proxy(self.workers[0].address, self.root / "bare_proxy.log", env)
+        self.router = self.fleet.start_router(shard_size=min(args.shard_size, args.workers))
+        wait_serving(self.naive[1], self.naive[0], "naive_server")
+        wait_serving(self.bare[1], self.bare[0], "bare_proxy")
+
+        from sharding import Member, fleet_shards
+        members = [Member(w.name, "default") for w in self.workers]
+        for mix, n in self.tenant_counts.items():
+            names = [tenant_name(mix, i) for i in range(n)]
+            self.routes[mix] = fleet_shards(names, members, min(args.shard_size, args.workers))[:, 0].astype(np.int16)
+        log(f"set-up: etcd, {len(self.workers)} worker(s), router, bare_proxy, naive_server up "
+            f"in {time.monotonic() - t0:.1f}s (cache {self.cache_models} models, ~{model_bytes // 1024} KiB each)")
+
+    def target(self, path: str, mix: str) -> dict:
+        """What a generator dials for `path`: addresses, method, version, per-tenant route."""
+        if path == "direct":
+            return {"addresses": [w.address for w in self.workers], "method": WORKER_METHOD, "version": VERSION,
+                    "route": self.routes[mix]}
+        if path == "router":
+            return {"addresses": [self.router.address], "method": PUBLIC_METHOD, "version": ""}
+        if path == "bare_proxy":
+            return {"addresses": [self.bare[1]], "method": PUBLIC_METHOD, "version": VERSION}
+        return {"addresses": [self.naive[1]], "method": PUBLIC_METHOD, "version": ""}
+
+    def pids(self, path: str) -> dict[str, list[int]]:
+        """The processes behind `path`: `hop` (router or proxy) and `server` (workers or naive)."""
+        workers = [w.popen.pid for w in self.workers]
+        return {"direct": {"hop": [], "server": workers},
+                "router": {"hop": [self.router.popen.pid], "server": workers},
+                "bare_proxy": {"hop": [self.bare[0].pid], "server": workers[:1]},
+                "naive": {"hop": [], "server": [self.naive[0].pid]}}[path]
+
+    def misses(self, path: str) -> int | None:
+        """Cache misses so far on the server(s) behind `path` (worker Stats or naive Stats)."""
+        try:
+            if path == "naive":
+                with grpc.insecure_channel(self.naive[1]) as channel:
+                    raw = channel.unary_unary(NAIVE_STATS_METHOD)(b"", timeout=5)
+                return int(json.loads(raw)["misses"])
+            from modelfleet.v1 import worker_pb2, worker_pb2_grpc
+            total = 0
+            for w in self.workers:
+                with grpc.insecure_channel(w.address) as channel:
+                    total += worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5).misses_total
+            return total
+        except grpc.RpcError:
+            return None
+
+    def stop(self) -> None:
+        for pair in (self.bare, self.naive):
+            if pair:
+                processes.stop(pair[0])
+        if self.fleet is not None:
+            self.fleet.stop()
+        if self.etcd is not None:
+            self.etcd.cleanup()
+
+
+# --- running the cells ------------------------------------------------------------------------
+
+def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=print) -> list[dict]:
+    records = []
+    warmed: set[tuple[str, str]] = set()
+    cells = [(mix, rows, conc, path) for mix in args.mixes for rows in args.rows
+             for conc in args.concurrency for path in args.paths]
+    for n, (mix, rows, conc, path) in enumerate(cells, 1):
+        server = "naive" if path == "naive" else "worker"
+        warmup = args.warmup + (0.0 if (server, mix) in warmed else args.mix_warmup)
+        warmed.add((server, mix))
+        spec = dict(bench.target(path, mix), mix=mix, tenants=bench.tenant_counts[mix], rows=rows,
+                    num_features=args.features, warmup=warmup, duration=args.duration, seed=n)
+        pids = dict(bench.pids(path), client=[p.pid for p in gens.procs])
+
+        def snapshot() -> dict:
+            return {"misses": bench.misses(path), **{k: cpu_seconds(v) for k, v in pids.items()}}
+
+        before: dict = {}
+        lat, errors, nbytes = gens.run(spec, conc, on_measuring=lambda: before.update(snapshot()))
+        after = snapshot()
+        ok = len(lat)
+        n_err = sum(errors.values())
+
+        def per_request_us(kind: str) -> float | None:
+            if not pids[kind] or before.get(kind) is None or after[kind] is None or not ok + n_err:
+                return None
+            return (after[kind] - before[kind]) / (ok + n_err) * 1e6
+        record = {
+            "path": path, "mix": mix, "tenants": bench.tenant_counts[mix], "rows": rows, "concurrency": conc,
+            "rps": ok / args.duration,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3) if ok else float("nan"),
+            "p99_ms": float(np.percentile(lat, 99) * 1e3) if ok else float("nan"),
+            "mean_ms": float(lat.mean() * 1e3) if ok else float("nan"),
+            "errors": n_err, "error_codes": dict(errors), "requests": ok + n_err,
+            "miss_ratio": ((after["misses"] - before["misses"]) / max(1, ok + n_err)
+                           if after["misses"] is not None and before.get("misses") is not None else None),
+            "client_cpu_us": per_request_us("client"), "hop_cpu_us": per_request_us("hop"),
+            "server_cpu_us": per_request_us("server"),
+            "response_bytes": nbytes, "cores": os.cpu_count(), "workers": args.workers,
+            "gen_procs": args.gen_procs, "cache_models": bench.cache_models, "duration_s": args.duration,
+            "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
+        }
+        records.append(record)
+        log(f"[{n}/{len(cells)}] {path:<10} {mix:<8} rows={rows:<3} c={conc:<3} "
+            f"{record['rps']:8.0f} rps  p50 {record['p50_ms']:7.2f} ms  p99 {record['p99_ms']:7.2f} ms"
+            + (f"  errors {n_err} {dict(errors)}" if n_err else ""))
+    return records
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def print_table(records: list[dict], args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    direct = {(r["mix"], r["rows"], r["concurrency"]): r["rps"] for r in records if r["path"] == "direct"}
+    table = Table(title=f"Predict paths, closed loop: {os.cpu_count()} cores (os.cpu_count()), "
+                        f"{args.workers} worker(s), {args.gen_procs} generator process(es), "
+                        f"{args.duration:g}s per cell, model {args.trees}x{args.leaves}")
+    for column in ("path", "mix", "tenants", "rows", "conc", "rps", "vs direct", "p50 ms", "p99 ms", "miss %",
+                   "CPU µs/req client|hop|server", "errors/requests"):
+        table.add_column(column, justify="left" if column in ("path", "mix") else "right")
+    last = None
+    for r in records:
+        group = (r["mix"], r["rows"], r["concurrency"])
+        if last is not None and group != last:
+            table.add_section()
+        last = group
+        base = direct.get(group)
+        table.add_row(r["path"], r["mix"], str(r["tenants"]), str(r["rows"]), str(r["concurrency"]),
+                      f"{r['rps']:.0f}", f"{r['rps'] / base:.2f}x" if base else "-",
+                      f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      "-" if r["miss_ratio"] is None else f"{100 * r['miss_ratio']:.1f}",
+                      " | ".join("-" if r[k] is None else f"{r[k]:.0f}"
+                                 for k in ("client_cpu_us", "hop_cpu_us", "server_cpu_us")),
+                      f"{r['errors']}/{r['requests']}")
+    Console(width=160).print(table)
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["mix"], r["rows"]) for r in records},
+                    key=lambda g: (list(MIX_TENANTS).index(g[0]), g[1]))
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups) + 1, 7), squeeze=False)
+    colors = {"direct": "tab:green", "router": "tab:blue", "bare_proxy": "tab:gray", "naive": "tab:red"}
+    for col, (mix, rows) in enumerate(groups):
+        top, bottom = axes[0][col], axes[1][col]
+        for p in PATHS:
+            rs = sorted((r for r in records if r["path"] == p and r["mix"] == mix and r["rows"] == rows),
+                        key=lambda r: r["concurrency"])
+            if not rs:
+                continue
+            c = [r["concurrency"] for r in rs]
+            top.plot(c, [r["rps"] for r in rs], marker="o", color=colors[p], label=p)
+            bottom.plot(c, [r["p99_ms"] for r in rs], marker="o", color=colors[p], label=f"{p} p99")
+            bottom.plot(c, [r["p50_ms"] for r in rs], marker=".", linestyle="--", color=colors[p], alpha=0.6)
+        top.set_title(f"{mix}, {rows} row(s)/request")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent callers")
+            ax.grid(True, alpha=0.3)
+        top.set_ylabel("requests / s")
+        top.set_ylim(bottom=0)
+        bottom.set_yscale("log")
+        bottom.set_ylabel("latency ms (p99 solid, p50 dashed)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def _csv(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="short cells, mixes warm,zipf10k, concurrency 8 (all four paths; < 90 s on 2 cores)")
+    parser.add_argument("--duration", type=float, help="measured seconds per cell (default 2, quick 1)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.5, quick 0.3)")
+    parser.add_argument("--mix-warmup", type=float,
+                        help="extra warm-up for the first cell of a mix on a server (default 2, quick 1)")
+    parser.add_argument("--concurrency", type=_csv(int), help="callers per cell (default 1,8,32; quick 8)")
+    parser.add_argument("--rows", type=_csv(int), help="rows per request (default 1,100)")
+    parser.add_argument("--mixes", type=_csv(str), help="warm,zipf10k,zipf100k (quick: warm,zipf10k)")
+    parser.add_argument("--paths", type=_csv(str), default=list(PATHS), help="direct,router,bare_proxy,naive")
+    parser.add_argument("--max-tenants", "--tenants", dest="max_tenants", type=int, default=100_000,
+                        help="cap on the Zipf mixes' tenant counts (smoke tests); records say what ran")
+    parser.add_argument("--workers", type=int, default=1, help="fleet workers (more on a bigger machine)")
+    parser.add_argument("--shard-size", type=int, default=2)
+    parser.add_argument("--gen-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
+                        help="load generator processes (default cores/4, at least 1)")
+    parser.add_argument("--cache-models", type=int, default=0,
+                        help="models a worker / the naive server keep (default: smallest Zipf mix / 10, <= 1000)")
+    parser.add_argument("--artifacts", type=int, default=4, help="distinct models the tenants share")
+    parser.add_argument("--trees", type=int, default=100)
+    parser.add_argument("--leaves", type=int, default=31)
+    parser.add_argument("--features", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="writes bench.json and bench.png here")
+    parser.add_argument("--json", type=Path, help="also write the records here")
+    parser.add_argument("--keep", action="store_true", help="keep the run's temp dir (logs) and print its path")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.duration = args.duration if args.duration is not None else (1.0 if quick else 2.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.5)
+    args.mix_warmup = args.mix_warmup if args.mix_warmup is not None else (1.0 if quick else 2.0)
+    args.concurrency = args.concurrency or ([8] if quick else [1, 8, 32])
+    args.rows = args.rows or [1, 100]
+    args.mixes = args.mixes or (["warm", "zipf10k"] if quick else list(MIX_TENANTS))
+    for mix in args.mixes:
+        if mix not in MIX_TENANTS:
+            parser.error(f"unknown mix {mix!r}: choose from {', '.join(MIX_TENANTS)}")
+    for path in args.paths:
+        if path not in PATHS:
+            parser.error(f"unknown path {path!r}: choose from {', '.join(PATHS)}")
+    if args.workers < 1 or args.gen_procs < 1 or args.artifacts < 1 or args.max_tenants < 1:
+        parser.error("--workers, --gen-procs, --artifacts and --max-tenants must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="modelfleet-bench-"))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr
+    with ExitStack() as stack:  # callbacks run last-in first-out: servers stop before the dir goes
+        stack.callback(lambda: args.keep or shutil.rmtree(root, ignore_errors=True))
+        gens = Generators(args.gen_procs)  # spawned first: their start-up overlaps with the set-up
+        stack.callback(gens.close)
+        bench = Bench(args, root)
+        stack.callback(bench.stop)
+        try:
+            bench.start(log)
+        except BaseException:
+            log(f"set-up failed; logs kept in {root}")
+            args.keep = True
+            raise
+        records = run_cells(bench, gens, args, log)
+    if args.keep:
+        log(f"logs kept in {root}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(records, indent=1)
+    (args.out / "bench.json").write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    print_table(records, args)
+    title = (f"modelfleet Predict paths ({os.cpu_count()} cores, {args.workers} worker(s), "
+             f"{args.duration:g}s/cell, model {args.trees}x{args.leaves})")
+    plot(records, args.out / "bench.png", title)
+    log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}"
+        + (f" and {args.json}" if args.json else "") + f" in {time.monotonic() - started:.0f}s total")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Locust load test of a modelfleet router over gRPC: Zipf-distributed tenants, realistic features.
+
+Start a fleet (e.g. `make run`: a router on 127.0.0.1:50051 with demo-0001..demo-0050), then run
+headless, one command:
+
+    .venv/bin/locust -f loadtest/locustfile.py --headless -u 20 -r 5 -t 30s \\
+        --host 127.0.0.1:50051 --csv out/locust --html out/locust.html
+
+`--host` is the router's HOST:PORT (a `grpc://` or `http://` prefix is ignored). Every call is
+reported to locust's statistics as request type "grpc", name "Predict", with its response time
+(ms), response size (bytes) and, for a failed call, the grpc.RpcError as the exception (locust
+then exits non-zero with --headless). The web UI works too: drop --headless.
+
+Each simulated user has its own gRPC channel (sync stub; grpc is patched to cooperate with
+gevent, which locust runs users on) and loops: draw a tenant, send one request, repeat with no
+wait. Environment:
+
+    MODELFLEET_LOCUST_TENANTS   tenants, comma-separated; `A..B` is an inclusive numbered range
+                                with the same prefix (default demo-0001..demo-0050, the demo fleet)
+    MODELFLEET_LOCUST_FEATURES  features per row (default 8, the demo fleet's)
+    MODELFLEET_LOCUST_ROWS      rows per request (default 1)
+    MODELFLEET_LOCUST_ZIPF_S    Zipf exponent over the tenant list, first tenant hottest (default 1.1)
+    MODELFLEET_LOCUST_TIMEOUT   per-call deadline in seconds (default 5)
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+import numpy as np
+from locust import User, constant, task
+
+from modelfleet.demo_models import sample_features
+from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
+
+grpc_gevent.init_gevent()  # before any channel exists: gRPC's I/O then yields to other users
+
+DEFAULT_TENANTS = "demo-0001..demo-0050"
+_RANGE = re.compile(r"^(?P<prefix>.*?)(?P<lo>\d+)\.\.(?P=prefix)(?P<hi>\d+)$")
+
+
+def parse_tenants(spec: str) -> list[str]:
+    """'a,b,t-001..t-100' -> ['a', 'b', 't-001', ..., 't-100'] (numbers keep the first one's width)."""
+    tenants: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        match = _RANGE.match(item)
+        if match is None:
+            if ".." in item:
+                raise ValueError(f"bad tenant range {item!r}: expected PREFIX0001..PREFIX0050")
+            tenants.append(item)
+            continue
+        prefix, lo, hi = match["prefix"], match["lo"], match["hi"]
+        if int(hi) < int(lo):
+            raise ValueError(f"bad tenant range {item!r}: the end is before the start")
+        tenants.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+    if not tenants:
+        raise ValueError(f"no tenants in {spec!r}")
+    return tenants
+
+
+def zipf_weights(n: int, s: float) -> np.ndarray:
+    weights = np.arange(1, n + 1, dtype=np.float64) ** -s
+    return weights / weights.sum()
+
+
+def router_address(host: str | None) -> str:
+    if not host:
+        raise ValueError("give the router's address with --host HOST:PORT (e.g. --host 127.0.0.1:50051)")
+    return re.sub(r"^[a-z][a-z0-9+.-]*://", "", host).rstrip("/")
+
+
+TENANTS = parse_tenants(os.environ.get("MODELFLEET_LOCUST_TENANTS", DEFAULT_TENANTS))
+NUM_FEATURES = int(os.environ.get("MODELFLEET_LOCUST_FEATURES", "8"))
+ROWS = int(os.environ.get("MODELFLEET_LOCUST_ROWS", "1"))
+ZIPF_S = float(os.environ.get("MODELFLEET_LOCUST_ZIPF_S", "1.1"))
+TIMEOUT_S = float(os.environ.get("MODELFLEET_LOCUST_TIMEOUT", "5"))
+_CDF = np.cumsum(zipf_weights(len(TENANTS), ZIPF_S))
+_FEATURE_POOL = 1024  # distinct request bodies per user, drawn at random
+
+
+class PredictUser(User):
+    """One caller of modelfleet.v1.Predictor/Predict with its own channel."""
+
+    wait_time = constant(0)
+    _seq = 0
+
+    def on_start(self) -> None:
+        PredictUser._seq += 1
+        self.rng = np.random.default_rng(PredictUser._seq)
+        self.rows = sample_features(PredictUser._seq, _FEATURE_POOL * ROWS, NUM_FEATURES).reshape(_FEATURE_POOL, -1)
+        self.channel = grpc.insecure_channel(router_address(self.host))
+        self.stub = predictor_pb2_grpc.PredictorStub(self.channel)
+
+    def on_stop(self) -> None:
+        self.channel.close()
+
+    @task
+    def predict(self) -> None:
+        tenant = TENANTS[min(int(np.searchsorted(_CDF, self.rng.random(), side="right")), len(TENANTS) - 1)]
+        request = predictor_pb2.PredictRequest(tenant_id=tenant,
+                                               features=self.rows[int(self.rng.integers(_FEATURE_POOL))].tolist())
+        started = time.perf_counter()
+        exception: Exception | None = None
+        length = 0
+        try:
+            response = self.stub.Predict(request, timeout=TIMEOUT_S)
+            length = response.ByteSize()
+        except grpc.RpcError as exc:
+            exception = exc
+        self.environment.events.request.fire(
+            request_type="grpc", name="Predict", response_time=(time.perf_counter() - started) * 1000,
+            response_length=length, exception=exception, context={})

@@ -1,0 +1,106 @@
+"""Canary choice and shadow traffic for tenants in a rollout; counters for `rollout --status`.
+
+Canary: a request with routing key `x-modelfleet-key` goes to the canary iff a hash of
+(tenant, key) falls in the canary's percent, so one key always sees one version; without a key
+the choice is random. Shadow: after the caller has its answer, a copy goes to the shadow
+version, at most `budget` at a time per router (a full budget drops the copy and counts it);
+its latency, errors and difference from the served answer are recorded, never returned.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import grpc
+import xxhash
+
+from modelfleet.v1 import predictor_pb2
+
+ROUTING_KEY = "x-modelfleet-key"
+LATENCY_SAMPLE = 1000
+BUCKETS = 10_000  # canary resolution: 0.01 %
+
+
+def routing_key(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTING_KEY:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def in_canary(tenant: str, percent: float, key: str | None) -> bool:
+    threshold = percent * (BUCKETS / 100)
+    if key is None:
+        return random.random() * BUCKETS < threshold
+    return xxhash.xxh3_64_intdigest(f"{tenant}\x00{key}".encode()) % BUCKETS < threshold
+
+
+@dataclass
+class RolloutStats:
+    """One tenant's rollout as this router saw it (reset when the rollout changes)."""
+
+    rollout: tuple[str | None, float | None, str | None]
+    serving_requests: int = 0
+    canary_requests: int = 0
+    shadow_requests: int = 0
+    shadow_errors: int = 0
+    shadow_dropped: int = 0
+    diff_sum: float = 0.0
+    diff_max: float = 0.0
+    diff_count: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLE))
+
+
+class Rollouts:
+    def __init__(self, shadow_budget: int = 16) -> None:
+        self.stats: dict[str, RolloutStats] = {}
+        self._budget = asyncio.Semaphore(shadow_budget)
+        self._tasks: set[asyncio.Task] = set()
+
+    def stats_for(self, tenant: str, route) -> RolloutStats:
+        rollout = (route.canary, route.canary_percent, route.shadow)
+        stats = self.stats.get(tenant)
+        if stats is None or stats.rollout != rollout:
+            stats = self.stats[tenant] = RolloutStats(rollout)
+        return stats
+
+    def shadow(self, stats: RolloutStats, request: predictor_pb2.PredictRequest,
+               served: predictor_pb2.PredictResponse,
+               send: Callable[[predictor_pb2.PredictRequest], Awaitable[predictor_pb2.PredictResponse]]) -> None:
+        """Fire-and-forget a copy of `request` to the shadow version (never blocks the caller)."""
+        if self._budget.locked():
+            stats.shadow_dropped += 1
+            return
+        copy = predictor_pb2.PredictRequest()
+        copy.CopyFrom(request)
+        copy.version = stats.rollout[2]
+        task = asyncio.get_running_loop().create_task(self._run_shadow(stats, copy, list(served.predictions), send))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_shadow(self, stats, request, served, send) -> None:
+        async with self._budget:
+            stats.shadow_requests += 1
+            started = time.perf_counter()
+            try:
+                response = await send(request)
+            except Exception:  # noqa: BLE001 - any failure of the shadow is a statistic, not an error
+                stats.shadow_errors += 1
+                return
+            stats.latencies_ms.append((time.perf_counter() - started) * 1000)
+            if len(response.predictions) != len(served):
+                stats.shadow_errors += 1
+                return
+            for a, b in zip(served, response.predictions):
+                diff = abs(a - b)
+                stats.diff_sum += diff
+                stats.diff_count += 1
+                stats.diff_max = max(stats.diff_max, diff)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,110 @@
+"""The benchmark's machinery at tiny scale: `python -m loadtest.bench --quick` end to end, the
+naive server and the bare proxy answering exactly what LightGBM answers, and the locustfile
+driving a real fleet headless."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import grpc
+import lightgbm
+import numpy as np
+import pytest
+
+from loadtest import bench
+from modelfleet import processes
+from modelfleet.demo_models import sample_features
+from modelfleet.store import LocalStore
+from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
+from tests.fleet import REPO_ROOT
+
+
+def test_quick_bench_measures_all_four_paths(tmp_path):
+    out, records_file = tmp_path / "out", tmp_path / "records.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.5", "--warmup", "0.2",
+         "--mix-warmup", "0.3", "--max-tenants", "300", "--json", str(records_file), "--out", str(out)],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    records = json.loads(records_file.read_text())
+    assert {r["path"] for r in records} == set(bench.PATHS)
+    assert {r["mix"] for r in records} == {"warm", "zipf10k"}
+    for r in records:
+        assert {"path", "mix", "rows", "concurrency", "rps", "p50_ms", "p99_ms", "errors", "requests",
+                "cores"} <= r.keys()
+        assert r["rps"] > 0, r
+        assert r["p99_ms"] >= r["p50_ms"] > 0, r
+        assert r["errors"] == 0, r
+        assert r["cores"] == os.cpu_count()
+    zipf = [r for r in records if r["mix"] == "zipf10k"]
+    assert all(r["tenants"] == 300 for r in zipf)
+    assert any(r["miss_ratio"] for r in zipf), "the Zipf mix should miss the caches sometimes"
+    assert json.loads((out / "bench.json").read_text()) == records
+    assert (out / "bench.png").stat().st_size > 0
+    assert "os.cpu_count" in done.stdout and "bare_proxy" in done.stdout
+
+
+def test_naive_server_and_bare_proxy_answer_what_lightgbm_answers(fleet, tmp_path):
+    models = {"acme": fleet.register("acme", "v1", seed=3),
+              "bin": fleet.register("bin", "v1", seed=4, objective="binary"),
+              "multi": fleet.register("multi", "v1", seed=5, objective="multiclass")}
+    store = LocalStore(fleet.store_dir)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"store": str(fleet.store_dir), "version": "v1",
+                                    "tenants": {t: store.put_file(p).artifact for t, p in models.items()}}))
+    worker, = fleet.start_workers([("w1", "default")])
+    naive_proc, naive_address = bench.start_naive(manifest, 2, tmp_path / "naive.log", fleet.env())
+    bare_proc, bare_address = bench.start_bare_proxy(worker.address, tmp_path / "bare.log", fleet.env())
+    try:
+        bench.wait_serving(naive_address, naive_proc, "naive_server")
+        bench.wait_serving(bare_address, bare_proc, "bare_proxy")
+        naive = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(naive_address))
+        bare = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(bare_address))
+        for tenant, path in models.items():
+            booster = lightgbm.Booster(model_file=str(path))
+            for rows in (1, 7):
+                x = sample_features(rows, rows, 8)
+                expected = np.ravel(booster.predict(x))
+                for stub, version in ((naive, ""), (bare, "v1")):  # the bare proxy forwards: version set by caller
+                    answer = stub.Predict(predictor_pb2.PredictRequest(tenant_id=tenant, features=x.ravel().tolist(),
+                                                                       version=version), timeout=10)
+                    np.testing.assert_allclose(answer.predictions, expected, rtol=0, atol=1e-9)
+                    assert answer.model_version == "v1"
+
+        # Statuses pass through the proxy unchanged; the naive server has its own, same codes.
+        for stub in (naive, bare):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(predictor_pb2.PredictRequest(tenant_id="nobody", features=[1.0] * 8, version="v1"),
+                             timeout=10)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Predict(predictor_pb2.PredictRequest(tenant_id="acme", features=[1.0] * 5, version="v1"),
+                             timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        processes.stop(naive_proc)
+        processes.stop(bare_proc)
+
+
+def test_locust_headless_run_against_a_real_fleet(fleet, tmp_path):
+    pytest.importorskip("locust", reason="locust is not installed (pip install locust)")
+    for i in range(1, 6):
+        fleet.register(f"demo-{i:04d}", "v1", seed=i, objective=("regression", "binary", "multiclass")[i % 3])
+    fleet.start_workers([("w1", "default"), ("w2", "default")])
+    router = fleet.start_router()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MODELFLEET_LOCUST_TENANTS="demo-0001..demo-0005")
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", "4", "-r", "4",
+         "-t", "5s", "--host", router.address, "--csv", str(tmp_path / "locust"), "--only-summary"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "locust_stats.csv", newline="") as fh:
+        rows = {row["Name"]: row for row in csv.DictReader(fh)}
+    predict = rows["Predict"]
+    assert predict["Type"] == "grpc"
+    assert int(predict["Request Count"]) > 0
+    assert int(predict["Failure Count"]) == 0, (tmp_path / "locust_failures.csv").read_text()

@@ -1,0 +1,142 @@
+"""Pin history, rollback, canary and shadow rollouts on a real fleet."""
+from __future__ import annotations
+
+import json
+
+import grpc
+import lightgbm
+import numpy as np
+import pytest
+
+from modelfleet.demo_models import sample_features
+from modelfleet.errors import FailedPrecondition, InvalidArgument
+from modelfleet.v1 import predictor_pb2
+from tests.fleet import predict, predictor
+from tests.test_cli import cli
+
+X = sample_features(1, 1)[0]
+
+
+def test_history_records_who_when_what_and_why_and_rollback_uses_it(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    fleet.registry.pin("acme", "v1", actor="alice", reason="v2 drifts")
+    fleet.registry.unpin("acme", actor="bob")
+    fleet.register("acme", "v3", seed=3)
+    assert fleet.registry.rollback("acme", actor="carol", reason="v3 is bad").serving == "v2"
+    history = fleet.registry.history("acme")
+    assert [(h.action, h.from_version, h.to_version) for h in history] == [
+        ("register", "", "v1"), ("register", "v1", "v2"), ("pin", "v2", "v1"), ("unpin", "v1", "v2"),
+        ("register", "v2", "v3"), ("rollback", "v3", "v2")]
+    assert (history[2].actor, history[2].reason) == ("alice", "v2 drifts")
+    assert history[-1].actor == "carol" and history[-1].at
+    route, _ = fleet.registry.route("acme")
+    assert route.pinned and route.serving == "v2"
+
+    shown = json.loads(cli(fleet, "versions", "acme", "--history", "--json").stdout)
+    assert [h["action"] for h in shown["history"]] == [h.action for h in history]
+    done = cli(fleet, "pin", "acme", "v3", "--actor", "dave", "--reason", "fixed")
+    assert done.returncode == 0, done.stderr
+    assert fleet.registry.history("acme")[-1].actor == "dave"
+
+
+def test_rollback_without_an_earlier_version_is_refused(fleet):
+    fleet.register("acme", "v1", seed=1)
+    with pytest.raises(FailedPrecondition, match="no earlier serving version"):
+        fleet.registry.rollback("acme")
+
+
+def test_rollout_rules(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    fleet.register("acme", "v3", seed=3)
+    with pytest.raises(FailedPrecondition, match="already serves"):
+        fleet.registry.start_rollout("acme", "v3", percent=5)
+    with pytest.raises(InvalidArgument, match="percent"):
+        fleet.registry.start_rollout("acme", "v2", percent=150)
+    fleet.registry.start_rollout("acme", "v2", percent=5)
+    with pytest.raises(FailedPrecondition, match="already has a rollout"):
+        fleet.registry.start_rollout("acme", "v1", shadow=True)
+    fleet.registry.start_rollout("acme", "v2", percent=10)  # the same version: the percentage changes
+    assert fleet.registry.route("acme")[0].canary_percent == 10
+    assert fleet.registry.abort("acme").canary is None
+    with pytest.raises(FailedPrecondition, match="no rollout"):
+        fleet.registry.promote("acme")
+    fleet.registry.start_rollout("acme", "v2", shadow=True)
+    route = fleet.registry.promote("acme")
+    assert (route.serving, route.pinned, route.shadow) == ("v2", True, None)  # v3 is newer: promoting pins
+    assert [h.action for h in fleet.registry.history("acme")][-5:] == [
+        "canary 5%", "canary 10%", "abort", "shadow", "promote"]
+
+
+@pytest.fixture
+def two_version_fleet(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)  # serving
+    for w in ("w1", "w2"):
+        fleet.start_worker(w)
+    router = fleet.start_router(shard_size=2)
+    stub = predictor(router.address)
+    fleet.wait_for(lambda: predict(stub, "acme", X), what="first predict")
+    return fleet, router, stub
+
+
+def test_a_5_percent_canary_gets_5_percent_and_keys_are_sticky(two_version_fleet):
+    fleet, router, stub = two_version_fleet
+    assert cli(fleet, "rollout", "acme", "v1", "--percent", "5").returncode == 0
+    fleet.wait_for(lambda: any(predict(stub, "acme", X, metadata=(("x-modelfleet-key", f"k{i}"),)).model_version
+                               == "v1" for i in range(200)), timeout=2, what="the canary to start")
+    request = predictor_pb2.PredictRequest(tenant_id="acme", features=list(X))
+
+    def versions(keys):
+        answers = []
+        for start in range(0, len(keys), 500):  # 500 in flight at a time
+            futures = [stub.Predict.future(request, timeout=30, metadata=(() if k is None else
+                                                                           (("x-modelfleet-key", k),)))
+                       for k in keys[start:start + 500]]
+            answers += [f.result().model_version for f in futures]
+        return answers
+
+    keyed = versions([f"user-{i}" for i in range(10_000)])
+    share = keyed.count("v1") / len(keyed)
+    assert 0.04 <= share <= 0.06, share
+    again = versions([f"user-{i}" for i in range(2_000)])
+    assert again == keyed[:2_000]  # the same key always lands on the same version
+    unkeyed = versions([None] * 10_000)
+    assert 0.04 <= unkeyed.count("v1") / len(unkeyed) <= 0.06
+    status = json.loads(cli(fleet, "rollout", "acme", "--status", "--json").stdout)
+    assert status["canary"] == "v1" and status["routers"] == 1
+    assert status["canary_requests"] + status["serving_requests"] >= 22_000
+
+
+def test_shadow_never_changes_a_response_and_is_measured(two_version_fleet):
+    fleet, router, stub = two_version_fleet
+    serving_model = lightgbm.Booster(model_file=str(fleet.model_file(2)))
+    shadow_model = lightgbm.Booster(model_file=str(fleet.model_file(1)))
+    assert cli(fleet, "rollout", "acme", "v1", "--shadow").returncode == 0
+    rows = sample_features(9, 300)
+
+    def status():
+        return json.loads(cli(fleet, "rollout", "acme", "--status", "--json").stdout)
+
+    fleet.wait_for(lambda: status()["shadow"] == "v1", timeout=2, what="the shadow to reach the router")
+    for row in rows:
+        answer = predict(stub, "acme", row)
+        assert answer.model_version == "v2"
+        np.testing.assert_allclose(answer.predictions, serving_model.predict(row.reshape(1, -1)), atol=1e-9)
+    summary = fleet.wait_for(lambda: (s := status())["shadow_requests"] >= 290 and s, timeout=10,
+                             what="shadow copies to be measured")
+    assert summary["shadow_errors"] == 0 and summary["shadow_p99_ms"] > 0
+    expected_diff = np.abs(serving_model.predict(rows) - shadow_model.predict(rows))
+    assert summary["shadow_max_abs_diff"] == pytest.approx(expected_diff.max(), rel=1e-6)
+    assert cli(fleet, "rollout", "acme", "--abort").returncode == 0
+
+
+def test_rollout_cli_errors_are_clear(fleet):
+    fleet.register("acme", "v1", seed=1)
+    for argv, needle in ((("rollout", "acme", "v9", "--percent", "5"), "no version 'v9'"),
+                         (("rollout", "acme", "v1"), "--percent P or --shadow"),
+                         (("rollout", "acme", "--promote"), "no rollout to promote"),
+                         (("rollout", "acme", "v1", "--percent", "5"), "already serves")):
+        done = cli(fleet, *argv)
+        assert done.returncode == 1 and needle in done.stderr, (argv, done.stderr)

@@ -1,0 +1,211 @@
+"""Bulk import: register thousands of tenant versions from a manifest, resumably.
+
+Two phases, timed separately:
+1. artifacts: every distinct file is hashed; new ones are checked (child-process pool) and
+   copied into the content-addressed store. Idempotent: a stored artifact is not re-checked.
+2. registration: rows go to etcd in batches, one transaction each (versions, routes, history),
+   comparing every key it read. Rows already registered with the same sha256 are skipped, so
+   re-running a killed import resumes where it stopped; the same version with a different
+   sha256 stops the import loudly, naming the manifest line.
+
+Manifest: CSV with a header `tenant,version,artifact` or JSON lines with those keys; an artifact
+is a path (relative to the manifest's directory) or a file:// URI.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+from modelfleet.artifact_check import ModelInfo, check_many, read_header
+from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
+from modelfleet.store import artifact_for, sha256_file
+from version_service.etcd_client import etcd_errors
+from version_service.registry import Registry, next_route_on_register, now_iso
+from version_service.schema import RouteRecord, VersionRecord, validate_id
+
+RECORDS_PER_TXN = 40  # 3 puts and up to 2 compares each: within etcd's 128 operations per transaction
+BATCH_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    line: int
+    tenant: str
+    version: str
+    source: Path
+
+
+@dataclass
+class ImportResult:
+    rows: int = 0
+    registered: int = 0
+    already_registered: int = 0
+    artifacts: int = 0
+    artifacts_new: int = 0
+    artifact_seconds: float = 0.0
+    registration_seconds: float = 0.0
+    rejected: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+def read_manifest(path: Path) -> list[ManifestRow]:
+    base = path.parent
+    rows: list[ManifestRow] = []
+    try:
+        with open(path, newline="") as fh:
+            first = fh.readline()
+            fh.seek(0)
+            if first.lstrip().startswith("{"):
+                records = ((n, json.loads(line)) for n, line in enumerate(fh, 1) if line.strip())
+            else:
+                records = enumerate(csv.DictReader(fh), 2)
+            for line, record in records:
+                rows.append(_row(line, record, base, path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cannot read manifest {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{path}: not JSON lines: {exc}") from None
+    if not rows:
+        raise InvalidArgument(f"manifest {path} has no rows (CSV header: tenant,version,artifact)")
+    return rows
+
+
+def _row(line: int, record: dict, base: Path, manifest: Path) -> ManifestRow:
+    try:
+        tenant, version, artifact = record["tenant"], record["version"], record["artifact"]
+    except (KeyError, TypeError):
+        raise InvalidArgument(f"{manifest}:{line}: needs tenant, version and artifact") from None
+    where = f"{manifest}:{line}"
+    try:
+        validate_id("tenant id", tenant)
+        validate_id("version", version)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+    if artifact.startswith("file://"):
+        source = Path(unquote(urlparse(artifact).path))
+    elif "://" in artifact:
+        raise InvalidArgument(f"{where}: artifact {artifact!r}: only paths and file:// URIs can be imported")
+    else:
+        source = Path(artifact) if Path(artifact).is_absolute() else base / artifact
+    return ManifestRow(line, tenant, version, source)
+
+
+def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_progress: Progress | None = None,
+                    batch_size: int = RECORDS_PER_TXN) -> ImportResult:
+    result = ImportResult(rows=len(rows))
+    progress = on_progress or (lambda phase, done, total: None)
+
+    started = time.perf_counter()
+    stored = _store_artifacts(registry, rows, result, progress)
+    result.artifact_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    done = 0
+    for start in range(0, len(rows), batch_size):
+        batch = [r for r in rows[start:start + batch_size] if r.source in stored]
+        _register_batch(registry, batch, stored, actor, result)
+        done += len(rows[start:start + batch_size])
+        progress("registering", done, len(rows))
+    result.registration_seconds = time.perf_counter() - started
+    return result
+
+
+def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: ImportResult,
+                     progress: Progress) -> dict[Path, tuple[str, str, int, ModelInfo]]:
+    """source -> (artifact, sha256, size, info) for every usable source; the others are rejected."""
+    if registry.store is None:
+        raise FailedPrecondition("importing needs a model store (--store / MODELFLEET_STORE)")
+    sources = list(dict.fromkeys(r.source for r in rows))
+    result.artifacts = len(sources)
+    hashed: dict[Path, tuple[str, int]] = {}
+    new: list[Path] = []
+    stored: dict[Path, tuple[str, str, int, ModelInfo]] = {}
+    for n, source in enumerate(sources, 1):
+        try:
+            sha, size = sha256_file(source), source.stat().st_size
+        except OSError as exc:
+            result.rejected.append(f"{source}: {exc.strerror}")
+            continue
+        hashed[source] = (sha, size)
+        if registry.store.exists(artifact_for(sha)):
+            stored[source] = (artifact_for(sha), sha, size, read_header(source.read_text(errors="replace"),
+                                                                         str(source)))
+        else:
+            new.append(source)
+        progress("hashing", n, len(sources))
+    checked = 0
+
+    def one_checked(_: int) -> None:
+        nonlocal checked
+        checked += 1
+        progress("checking", checked, len(new))
+
+    for source, outcome in check_many(new, on_done=one_checked).items():
+        if isinstance(outcome, FailedPrecondition):
+            result.rejected.append(str(outcome))
+            continue
+        put = registry.store.put_file(source)
+        stored[source] = (put.artifact, put.sha256, put.size, outcome)
+        result.artifacts_new += 1
+    return stored
+
+
+def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult) -> None:
+    client, keys = registry.client, registry.keys
+    txn = client.transactions
+    for _ in range(BATCH_ATTEMPTS):
+        tenants = list(dict.fromkeys(r.tenant for r in batch))
+        version_keys = list(dict.fromkeys(keys.version(r.tenant, r.version) for r in batch))
+        with etcd_errors(client, "reading a batch of the import"):
+            _, reads = client.transaction(compare=[], success=[txn.get(keys.route(t)) for t in tenants]
+                                          + [txn.get(k) for k in version_keys], failure=[])
+        routes = {t: (RouteRecord.from_json(r[0][0]), r[0][1].mod_revision) if r else (None, 0)
+                  for t, r in zip(tenants, reads[:len(tenants)])}
+        existing = {k: VersionRecord.from_json(r[0][0]) for k, r in zip(version_keys, reads[len(tenants):]) if r}
+        compare, ops, registered, skipped = [], [], 0, 0
+        current = {t: route for t, (route, _) in routes.items()}
+        for row in batch:
+            artifact, sha, size, info = stored[row.source]
+            key = keys.version(row.tenant, row.version)
+            if key in existing:
+                if existing[key].sha256 != sha:
+                    raise AlreadyExists(
+                        f"line {row.line}: tenant {row.tenant!r} version {row.version!r} is already registered "
+                        f"with a different artifact (sha256 {existing[key].sha256[:12]}..., manifest {sha[:12]}...)")
+                skipped += 1
+                continue
+            record = VersionRecord(version=row.version, artifact=artifact, sha256=sha, num_features=info.num_features,
+                                   num_classes=info.num_classes, bytes=size, objective=info.objective,
+                                   created=now_iso())
+            existing[key] = record
+            compare.append(txn.version(key) == 0)
+            ops.append(txn.put(key, record.to_json()))
+            old = current[row.tenant]
+            current[row.tenant] = next_route_on_register(old, row.version)
+            if old is None or old.serving != current[row.tenant].serving:
+                ops.append(registry.history_op(row.tenant, "register", old.serving if old else "",
+                                               current[row.tenant].serving, actor, "import"))
+            registered += 1
+        for tenant, (route, mod_revision) in routes.items():
+            if current[tenant] is not route:
+                key = keys.route(tenant)
+                compare.append(txn.mod(key) == mod_revision if route is not None else txn.version(key) == 0)
+                ops.append(txn.put(key, current[tenant].to_json()))
+        if not ops:
+            result.already_registered += skipped
+            return
+        with etcd_errors(client, "writing a batch of the import"):
+            ok, _ = client.transaction(compare=compare, success=ops, failure=[])
+        if ok:
+            result.registered += registered
+            result.already_registered += skipped
+            return
+    raise Conflict("the import kept racing other registry writes on the same tenants; re-run it to resume")
+
