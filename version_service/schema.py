@@ -55,8 +55,12 @@ class Keys:
     def route(self, tenant: str) -> str:
         return f"{self.routes}{tenant}"
 
+    @property
+    def all_versions(self) -> str:
+        return f"{self.prefix}/versions/"
+
     def versions(self, tenant: str) -> str:
-        return f"{self.prefix}/versions/{tenant}/"
+        return f"{self.all_versions}{tenant}/"
 
     def version(self, tenant: str, version: str) -> str:
         return f"{self.versions(tenant)}{version}"

@@ -136,3 +136,28 @@ def workers(args: argparse.Namespace) -> int:
         table.add_row(row["worker_id"], row["address"], row["zone"], row["state"], row["started"])
     console.print(table)
     return 0
+
+
+def gc(args: argparse.Namespace) -> int:
+    """Dry run unless --yes: prints what would go."""
+    from version_service.retention import apply_gc, plan_gc
+
+    registry = open_registry(args)
+    plan = plan_gc(registry, args.keep, args.tenant)
+    doc = plan.to_json()
+    if args.yes:
+        removed, deleted, skipped = apply_gc(registry, plan)
+        doc.update(applied=True, removed_versions=removed, deleted_artifacts=deleted, skipped_tenants=skipped)
+    else:
+        doc["applied"] = False
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    for tenant, versions in doc["removals"].items():
+        console.print(f"  {tenant}: {' '.join(versions)}")
+    verb = "removed" if args.yes else "would remove"
+    console.print(f"{verb} {plan.versions} versions and {len(plan.artifacts)} artifacts; kept {plan.kept_versions}"
+                  + ("" if args.yes else " (dry run: add --yes to delete)"))
+    if args.yes and doc["skipped_tenants"]:
+        console.print(f"[yellow]skipped (changed meanwhile): {', '.join(doc['skipped_tenants'])}[/yellow]")
+    return 0

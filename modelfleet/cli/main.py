@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--abort", action="store_true", help="end the rollout")
     mode.add_argument("--status", action="store_true", help="what every router has seen of the rollout")
     sub.add_argument("--json", action="store_true", help="print JSON (with --status)")
+    sub = command("gc", admin.gc, "remove old versions (not newest K, serving, pinned or in a rollout); dry run "
+                  "unless --yes", config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT)
+    sub.add_argument("--keep", type=int, default=3, help="newest versions to keep per tenant")
+    sub.add_argument("--tenant", help="only this tenant's versions")
+    sub.add_argument("--yes", action="store_true", help="really delete")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
     sub = command("shard", admin.shard, "the workers of a tenant's shard, in order",
                   config.ETCD, config.PREFIX, config.SHARD_SIZE)
     sub.add_argument("tenant")

@@ -1,0 +1,94 @@
+"""Bulk import from a manifest: registration, resume after a kill, loud conflicts, rejects."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from modelfleet.errors import InvalidArgument
+from version_service.bulk_import import read_manifest
+from tests.test_cli import cli
+
+
+def write_manifest(fleet, rows: int, name: str = "manifest.csv", seeds: int = 5) -> str:
+    lines = ["tenant,version,artifact"]
+    for i in range(rows):
+        lines.append(f"t{i:05d},v1,models/{fleet.model_file(i % seeds).name}")
+    path = fleet.root / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_import_registers_every_row_and_rerunning_skips_them(fleet):
+    manifest = write_manifest(fleet, 300)
+    done = cli(fleet, "import", manifest, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["registered"], result["already_registered"], result["artifacts"]) == (300, 0, 5)
+    routes = fleet.registry.tenants()
+    assert len(routes) == 300 and routes["t00123"].serving == "v1"
+    assert fleet.registry.history("t00123")[0].reason == "import"
+    again = json.loads(cli(fleet, "import", manifest, "--json").stdout)
+    assert (again["registered"], again["already_registered"], again["artifacts_new"]) == (0, 300, 0)
+
+
+def test_jsonl_manifest_with_a_new_version(fleet):
+    write_manifest(fleet, 3)
+    path = fleet.root / "more.jsonl"
+    path.write_text("".join(json.dumps({"tenant": f"t{i:05d}", "version": "v2",
+                                        "artifact": str(fleet.model_file(10 + i))}) + "\n" for i in range(3)))
+    assert cli(fleet, "import", str(fleet.root / "manifest.csv")).returncode == 0
+    assert cli(fleet, "import", str(path)).returncode == 0
+    assert {t: r.serving for t, r in fleet.registry.tenants().items()} == {f"t{i:05d}": "v2" for i in range(3)}
+
+
+def test_same_version_with_a_different_artifact_stops_the_import_loudly(fleet):
+    assert cli(fleet, "import", write_manifest(fleet, 50)).returncode == 0
+    path = fleet.root / "conflict.csv"
+    path.write_text(f"tenant,version,artifact\nt00001,v1,models/{fleet.model_file(99).name}\n")
+    done = cli(fleet, "import", str(path))
+    assert done.returncode == 1
+    assert "line 2" in done.stderr and "t00001" in done.stderr and "different artifact" in done.stderr
+
+
+def test_a_killed_import_resumes_where_it_stopped(fleet):
+    manifest = write_manifest(fleet, 4000, seeds=3)
+    proc = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "import", manifest, "--json"], env=fleet.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fleet.wait_for(lambda: len(fleet.registry.tenants()) >= 400, timeout=120, what="the import to be under way")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    partial = len(fleet.registry.tenants())
+    assert 400 <= partial < 4000
+    done = cli(fleet, "import", manifest, "--json", timeout=300)
+    result = json.loads(done.stdout)
+    assert result["registered"] + result["already_registered"] == 4000
+    assert result["already_registered"] >= partial
+    assert len(fleet.registry.tenants()) == 4000
+
+
+def test_unusable_artifacts_are_rejected_and_the_rest_registered(fleet):
+    junk = fleet.root / "models" / "junk.txt"
+    junk.write_text("tree\nversion=v4\nnot really a model\n")
+    path = fleet.root / "mixed.csv"
+    path.write_text(f"tenant,version,artifact\ngood,v1,models/{fleet.model_file(1).name}\nbad,v1,models/junk.txt\n")
+    done = cli(fleet, "import", str(path))
+    assert done.returncode == 1 and "1 artifacts were rejected" in done.stderr
+    assert set(fleet.registry.tenants()) == {"good"}
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("tenant,version\nt,v1\n", "needs tenant, version and artifact"),
+    ("tenant,version,artifact\nbad/id,v1,x.txt\n", "invalid tenant id"),
+    ("tenant,version,artifact\nt,v1,s3://bucket/key\n", "only paths and file:// URIs"),
+    ("tenant,version,artifact\n", "has no rows"),
+    ('{"tenant": "t", "version": \n', "not JSON lines"),
+])
+def test_bad_manifests_are_refused_before_anything_happens(tmp_path, content, needle):
+    path = tmp_path / "m.csv"
+    path.write_text(content)
+    with pytest.raises(InvalidArgument, match=needle):
+        read_manifest(path)

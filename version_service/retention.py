@@ -1,0 +1,94 @@
+"""Retention: which versions may go, and removing them from etcd and the model store.
+
+A version is kept when it is among a tenant's newest K, or serving, or pinned, or in a rollout
+(canary or shadow). An artifact is deleted only when no remaining version of any tenant uses it
+(artifacts are content-addressed and shared). Each tenant's removal is one transaction that
+fails if the route changed since it was read, so a pin or rollout racing the collection wins.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from modelfleet.errors import Conflict, InvalidArgument
+from version_service.etcd_client import etcd_errors
+from version_service.registry import Registry
+from version_service.schema import RouteRecord, VersionRecord, validate_id
+
+
+@dataclass
+class GcPlan:
+    keep: int
+    removals: dict[str, list[VersionRecord]] = field(default_factory=dict)
+    route_revisions: dict[str, int] = field(default_factory=dict)
+    artifacts: set[str] = field(default_factory=set)  # no longer used by any kept version
+    kept_versions: int = 0
+
+    @property
+    def versions(self) -> int:
+        return sum(len(v) for v in self.removals.values())
+
+    def to_json(self) -> dict:
+        return {"keep": self.keep, "remove_versions": self.versions, "kept_versions": self.kept_versions,
+                "remove_artifacts": len(self.artifacts),
+                "removals": {t: [v.version for v in vs] for t, vs in sorted(self.removals.items())}}
+
+
+def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
+    if keep < 1:
+        raise InvalidArgument(f"--keep must be at least 1, got {keep}")
+    keys, client = registry.keys, registry.client
+    prefix = keys.versions(validate_id("tenant id", tenant)) if tenant else keys.all_versions
+    with etcd_errors(client, "reading versions for garbage collection"):
+        versions_resp = client.get_prefix_response(keys.all_versions)  # all: artifacts are shared
+        routes_resp = client.get_prefix_response(keys.routes, revision=versions_resp.header.revision)
+    routes = {keys.tenant_of_route(kv.key.decode()): (RouteRecord.from_json(kv.value), kv.mod_revision)
+              for kv in routes_resp.kvs}
+    by_tenant: dict[str, list[tuple[int, VersionRecord]]] = defaultdict(list)
+    for kv in versions_resp.kvs:
+        name = kv.key.decode()[len(keys.all_versions):].split("/", 1)[0]
+        by_tenant[name].append((kv.create_revision, VersionRecord.from_json(kv.value)))
+    plan = GcPlan(keep=keep)
+    used: set[str] = set()
+    for name, entries in by_tenant.items():
+        records = [r for _, r in sorted(entries, key=lambda e: e[0])]
+        route, mod_revision = routes.get(name, (None, 0))
+        protected = {r.version for r in records[-keep:]}
+        if route is not None:
+            protected |= {route.serving, route.newest} | route.in_rollout
+        in_scope = keys.versions(name).startswith(prefix) if tenant else True
+        removable = [r for r in records if r.version not in protected] if in_scope and route is not None else []
+        if removable:
+            plan.removals[name] = removable
+            plan.route_revisions[name] = mod_revision
+        plan.kept_versions += len(records) - len(removable)
+        used |= {r.artifact for r in records if r not in removable}
+    plan.artifacts = {r.artifact for rs in plan.removals.values() for r in rs} - used
+    return plan
+
+
+def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
+    """(versions removed, artifacts deleted, tenants skipped because their route changed)."""
+    removed, skipped = 0, []
+    for tenant, records in plan.removals.items():
+        try:
+            registry.delete_versions(tenant, [r.version for r in records], plan.route_revisions[tenant])
+            removed += len(records)
+        except Conflict:
+            skipped.append(tenant)
+    deleted = 0
+    if registry.store is not None and plan.artifacts:
+        still_used = {r.artifact for _, rs in _all_versions(registry) for r in rs}
+        for artifact in sorted(plan.artifacts - still_used):
+            deleted += bool(registry.store.delete(artifact))
+    return removed, deleted, skipped
+
+
+def _all_versions(registry: Registry):
+    keys, client = registry.keys, registry.client
+    with etcd_errors(client, "re-reading versions"):
+        resp = client.get_prefix_response(keys.all_versions)
+    grouped: dict[str, list[VersionRecord]] = defaultdict(list)
+    for kv in resp.kvs:
+        grouped[kv.key.decode()[len(keys.all_versions):].split("/", 1)[0]].append(VersionRecord.from_json(kv.value))
+    return grouped.items()
