@@ -35,7 +35,7 @@ def _run_router(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelfleet.cli import admin, bulk, client, rollouts, shards, up
+    from modelfleet.cli import admin, bulk, client, demo_fleet, rollouts, shards, up
     from router import server as router_server
     from worker import server as worker_server
 
@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("up", up.run, "run the demo fleet: local etcd, workers, a router, demo tenants",
             config.ETCD, config.PREFIX, config.STORE, config.ROUTER_PORT, config.UP_WORKERS,
             config.UP_DEMO_TENANTS, config.CACHE_BYTES, config.LEASE_TTL, config.SHARD_SIZE)
+    sub = command("demo-fleet", demo_fleet.run, "write a synthetic fleet of distinct LightGBM models and a manifest")
+    sub.add_argument("--tenants", type=int, required=True)
+    sub.add_argument("--out", required=True, help="output directory")
+    sub.add_argument("--templates", type=int, default=8, help="trained templates the models are derived from")
+    sub.add_argument("--versions", type=int, default=1, help="versions per tenant")
+    sub.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="manifest format")
+
     command("router", _run_router, "run one router", *router_server.OPTIONS)
     command("worker", _run_worker, "run one worker", *worker_server.OPTIONS)
 
