@@ -26,9 +26,20 @@ first runs a short warm-up that is not measured (longer for the first cell of a 
 server); caches carry over between cells. rps counts requests completed inside the measured
 window; p50/p99 are over their individual latencies.
 
+Also per cell: the cache miss ratio (worker Stats / the naive server's Stats) and CPU time per
+request (µs, from /proc) of the client (generators), the hop (router or bare proxy) and the
+server (workers or the naive server). On a small or shared machine every process competes for
+the same cores, so rps and latency move with whatever else runs; CPU per request moves much
+less, and is the number to read when asking where a path's time goes.
+
     python -m loadtest.bench                      # full: 3 mixes x rows 1,100 x concurrency 1,8,32
     python -m loadtest.bench --quick --json F     # a subset of cells, all four paths, < 90 s on 2 cores
     python -m loadtest.bench --workers 4 --gen-procs 4 --concurrency 1,8,32,128   # a bigger machine
+
+With --workers N > 1, `direct` sends each tenant to the first worker of its shard (what the
+router does while nothing spills) and `router` spreads over the fleet, but `bare_proxy` still
+forwards to ONE worker (it cannot route without parsing): compare router with bare_proxy on
+--workers 1, where both hop to the same single worker.
 
 Writes OUT/bench.json (a list of records: path, mix, rows, concurrency, rps, p50_ms, p99_ms,
 errors, requests, cores, ...), OUT/bench.png, and prints a table; --out defaults to ./bench-out.
@@ -124,7 +135,7 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
         calls.append(channels[address].unary_unary(spec["method"]))  # bytes in, bytes out
     route = spec.get("route")  # tenant index -> index into calls (direct path), or None
     mix, n = spec["mix"], spec["tenants"]
-    draws = tenant_draws(mix, n, 1 << 16, spec["seed"])
+    draws = tenant_draws(mix, n, 1 << 18, spec["seed"])
     blocks = feature_blocks(spec["rows"], spec["num_features"], spec["seed"])
     version = predictor_pb2.PredictRequest(version=spec["version"]).SerializeToString()
     prefix_cache: dict[int, bytes] = {}
@@ -423,7 +434,8 @@ class Bench:
             total = 0
             for w in self.workers:
                 with grpc.insecure_channel(w.address) as channel:
-                    total += worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5).misses_total
+                    stats = worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5)
+                total += stats.misses_total
             return total
         except grpc.RpcError:
             return None
@@ -519,39 +531,48 @@ def print_table(records: list[dict], args: argparse.Namespace) -> None:
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
+    """A panel pair per (mix, rows): requests/s, and p99 (bar) with p50 (tick) on a log scale;
+    bars grouped by concurrency, one colour per path. Mixes go down, rows per request across."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    groups = sorted({(r["mix"], r["rows"]) for r in records},
-                    key=lambda g: (list(MIX_TENANTS).index(g[0]), g[1]))
-    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups) + 1, 7), squeeze=False)
+    mixes = [m for m in MIX_TENANTS if any(r["mix"] == m for r in records)]
+    row_counts = sorted({r["rows"] for r in records})
+    paths = [p for p in PATHS if any(r["path"] == p for r in records)]
+    levels = sorted({r["concurrency"] for r in records})
     colors = {"direct": "tab:green", "router": "tab:blue", "bare_proxy": "tab:gray", "naive": "tab:red"}
-    for col, (mix, rows) in enumerate(groups):
-        top, bottom = axes[0][col], axes[1][col]
-        for p in PATHS:
-            rs = sorted((r for r in records if r["path"] == p and r["mix"] == mix and r["rows"] == rows),
-                        key=lambda r: r["concurrency"])
-            if not rs:
-                continue
-            c = [r["concurrency"] for r in rs]
-            top.plot(c, [r["rps"] for r in rs], marker="o", color=colors[p], label=p)
-            bottom.plot(c, [r["p99_ms"] for r in rs], marker="o", color=colors[p], label=f"{p} p99")
-            bottom.plot(c, [r["p50_ms"] for r in rs], marker=".", linestyle="--", color=colors[p], alpha=0.6)
-        top.set_title(f"{mix}, {rows} row(s)/request")
-        for ax in (top, bottom):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("concurrent callers")
-            ax.grid(True, alpha=0.3)
-        top.set_ylabel("requests / s")
-        top.set_ylim(bottom=0)
-        bottom.set_yscale("log")
-        bottom.set_ylabel("latency ms (p99 solid, p50 dashed)")
+    width = 0.8 / len(paths)
+    fig, axes = plt.subplots(2 * len(mixes), len(row_counts), squeeze=False,
+                             figsize=(1.0 + (2.6 + 1.0 * len(levels)) * len(row_counts), 0.6 + 2.7 * 2 * len(mixes)))
+    for m, mix in enumerate(mixes):
+        for col, rows in enumerate(row_counts):
+            top, bottom = axes[2 * m][col], axes[2 * m + 1][col]
+            cell = {(r["path"], r["concurrency"]): r for r in records if r["mix"] == mix and r["rows"] == rows}
+            for i, p in enumerate(paths):
+                xs = [j + (i - (len(paths) - 1) / 2) * width for j in range(len(levels))]
+                got = [cell.get((p, c)) for c in levels]
+                top.bar(xs, [r["rps"] if r else 0 for r in got], width, color=colors[p], label=p)
+                bottom.bar(xs, [r["p99_ms"] if r else 0 for r in got], width, color=colors[p], alpha=0.85)
+                bottom.scatter(xs, [r["p50_ms"] if r else float("nan") for r in got], marker="_", s=120,
+                               color="black", zorder=3, label="p50" if i == 0 else None)
+            top.set_title(f"{mix}, {rows} row{'s' if rows != 1 else ''}/request")
+            top.set_ylabel("requests / s")
+            bottom.set_ylabel("p99 ms (bar), p50 (tick)")
+            bottom.set_yscale("log")
+            bottom.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            bottom.yaxis.set_major_formatter(ScalarFormatter())
+            bottom.yaxis.set_minor_formatter(NullFormatter())
+            for ax in (top, bottom):
+                ax.set_xticks(range(len(levels)), [f"c={c}" for c in levels])
+                ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    axes[1][0].legend(fontsize=8, loc="upper left")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -92,3 +92,25 @@ def test_bad_manifests_are_refused_before_anything_happens(tmp_path, content, ne
     path.write_text(content)
     with pytest.raises(InvalidArgument, match=needle):
         read_manifest(path)
+
+
+def test_demo_fleet_then_import_then_predict(fleet):
+    import lightgbm
+    import numpy as np
+
+    from modelfleet.demo_models import sample_features
+    from tests.fleet import predict, predictor
+
+    out = fleet.root / "synthetic"
+    done = cli(fleet, "demo-fleet", "--tenants", "40", "--out", str(out), "--versions", "2")
+    assert done.returncode == 0, done.stderr
+    manifest = done.stdout.strip()
+    assert cli(fleet, "import", manifest).returncode == 0
+    assert len(fleet.registry.tenants()) == 40
+    fleet.start_worker("w1")
+    router = fleet.start_router(shard_size=1)
+    x = sample_features(3, 2, 8)
+    answer = predict(predictor(router.address), "tenant-000007", x.reshape(-1))
+    assert answer.model_version == "v2"
+    expected = lightgbm.Booster(model_file=str(out / "models" / "07" / "tenant-000007-v2.txt")).predict(x)
+    np.testing.assert_allclose(answer.predictions, np.asarray(expected).reshape(-1), atol=1e-9)

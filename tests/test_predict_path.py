@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modelfleet.demo_models import sample_features
-from modelfleet.v1 import predictor_pb2
+from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
 from sharding import Member, shard_for
 from tests.conftest import new_prefix
 from tests.fleet import Fleet, predict, predictor
@@ -153,4 +153,9 @@ def test_router_serves_health_and_reflection(running):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert {"modelfleet.v1.Predictor", "grpc.health.v1.Health"} <= set(services)
+        assert {"modelfleet.v1.Predictor", "modelfleet.v1.RouterAdmin", "grpc.health.v1.Health"} <= set(services)
+        status = router_admin_pb2_grpc.RouterAdminStub(channel).Status(router_admin_pb2.RouterStatusRequest(),
+                                                                      timeout=5)
+    _, meta = fleet.client.get(fleet.keys.route("pinny"))
+    assert status.etcd_connected and status.revision >= meta.mod_revision
+    assert status.tenants >= 4 and status.live_workers == 3 and status.router_id
