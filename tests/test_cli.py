@@ -66,3 +66,22 @@ def test_unreachable_etcd_is_a_clear_error(fleet):
                           env=fleet.env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.startswith("error: etcd at 127.0.0.1:1 unavailable"), done.stderr
+
+
+def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    env = dict(fleet.env(), MODELFLEET_FAILPOINT_DIR=str(fleet.root))
+    procs = {v: subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "pin", "acme", v], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in ("v1", "v2")}
+    fleet.wait_for(lambda: len(list(fleet.root.glob("before_route_write.*.ready"))) == 2,
+                   what="both CLIs to have read the route")
+    (fleet.root / "before_route_write.go").touch()  # now both write
+    outcomes = {v: (p.wait(60), p.stderr.read()) for v, p in procs.items()}
+    winners = [v for v, (rc, _) in outcomes.items() if rc == 0]
+    losers = [v for v, (rc, _) in outcomes.items() if rc != 0]
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    assert "changed concurrently" in outcomes[losers[0]][1]
+    route, _ = fleet.registry.route("acme")
+    assert route.serving == winners[0] and route.pinned
+    assert [h.to_version for h in fleet.registry.history("acme") if h.action == "pin"] == winners  # nothing lost

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from modelfleet import failpoints
 from modelfleet.artifact_check import ModelInfo, check_in_child, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import Store, artifact_for, sha256_file
@@ -256,6 +257,7 @@ class Registry:
                       actor: str | None = None, reason: str = "", to_version: str | None = None) -> RouteRecord:
         route, mod_revision = self.route(tenant)
         new_route = change(route)
+        failpoints.pause("before_route_write")
         key = self.keys.route(tenant)
         txn = self.client.transactions
         ops = [txn.put(key, new_route.to_json())]
