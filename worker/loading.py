@@ -6,6 +6,10 @@ corrupt or unparseable artifact, Unavailable when etcd cannot be reached.
 """
 from __future__ import annotations
 
+import threading
+
+from cachetools import LRUCache
+
 from modelfleet.errors import FailedPrecondition, NotFound
 from modelfleet.store import Store
 from version_service.etcd_client import EtcdClient, etcd_errors
@@ -14,17 +18,31 @@ from worker.predictor import LoadedModel
 
 
 class ModelLoader:
-    def __init__(self, client: EtcdClient, keys: Keys, store: Store) -> None:
+    """Version records never change once written, so they are cached: a model evicted and
+    loaded again costs no etcd round trip (the common case when the working set outgrows the
+    cache), and a worker can reload a model it has seen while etcd is away."""
+
+    def __init__(self, client: EtcdClient, keys: Keys, store: Store, records: int = 200_000) -> None:
         self.client = client
         self.keys = keys
         self.store = store
+        self._records: LRUCache = LRUCache(maxsize=records)
+        self._records_lock = threading.Lock()  # loads run in a thread pool
 
     def record(self, tenant: str, version: str) -> VersionRecord:
+        key = (tenant, version)
+        with self._records_lock:
+            record = self._records.get(key)
+        if record is not None:
+            return record
         with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
             raw, _ = self.client.get(self.keys.version(tenant, version))
         if raw is None:
             raise NotFound(f"tenant {tenant!r} has no version {version!r}")
-        return VersionRecord.from_json(raw)
+        record = VersionRecord.from_json(raw)
+        with self._records_lock:
+            self._records[key] = record
+        return record
 
     def load(self, tenant: str, version: str) -> LoadedModel:
         record = self.record(tenant, version)
