@@ -25,6 +25,7 @@ from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, read_fleet
 from version_service.registry import Registry
 from version_service.schema import Keys, WorkerRecord, live_members, validate_id
+from worker import memory
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.servicer import WorkerServicer
@@ -40,6 +41,7 @@ REGISTER_TIMEOUT_S = 30.0
 
 
 async def serve(args: argparse.Namespace) -> None:
+    memory.limit_arenas()
     client = connect(args.etcd)
     keys = Keys(args.prefix)
     if args.worker_id:
@@ -69,7 +71,9 @@ async def serve(args: argparse.Namespace) -> None:
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone,
           cache_bytes=args.cache_bytes)
 
+    trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
     await wait_for_signal()
+    trimmer.cancel()
     await set_serving(health, [SERVICE_NAME], False)
     await asyncio.get_running_loop().run_in_executor(None, membership.stop)
     await server.stop(grace=10)
@@ -77,6 +81,17 @@ async def serve(args: argparse.Namespace) -> None:
     cache.close()
     client.close()
     event(log, "worker.stopped", worker=worker_id)
+
+
+async def _trim_after_evictions(cache: ModelCache, every_s: float = 1.0) -> None:
+    """Once a second, if models were evicted since the last look, give freed heap back."""
+    seen = cache.counters.evictions
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every_s)
+        if cache.counters.evictions != seen:
+            seen = cache.counters.evictions
+            await loop.run_in_executor(None, memory.trim)
 
 
 def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.Namespace) -> None:
