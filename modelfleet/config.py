@@ -63,6 +63,23 @@ LOG_FORMAT = Option("--log-format", "MODELFLEET_LOG_FORMAT", "text", str, "log l
 LOG_LEVEL = Option("--log-level", "MODELFLEET_LOG_LEVEL", "info", str, "debug, info, warning or error")
 HOST = Option("--host", "MODELFLEET_HOST", "127.0.0.1", str, "address to listen on")
 
+# -- security ---------------------------------------------------------------------------------
+TLS_CERT = Option("--tls-cert", "MODELFLEET_TLS_CERT", "", str,
+                  "PEM certificate this process presents (serving, and as a client under mutual TLS)")
+TLS_KEY = Option("--tls-key", "MODELFLEET_TLS_KEY", "", str, "PEM private key of --tls-cert")
+TLS_CLIENT_CA = Option("--tls-client-ca", "MODELFLEET_TLS_CLIENT_CA", "", str,
+                       "serve mutual TLS: demand client certificates signed by this CA")
+TLS_CA = Option("--tls-ca", "MODELFLEET_TLS_CA", "", str,
+                "CA that signs the servers this process calls (router -> worker, CLI -> router)")
+AUTH = Option("--auth", "MODELFLEET_AUTH", False, lambda v: str(v).lower() in ("1", "true", "yes", "on"),
+              "require an API key (metadata x-api-key) on every Predict, bound to its tenants (1/0)")
+API_KEY = Option("--api-key", "MODELFLEET_API_KEY", "", str, "API key sent by `predict`")
+ETCD_USER = Option("--etcd-user", "MODELFLEET_ETCD_USER", "", str, "etcd user (etcd auth enabled)")
+ETCD_PASSWORD = Option("--etcd-password", "MODELFLEET_ETCD_PASSWORD", "", str, "its password (prefer the variable)")
+ETCD_CA = Option("--etcd-ca", "MODELFLEET_ETCD_CA", "", str, "CA of etcd's TLS certificate (https etcd)")
+ETCD_CERT = Option("--etcd-cert", "MODELFLEET_ETCD_CERT", "", str, "client certificate for etcd (mutual TLS)")
+ETCD_KEY = Option("--etcd-key", "MODELFLEET_ETCD_KEY", "", str, "its key")
+
 # -- router -----------------------------------------------------------------------------------
 ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, int, "router gRPC port (0 = any free port)")
 SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, int,
@@ -76,6 +93,37 @@ SHADOW_BUDGET = Option("--shadow-budget", "MODELFLEET_SHADOW_BUDGET", 16, int,
 DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, float,
                           "seconds a Predict may take when the caller sets no deadline")
 
+
+def hedge_delay(text: str) -> float | str:
+    """'0' (off), a delay in milliseconds ('25', '7.5'), or 'auto' (the observed p95)."""
+    lowered = str(text).strip().lower()
+    if lowered == "auto":
+        return "auto"
+    value = float(lowered)
+    if value < 0 or value != value:
+        raise ValueError(f"hedge delay must be 'auto' or milliseconds >= 0, got {text!r}")
+    return value
+
+
+HEDGE_AFTER_MS = Option("--hedge-after-ms", "MODELFLEET_HEDGE_AFTER_MS", 0.0, hedge_delay,
+                        "send a hedge to the next shard member when no answer came within this many ms; "
+                        "0 = off, 'auto' = the p95 of this router's recent successful attempts (bounded)")
+EJECT_AFTER_FAILURES = Option("--eject-after-failures", "MODELFLEET_EJECT_AFTER_FAILURES", 3, int,
+                              "consecutive failures or attempt timeouts before a worker is skipped for a "
+                              "back-off (0 = never eject)")
+EJECT_BACKOFF_S = Option("--eject-backoff", "MODELFLEET_EJECT_BACKOFF", 1.0, float,
+                         "seconds an ejected worker is first skipped; doubles on each failed probe")
+EJECT_MAX_BACKOFF_S = Option("--eject-max-backoff", "MODELFLEET_EJECT_MAX_BACKOFF", 30.0, float,
+                             "upper bound of the ejection back-off, seconds")
+TENANT_RATE_LIMIT = Option("--tenant-rate-limit", "MODELFLEET_TENANT_RATE_LIMIT", 1000.0, float,
+                           "requests per second per tenant on each router when the route sets none (0 = no limit)")
+TENANT_BURST = Option("--tenant-burst", "MODELFLEET_TENANT_BURST", 0.0, float,
+                      "token-bucket size per tenant when the route sets none (0 = one second of the rate)")
+TENANT_MAX_INFLIGHT = Option("--tenant-max-inflight", "MODELFLEET_TENANT_MAX_INFLIGHT", 256, int,
+                             "requests of one tenant in flight on each router when the route sets none (0 = no limit)")
+ROUTER_RESILIENCE_OPTIONS = (HEDGE_AFTER_MS, EJECT_AFTER_FAILURES, EJECT_BACKOFF_S, EJECT_MAX_BACKOFF_S,
+                             TENANT_RATE_LIMIT, TENANT_BURST, TENANT_MAX_INFLIGHT)
+
 # -- worker -----------------------------------------------------------------------------------
 WORKER_PORT = Option("--port", "MODELFLEET_WORKER_PORT", 0, int, "worker gRPC port (0 = any free port)")
 WORKER_ID = Option("--worker-id", "MODELFLEET_WORKER_ID", "", str,
@@ -88,6 +136,10 @@ CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_si
 LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", 4, int, "threads that load models")
 LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, int,
                    "seconds a dead worker stays in membership before its etcd lease expires")
+MAX_QUEUED_LOADS = Option("--max-queued-loads", "MODELFLEET_MAX_QUEUED_LOADS", 256, int,
+                          "requests that may wait for model loads at once; more get RESOURCE_EXHAUSTED with a "
+                          "retry hint (0 = no bound)")
+WORKER_RESILIENCE_OPTIONS = (MAX_QUEUED_LOADS,)
 
 WARM_ON_JOIN = Option("--warm-on-join", "MODELFLEET_WARM_ON_JOIN", True, lambda v: str(v).lower() in ("1", "true", "yes", "on"),
                       "a joining worker loads the active tenants it is about to own before it takes traffic (1/0)")
@@ -104,7 +156,8 @@ ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str,
 ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
-    LEASE_TTL, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
+    LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
+    ETCD_CERT, ETCD_KEY, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
 )
 
 

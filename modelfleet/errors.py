@@ -46,3 +46,11 @@ class ResourceExhausted(ModelfleetError):
 
 class DeadlineExceeded(ModelfleetError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(ModelfleetError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ModelfleetError):
+    code = grpc.StatusCode.PERMISSION_DENIED

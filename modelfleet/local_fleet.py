@@ -103,11 +103,13 @@ class LocalFleet:
             proc.address = record.address
         return procs
 
-    def start_router(self, *, port: int = 0, shard_size: int = 2, extra: tuple[str, ...] = ()) -> Proc:
+    def start_router(self, *, port: int = 0, shard_size: int = 2, extra: tuple[str, ...] = (),
+                     health_credentials: grpc.ChannelCredentials | None = None) -> Proc:
         port = port or processes.free_port()
         proc = self.spawn(f"router-{port}", ["router", "--port", str(port), "--shard-size", str(shard_size), *extra])
         proc.address = f"127.0.0.1:{port}"
-        with grpc.insecure_channel(proc.address) as channel:
+        with (grpc.secure_channel(proc.address, health_credentials) if health_credentials is not None
+              else grpc.insecure_channel(proc.address)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             self.wait_for(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                           == health_pb2.HealthCheckResponse.SERVING, proc, "the router to serve")

@@ -23,7 +23,9 @@ from router.rollout import Rollouts
 from router.servicer import PredictorServicer
 from router.worker_pool import WorkerPool
 from sharding import ShardCache
-from version_service.etcd_client import connect
+from modelfleet import tls
+from router.auth import ApiKeyInterceptor
+from version_service.etcd_client import connect_args, etcd_credentials
 from version_service.membership import LeasedRegistration
 from version_service.routing_cache import RoutingCache
 from version_service.schema import Keys, RouterRecord, validate_id
@@ -31,7 +33,8 @@ from version_service.schema import Keys, RouterRecord, validate_id
 log = logging.getLogger("modelfleet.router")
 
 OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.ROUTER_ID, config.ADVERTISE_HOST,
-           config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL)
+           config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
+           config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA)
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
 
@@ -59,7 +62,9 @@ class Membership:
 async def serve(args: argparse.Namespace) -> None:
     if args.shard_size < 1:
         raise SystemExit("error: --shard-size must be at least 1")
-    routes = RoutingCache(args.etcd, Keys(args.prefix))
+    server_credentials = tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    routes = RoutingCache(args.etcd, Keys(args.prefix), credentials=etcd_credentials(args),
+                          user=args.etcd_user or None, password=args.etcd_password or None)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, routes.start)
     shards, pool = ShardCache(), WorkerPool()
@@ -67,8 +72,9 @@ async def serve(args: argparse.Namespace) -> None:
     routes.add_listener(membership.on_change)
     membership.apply()
 
-    server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME])
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    interceptors = [ApiKeyInterceptor(lambda: routes.api_keys)] if args.auth else []
+    server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME], interceptors)
+    port = tls.listen(server, f"{args.host}:{args.port}", server_credentials)
     router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
     validate_id("router id", router_id)
     rollouts = Rollouts(args.shadow_budget)
@@ -78,7 +84,7 @@ async def serve(args: argparse.Namespace) -> None:
     router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), server)
     await server.start()
-    client = connect(args.etcd)
+    client = connect_args(args)
     keys = Keys(args.prefix)
     record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -88,7 +94,8 @@ async def serve(args: argparse.Namespace) -> None:
     except Unavailable as exc:
         event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
     await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME], True)
-    event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", tenants=len(routes.routes),
+    event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", auth=args.auth,
+          tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 
     await wait_for_signal()

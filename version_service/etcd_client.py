@@ -30,12 +30,48 @@ _UNAVAILABLE = (
 
 
 def connect(spec: str, timeout: float = 5.0, retry_after: float = 0.2, user: str | None = None,
-            password: str | None = None) -> EtcdClient:
-    """A client for the endpoints in spec ('host:port[,host:port]'); connects lazily."""
-    endpoints = [pyetcd.Endpoint(host, port, secure=False, time_retry=retry_after, opts=_CHANNEL_OPTIONS)
+            password: str | None = None, credentials: grpc.ChannelCredentials | None = None) -> EtcdClient:
+    """A client for the endpoints in spec ('host:port[,host:port]'); connects lazily.
+
+    With `user` the client authenticates at once (etcd auth); with `credentials` it speaks TLS.
+    """
+    endpoints = [pyetcd.Endpoint(host, port, secure=credentials is not None, creds=credentials,
+                                 time_retry=retry_after, opts=_CHANNEL_OPTIONS)
                  for host, port in etcd_endpoints(spec)]
-    return pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, user=user,
-                                           password=password, failover=True)
+    try:
+        client = pyetcd.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=timeout, user=user or None,
+                                                 password=password if user else None, failover=True)
+    except grpc.RpcError as exc:
+        raise _auth_error(spec, exc) from None
+    if credentials is None:
+        # gRPC refuses call credentials on a plaintext channel; the token also travels as metadata.
+        client.call_credentials = None
+    return client
+
+
+def connect_args(args) -> EtcdClient:
+    """The one way commands and servers connect: --etcd plus the optional auth and TLS flags."""
+    return connect(args.etcd, user=getattr(args, "etcd_user", "") or None,
+                   password=getattr(args, "etcd_password", "") or None, credentials=etcd_credentials(args))
+
+
+def etcd_credentials(args) -> grpc.ChannelCredentials | None:
+    from modelfleet.tls import channel_credentials
+
+    return channel_credentials(getattr(args, "etcd_ca", ""), getattr(args, "etcd_cert", ""),
+                               getattr(args, "etcd_key", ""))
+
+
+def _auth_error(spec: str, exc: grpc.RpcError):
+    from modelfleet.errors import PermissionDenied, Unauthenticated
+
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"etcd at {spec} refused: {detail}")
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        return Unauthenticated(f"etcd at {spec} did not accept the credentials: {detail}")
+    return Unavailable(f"etcd at {spec} unavailable: {detail}")
 
 
 def describe(client: EtcdClient) -> str:
@@ -52,4 +88,8 @@ def etcd_errors(client: EtcdClient, doing: str) -> Iterator[None]:
     except ValueError as exc:  # pyetcd: "Trying to use a failed node"
         raise Unavailable(f"etcd at {describe(client)} unavailable while {doing}: {exc}") from exc
     except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.INVALID_ARGUMENT):
+            raise _auth_error(describe(client), exc) from None
         raise Unavailable(f"etcd at {describe(client)} failed while {doing}: {exc.code().name}") from exc

@@ -1,4 +1,4 @@
-"""The router's in-memory copy of routes/, workers/ and drains/, fed by one etcd watch.
+"""The router's in-memory copy of routes/, workers/, drains/ and apikeys/, fed by one etcd watch.
 
 Every Predict reads this cache; none talks to etcd. It starts with one ranged read per prefix
 (both at the same revision), then watches from the next revision. When the watch breaks (etcd
@@ -24,7 +24,7 @@ from pyetcd.etcdrpc import kv_pb2
 from modelfleet.config import etcd_endpoints
 from modelfleet.errors import Unavailable
 from modelfleet.log import event
-from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
+from version_service.schema import ApiKeyRecord, DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
 
 log = logging.getLogger("modelfleet.routing_cache")
 
@@ -49,12 +49,17 @@ class _WatchBroken(Exception):
 
 
 class RoutingCache:
-    def __init__(self, etcd: str, keys: Keys, timeout: float = 5.0) -> None:
+    def __init__(self, etcd: str, keys: Keys, timeout: float = 5.0, credentials: grpc.ChannelCredentials | None = None,
+                 user: str | None = None, password: str | None = None) -> None:
         self.keys = keys
         self.timeout = timeout
+        self._credentials = credentials
+        self._user, self._password = user, password
+        self._metadata: tuple = ()
         self.routes: dict[str, RouteRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.drains: dict[str, DrainRecord] = {}
+        self.api_keys: dict[str, ApiKeyRecord] = {}
         self.revision = 0
         self.connected = False
         self.resyncs = 0
@@ -114,7 +119,15 @@ class RoutingCache:
     # -- internals -------------------------------------------------------------------------
     def _chan(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self._endpoints[self._endpoint_index], options=_CHANNEL_OPTIONS)
+            target = self._endpoints[self._endpoint_index]
+            self._channel = (grpc.secure_channel(target, self._credentials, options=_CHANNEL_OPTIONS)
+                             if self._credentials is not None
+                             else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS))
+            self._metadata = ()
+        if self._user and not self._metadata:  # etcd auth: a token for every call on this channel
+            reply = etcdrpc.AuthStub(self._channel).Authenticate(
+                etcdrpc.AuthenticateRequest(name=self._user, password=self._password or ""), timeout=self.timeout)
+            self._metadata = (("token", reply.token),)
         return self._channel
 
     def _next_endpoint(self) -> None:
@@ -127,15 +140,17 @@ class RoutingCache:
         """(prefix, record class, key parser, map attribute) for every watched prefix."""
         return ((self.keys.routes, RouteRecord, self.keys.tenant_of_route, "routes"),
                 (self.keys.workers, WorkerRecord, self.keys.worker_of_key, "workers"),
-                (self.keys.drains, DrainRecord, self.keys.worker_of_drain, "drains"))
+                (self.keys.drains, DrainRecord, self.keys.worker_of_drain, "drains"),
+                (self.keys.api_keys, ApiKeyRecord, self.keys.key_of_api_key, "api_keys"))
 
     def _resync(self) -> None:
         kv = etcdrpc.KVStub(self._chan())
+        metadata = self._metadata
         revision = 0
         maps: dict[str, dict] = {}
         for prefix, cls, parse_key, attr in self._prefixes():
             resp = kv.Range(etcdrpc.RangeRequest(key=prefix.encode(), range_end=_range_end(prefix), revision=revision),
-                            timeout=self.timeout)
+                            timeout=self.timeout, metadata=metadata)
             revision = revision or resp.header.revision  # later reads at the first read's revision
             records = {}
             for item in resp.kvs:
@@ -143,7 +158,8 @@ class RoutingCache:
                 if record is not None:
                     records[parse_key(item.key.decode())] = record
             maps[attr] = records
-        self.routes, self.workers, self.drains = maps["routes"], maps["workers"], maps["drains"]
+        for attr, records in maps.items():
+            setattr(self, attr, records)
         self.revision = revision
         self.resyncs += 1
         self.connected = True
@@ -179,7 +195,7 @@ class RoutingCache:
     def _watch_once(self) -> None:
         outbox: "queue.Queue[object]" = queue.Queue()
         watch = etcdrpc.WatchStub(self._chan())
-        self._call = watch.Watch(self._requests(self.revision + 1, outbox))
+        self._call = watch.Watch(self._requests(self.revision + 1, outbox), metadata=self._metadata)
         try:
             for resp in self._call:
                 if resp.compact_revision:
@@ -208,7 +224,7 @@ class RoutingCache:
                         record = self._decode(cls, ev.kv)
                         if record is not None:
                             records[name] = record
-                    changed.add("routes" if attr == "routes" else "workers")  # drains change membership
+                    changed.add({"routes": "routes", "api_keys": "api_keys"}.get(attr, "workers"))  # drains: membership
                     break
             self.revision = max(self.revision, ev.kv.mod_revision)
         if changed:
@@ -232,6 +248,8 @@ class RoutingCache:
             except (grpc.RpcError, _WatchBroken) as exc:
                 if self._stop.is_set():
                     return
+                if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self._metadata = ()  # an expired token: authenticate again
                 if self.connected:
                     code = exc.code().name if isinstance(exc, grpc.Call) else str(exc)
                     event(log, "routing_cache.disconnected", level=logging.WARNING, revision=self.revision, error=code)

@@ -8,6 +8,7 @@ Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
     {prefix}/drains/{worker_id}           DrainRecord   -- an operator took the worker out of shards
     {prefix}/history/{tenant}/{event_id}  HistoryRecord -- who changed what serves a tenant, when, why
     {prefix}/routers/{router_id}          RouterRecord  -- a live router, under its lease (admin tools)
+    {prefix}/apikeys/{key_id}             ApiKeyRecord  -- a caller's key: its sha256 and its tenants
 
 Routers hold routes/, workers/ and drains/ in memory (one small record per tenant); workers read one
 versions/ record when they load a model. Records are compact JSON; unknown fields are ignored
@@ -84,6 +85,16 @@ class Keys:
 
     def history_event(self, tenant: str, event_id: str) -> str:
         return f"{self.history(tenant)}{event_id}"
+
+    @property
+    def api_keys(self) -> str:
+        return f"{self.prefix}/apikeys/"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.api_keys}{key_id}"
+
+    def key_of_api_key(self, key: str) -> str:
+        return key[len(self.api_keys):]
 
     @property
     def routers(self) -> str:
@@ -183,6 +194,22 @@ class HistoryRecord(_Record):
     from_version: str
     to_version: str
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord(_Record):
+    """A caller's API key. Only the sha256 of its secret is stored, never the secret.
+
+    `tenants` lists what the key may call ("*" = every tenant); `admin` keys may also use the
+    router's admin API.
+    """
+
+    key_id: str
+    sha256: str
+    tenants: list[str]
+    created: str
+    actor: str = ""
+    admin: bool = False
 
 
 @dataclass(frozen=True)

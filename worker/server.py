@@ -20,11 +20,12 @@ from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
-from version_service.etcd_client import connect
+from version_service.etcd_client import connect_args
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, read_fleet
 from version_service.registry import Registry
 from version_service.schema import Keys, WorkerRecord, live_members, validate_id
+from modelfleet import tls
 from worker import memory
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
@@ -35,14 +36,15 @@ log = logging.getLogger("modelfleet.worker")
 OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, config.STORE_CACHE_BYTES,
            config.S3_ENDPOINT, config.HOST, config.WORKER_PORT, config.WORKER_ID,
            config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
-           config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES)
+           config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
+           config.TLS_CLIENT_CA, config.TLS_CA)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 REGISTER_TIMEOUT_S = 30.0
 
 
 async def serve(args: argparse.Namespace) -> None:
     memory.limit_arenas()
-    client = connect(args.etcd)
+    client = connect_args(args)
     keys = Keys(args.prefix)
     if args.worker_id:
         validate_id("worker id", args.worker_id)
@@ -52,7 +54,8 @@ async def serve(args: argparse.Namespace) -> None:
     cache = ModelCache(ModelLoader(client, keys, store).load, args.cache_bytes, args.load_threads)
 
     server, health = build_server([SERVICE_NAME])
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    port = tls.listen(server, f"{args.host}:{args.port}",
+                      tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
     worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
     servicer = WorkerServicer(worker_id, cache)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)

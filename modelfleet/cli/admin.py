@@ -11,7 +11,7 @@ from rich.table import Table
 from modelfleet.errors import InvalidArgument
 from modelfleet.store import open_store
 from sharding import shard_for
-from version_service.etcd_client import connect
+from version_service.etcd_client import connect_args
 from version_service.membership import read_fleet
 from version_service.registry import Registry
 from version_service.schema import Keys, live_members
@@ -22,7 +22,7 @@ console = Console(highlight=False)
 def open_registry(args: argparse.Namespace) -> Registry:
     store = open_store(args.store, endpoint_url=getattr(args, "s3_endpoint", "") or None) \
         if getattr(args, "store", None) else None
-    return Registry(connect(args.etcd), Keys(args.prefix), store)
+    return Registry(connect_args(args), Keys(args.prefix), store)
 
 
 def register(args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def shard(args: argparse.Namespace) -> int:
 
 
 def workers(args: argparse.Namespace) -> int:
-    client = connect(args.etcd)
+    client = connect_args(args)
     records, drains = read_fleet(client, Keys(args.prefix))
     rows = [{**asdict(w), "drained": w.worker_id in drains,
              "state": "drained" if w.worker_id in drains else "joining" if w.joining else "live"}

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import grpc
-
+from modelfleet import tls
 from modelfleet.errors import InvalidArgument
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -17,11 +16,23 @@ def parse_features(text: str) -> list[float]:
         raise InvalidArgument(f"--features must be comma-separated numbers: {exc}") from None
 
 
+def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", args.api_key),) if getattr(args, "api_key", "") else ()
+
+
+def router_channel(args: argparse.Namespace, address: str):
+    """A blocking channel to a router, with TLS when --tls-ca / --tls-cert are given."""
+    credentials = tls.channel_credentials(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
+                                          getattr(args, "tls_key", ""))
+    return tls.channel(address, credentials, aio=False)
+
+
 def predict(args: argparse.Namespace) -> int:
     request = predictor_pb2.PredictRequest(tenant_id=args.tenant, features=parse_features(args.features),
                                            version=args.version)
-    with grpc.insecure_channel(args.router) as channel:
-        response = predictor_pb2_grpc.PredictorStub(channel).Predict(request, timeout=args.timeout)
+    with router_channel(args, args.router) as channel:
+        response = predictor_pb2_grpc.PredictorStub(channel).Predict(request, timeout=args.timeout,
+                                                                      metadata=call_metadata(args))
     print(json.dumps({"tenant": args.tenant, "model_version": response.model_version,
                       "worker_id": response.worker_id, "predictions": list(response.predictions)}))
     return 0

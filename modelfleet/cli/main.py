@@ -18,6 +18,7 @@ from modelfleet.errors import ModelfleetError
 
 Command = Callable[[argparse.Namespace], int | None]
 
+ETCD_ACCESS = (config.ETCD_USER, config.ETCD_PASSWORD, config.ETCD_CA, config.ETCD_CERT, config.ETCD_KEY)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -35,7 +36,7 @@ def _run_router(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelfleet.cli import admin, bulk, client, demo_fleet, rollouts, shards, up
+    from modelfleet.cli import admin, bulk, client, demo_fleet, keys, rollouts, shards, up
     from router import server as router_server
     from worker import server as worker_server
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Command, help_text: str, *options: config.Option) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        config.add_options(sub, *options, config.LOG_FORMAT, config.LOG_LEVEL)
+        config.add_options(sub, *options, *(ETCD_ACCESS if config.ETCD in options else ()), config.LOG_FORMAT,
+                           config.LOG_LEVEL)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("drain", shards.drain, "warm the active tenants' new members, then take the worker out of every shard"),
             ("undrain", shards.undrain, "put a drained worker back into shards (warming first)")):
         sub = actions.add_parser(name, help=help_text, description=help_text)
-        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES)
+        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES, *ETCD_ACCESS)
         sub.add_argument("worker_id")
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.set_defaults(handler=handler)
@@ -137,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def shards_action(name: str, handler: Command, help_text: str, *options: config.Option) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text)
-        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, *options, config.LOG_FORMAT,
-                           config.LOG_LEVEL)
+        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, *options, *ETCD_ACCESS,
+                           config.LOG_FORMAT, config.LOG_LEVEL)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -151,7 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--zones", type=int, default=1, help="simulated zones (with --simulate-workers)")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
-    sub = command("predict", client.predict, "call Predict through a router", config.ROUTER_ADDRESS)
+    sub = command("keys", keys.run, "create, list and revoke callers' API keys", config.ETCD, config.PREFIX)
+    sub.add_argument("action", choices=("create", "list", "revoke"))
+    sub.add_argument("key_id", nargs="?", help="the key to revoke")
+    sub.add_argument("--tenant", action="append", help="a tenant the key may call ('*' = all); repeatable")
+    sub.add_argument("--admin", action="store_true", help="also allow the router's admin API")
+    sub.add_argument("--actor", default=None, help="who creates it (default: the OS user)")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = command("predict", client.predict, "call Predict through a router", config.ROUTER_ADDRESS,
+                  config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
     sub.add_argument("tenant")
     sub.add_argument("--features", required=True, help="comma-separated floats, row-major (nan allowed)")
     sub.add_argument("--version", default="", help="a registered version (default: the serving one)")

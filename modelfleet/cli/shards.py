@@ -21,7 +21,7 @@ from modelfleet.rebalance import WarmupResult, active_models, run_warmups, warmu
 from sharding import Member
 from sharding.plan import FleetChange, ShardPlan, plan_change
 from sharding.report import isolation_report, simulated_fleet
-from version_service.etcd_client import connect, etcd_errors
+from version_service.etcd_client import connect_args, etcd_errors
 from version_service.membership import read_fleet
 from version_service.registry import Registry
 from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members, validate_id
@@ -45,7 +45,7 @@ class FleetState:
 
 
 def read_state(args: argparse.Namespace) -> FleetState:
-    registry = Registry(connect(args.etcd), Keys(args.prefix))
+    registry = Registry(connect_args(args), Keys(args.prefix))
     workers, drains = read_fleet(registry.client, registry.keys)
     tenants, sizes = registry.shard_sizes()
     return FleetState(registry, workers, set(drains) & set(workers), tenants, sizes)

@@ -1,0 +1,58 @@
+"""TLS and mutual TLS for every gRPC hop, from certificate files named by flags.
+
+One certificate and key per process serve both roles: presented to callers when it serves, and
+to servers when it calls them with mutual TLS (router -> worker). `--tls-client-ca` makes a
+server demand client certificates signed by that CA; `--tls-ca` is what a client trusts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from modelfleet.errors import InvalidArgument
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
+    """None when no certificate is configured (plaintext, for the demo and loopback tests)."""
+    if not cert and not key and not client_ca:
+        return None
+    if not cert or not key:
+        raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+    return grpc.ssl_server_credentials(
+        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
+        root_certificates=_read(client_ca, "client CA") if client_ca else None,
+        require_client_auth=bool(client_ca))
+
+
+def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials | None:
+    """None for plaintext; else verify the server with `ca` and present cert/key if given (mTLS)."""
+    if not ca and not cert:
+        return None
+    if bool(cert) != bool(key):
+        raise InvalidArgument("a client certificate needs both --tls-cert and --tls-key")
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca, "TLS CA") if ca else None,
+                                        private_key=_read(key, "TLS key") if key else None,
+                                        certificate_chain=_read(cert, "TLS certificate") if cert else None)
+
+
+def listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
+    if port == 0:
+        raise InvalidArgument(f"cannot listen on {address}")
+    return port
+
+
+def channel(address: str, credentials: grpc.ChannelCredentials | None, options=None, aio: bool = True):
+    module = grpc.aio if aio else grpc
+    if credentials is None:
+        return module.insecure_channel(address, options=options)
+    return module.secure_channel(address, credentials, options=options)
