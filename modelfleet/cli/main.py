@@ -36,7 +36,7 @@ def _run_router(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelfleet.cli import admin, bulk, client, demo_fleet, keys, rollouts, shards, up
+    from modelfleet.cli import admin, bulk, client, demo_fleet, keys, rollouts, shards, status, up
     from router import server as router_server
     from worker import server as worker_server
 
@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--tenants", type=int, default=100_000, help="simulated tenants (with --simulate-workers)")
     sub.add_argument("--zones", type=int, default=1, help="simulated zones (with --simulate-workers)")
     sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = command("status", status.run, "the fleet at a glance: workers, models, bytes, req/s, hit rate, revisions",
+                  config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
+    sub.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    sub.add_argument("--json", action="store_true", help="with --once: print JSON")
+    sub.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
 
     sub = command("keys", keys.run, "create, list and revoke callers' API keys", config.ETCD, config.PREFIX)
     sub.add_argument("action", choices=("create", "list", "revoke"))

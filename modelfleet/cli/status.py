@@ -1,0 +1,126 @@
+"""`modelfleet status`: the fleet at a glance, refreshing until Ctrl-C; `--once --json` for scripts.
+
+Workers and routers are found in etcd (both register under leases) and asked directly
+(Worker.Stats, RouterAdmin.Status). Rates come from the difference of two snapshots, so the
+first screen shows totals and the next ones requests per second and hit rates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from modelfleet import tls
+from modelfleet.cli.admin import open_registry
+from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc, worker_pb2, worker_pb2_grpc
+from version_service.membership import list_routers, read_fleet
+
+
+@dataclass
+class Snapshot:
+    at: float
+    workers: dict[str, dict] = field(default_factory=dict)
+    routers: dict[str, dict] = field(default_factory=dict)
+
+
+def _ask(address: str, credentials, call, timeout: float = 2.0):
+    try:
+        with tls.channel(address, credentials, aio=False) as channel:
+            return call(channel, timeout)
+    except grpc.RpcError as exc:
+        return exc.code().name  # type: ignore[attr-defined]
+
+
+def snapshot(args: argparse.Namespace, registry) -> Snapshot:
+    credentials = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    metadata = (("x-api-key", args.api_key),) if args.api_key else ()
+    workers, drains = read_fleet(registry.client, registry.keys)
+    snap = Snapshot(at=time.monotonic())
+    for worker_id, record in sorted(workers.items()):
+        stats = _ask(record.address, credentials, lambda ch, t: worker_pb2_grpc.WorkerStub(ch).Stats(
+            worker_pb2.StatsRequest(), timeout=t))
+        row = {"worker_id": worker_id, "address": record.address, "zone": record.zone,
+               "state": "drained" if worker_id in drains else "joining" if record.joining else "live"}
+        if isinstance(stats, str):
+            row["error"] = stats
+        else:
+            row.update(models=stats.models_loaded, bytes_used=stats.bytes_used, bytes_budget=stats.bytes_budget,
+                       predictions=stats.predictions_total, hits=stats.hits_total, misses=stats.misses_total,
+                       loads=stats.loads_total, evictions=stats.evictions_total,
+                       load_failures=stats.load_failures_total)
+        snap.workers[worker_id] = row
+    for router in list_routers(registry.client, registry.keys):
+        status = _ask(router.address, credentials, lambda ch, t: router_admin_pb2_grpc.RouterAdminStub(ch).Status(
+            router_admin_pb2.RouterStatusRequest(), timeout=t, metadata=metadata))
+        row = {"router_id": router.router_id, "address": router.address}
+        if isinstance(status, str):
+            row["error"] = status
+        else:
+            row.update(revision=status.revision, tenants=status.tenants, live_workers=status.live_workers,
+                       etcd_connected=status.etcd_connected, seconds_since_change=round(status.seconds_since_change, 1))
+        snap.routers[router.router_id] = row
+    return snap
+
+
+def with_rates(now: Snapshot, before: Snapshot | None) -> Snapshot:
+    for worker_id, row in now.workers.items():
+        old = before.workers.get(worker_id) if before else None
+        if old and "predictions" in row and "predictions" in old:
+            elapsed = max(now.at - before.at, 1e-6)
+            row["rps"] = round((row["predictions"] - old["predictions"]) / elapsed, 1)
+            lookups = (row["hits"] - old["hits"]) + (row["misses"] - old["misses"])
+            row["hit_rate"] = round((row["hits"] - old["hits"]) / lookups, 4) if lookups else None
+        elif "hits" in row:
+            lookups = row["hits"] + row["misses"]
+            row["hit_rate"] = round(row["hits"] / lookups, 4) if lookups else None
+    return now
+
+
+def render(snap: Snapshot) -> Group:
+    workers = Table(title=f"{len(snap.workers)} workers")
+    for column in ("worker", "zone", "state", "models", "MB used / budget", "req/s", "hit rate", "loads", "evictions",
+                   "load failures"):
+        workers.add_column(column)
+    for row in snap.workers.values():
+        if "error" in row:
+            workers.add_row(row["worker_id"], row["zone"], row["state"], f"[red]{row['error']}[/red]")
+            continue
+        workers.add_row(row["worker_id"], row["zone"], row["state"], str(row["models"]),
+                        f"{row['bytes_used'] / 2**20:.1f} / {row['bytes_budget'] / 2**20:.0f}",
+                        str(row.get("rps", "")), "" if row.get("hit_rate") is None else f"{row['hit_rate']:.1%}",
+                        str(row["loads"]), str(row["evictions"]), str(row["load_failures"]))
+    routers = Table(title=f"{len(snap.routers)} routers")
+    for column in ("router", "address", "routing revision", "tenants", "live workers", "etcd", "last change s"):
+        routers.add_column(column)
+    for row in snap.routers.values():
+        if "error" in row:
+            routers.add_row(row["router_id"], row["address"], f"[red]{row['error']}[/red]")
+            continue
+        routers.add_row(row["router_id"], row["address"], str(row["revision"]), str(row["tenants"]),
+                        str(row["live_workers"]), "connected" if row["etcd_connected"] else "[red]away[/red]",
+                        str(row["seconds_since_change"]))
+    return Group(workers, routers)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = open_registry(args)
+    if args.once:
+        snap = with_rates(snapshot(args, registry), None)
+        if args.json:
+            print(json.dumps({"workers": list(snap.workers.values()), "routers": list(snap.routers.values())}))
+        else:
+            Console().print(render(snap))
+        return 0
+    before = None
+    with Live(console=Console(), refresh_per_second=4, screen=False) as live:
+        while True:
+            now = with_rates(snapshot(args, registry), before)
+            live.update(render(now))
+            before = now
+            time.sleep(args.interval)  # the refresh period of a live view, not synchronisation

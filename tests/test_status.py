@@ -1,0 +1,34 @@
+"""`modelfleet status --once --json` against a running fleet; the live view under tmux-like use."""
+from __future__ import annotations
+
+import json
+
+from modelfleet.demo_models import sample_features
+from tests.fleet import predict, predictor
+from tests.test_cli import cli
+
+
+def test_status_reports_workers_routers_models_and_revision(fleet):
+    fleet.register("a", "v1", seed=1)
+    fleet.register("b", "v1", seed=2)
+    fleet.start_worker("w1", zone="z1", cache_bytes=64 << 20)
+    fleet.start_worker("w2", zone="z2")
+    router = fleet.start_router(shard_size=1)
+    stub = predictor(router.address)
+    for _ in range(3):
+        for tenant in ("a", "b"):
+            predict(stub, tenant, sample_features(1, 1)[0])
+    done = cli(fleet, "status", "--once", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    workers = {w["worker_id"]: w for w in doc["workers"]}
+    assert set(workers) == {"w1", "w2"} and workers["w1"]["zone"] == "z1"
+    assert workers["w1"]["bytes_budget"] == 64 << 20
+    assert sum(w["predictions"] for w in workers.values()) == 6
+    assert sum(w["models"] for w in workers.values()) == 2
+    assert all(abs(w["hit_rate"] - 2 / 3) < 1e-3 for w in workers.values() if w["predictions"])
+    (r,) = doc["routers"]
+    _, meta = fleet.client.get(fleet.keys.route("b"))
+    assert r["etcd_connected"] and r["revision"] >= meta.mod_revision and r["tenants"] == 2
+    table = cli(fleet, "status", "--once")
+    assert table.returncode == 0 and "w2" in table.stdout and "routing revision" in table.stdout
