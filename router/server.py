@@ -18,7 +18,9 @@ from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
 from modelfleet.errors import Unavailable
+from modelfleet.oip import grpc_service_pb2_grpc
 from router.admin import RouterAdminServicer
+from router.oip import SERVICE_NAME as OIP_SERVICE_NAME, InferenceServicer
 from router.rollout import Rollouts
 from router.servicer import PredictorServicer
 from router.worker_pool import WorkerPool
@@ -27,6 +29,7 @@ from modelfleet import tls
 from router.auth import ApiKeyInterceptor
 from version_service.etcd_client import connect_args, etcd_credentials
 from version_service.membership import LeasedRegistration
+from version_service.registry import Registry
 from version_service.routing_cache import RoutingCache
 from version_service.schema import Keys, RouterRecord, validate_id
 
@@ -73,7 +76,7 @@ async def serve(args: argparse.Namespace) -> None:
     membership.apply()
 
     interceptors = [ApiKeyInterceptor(lambda: routes.api_keys)] if args.auth else []
-    server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME], interceptors)
+    server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], interceptors)
     port = tls.listen(server, f"{args.host}:{args.port}", server_credentials)
     router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
     validate_id("router id", router_id)
@@ -83,9 +86,12 @@ async def serve(args: argparse.Namespace) -> None:
     predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
     router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), server)
-    await server.start()
     client = connect_args(args)
     keys = Keys(args.prefix)
+    registry = Registry(client, keys)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(servicer, routes, registry.version, registry.versions), server)
+    await server.start()
     record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     registration = LeasedRegistration(client, keys.router(router_id), record, ttl=args.lease_ttl)
@@ -93,13 +99,13 @@ async def serve(args: argparse.Namespace) -> None:
         await loop.run_in_executor(None, registration.start)
     except Unavailable as exc:
         event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
-    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME], True)
+    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], True)
     event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", auth=args.auth,
           tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 
     await wait_for_signal()
-    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME], False)
+    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], False)
     await loop.run_in_executor(None, registration.stop)
     await server.stop(grace=10)
     await rollouts.close()

@@ -1,0 +1,209 @@
+"""The Open Inference Protocol (KServe V2, `inference.GRPCInferenceService`) on the router.
+
+A thin translator in front of the Predictor servicer, nothing more: a V2 request becomes a
+`PredictRequest` (model_name = tenant id, model_version = version, empty = the serving one), goes
+down the very same route -> shard -> forward path (rollouts, failover, deadlines, errors), and the
+`PredictResponse` becomes a V2 response. What V2 needs and Predict does not know is the model's
+shape, so the feature and class counts come from the version record (immutable once registered,
+read from etcd once per router and kept in a small LRU).
+
+The tensor contract:
+- exactly one input, FP64 (or FP32), shape [rows, num_features] (or [num_features]: one row), as
+  typed contents (fp64_contents / fp32_contents) or as raw little-endian `raw_input_contents`;
+- one output, `predict`, FP64, shape [rows] (multiclass: [rows, num_classes]), raw when the
+  request was raw, typed otherwise.
+Anything else is INVALID_ARGUMENT; an unknown model or version is NOT_FOUND.
+"""
+from __future__ import annotations
+
+import asyncio
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+import grpc
+import numpy as np
+from cachetools import LRUCache
+
+from modelfleet.errors import FailedPrecondition, InvalidArgument, NotFound
+from modelfleet.oip import grpc_service_pb2 as pb
+from modelfleet.oip import grpc_service_pb2_grpc
+from modelfleet.rpc import translate_errors
+from modelfleet.v1 import predictor_pb2
+from router.servicer import PredictorServicer
+from version_service.routing_cache import RoutingCache
+from version_service.schema import RouteRecord, VersionRecord, validate_id
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PLATFORM = "lightgbm"
+INPUT_NAME = "features"  # what ModelMetadata advertises; ModelInfer accepts any name
+OUTPUT_NAME = "predict"
+OUTPUT_DATATYPE = "FP64"
+# datatype -> (little-endian numpy dtype of raw contents, the InferTensorContents field)
+INPUT_DATATYPES = {"FP64": (np.dtype("<f8"), "fp64_contents"), "FP32": (np.dtype("<f4"), "fp32_contents")}
+VERSION_CACHE_SIZE = 4096
+
+VersionInfo = Callable[[str, str], VersionRecord]
+VersionList = Callable[[str], Iterable[Any]]
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("modelfleet")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """`predictor` is the router's PredictorServicer; `version_info(tenant, version)` reads a version
+    record (blocking, e.g. Registry.version); `versions(tenant)`, optional, lists the registered
+    versions (VersionRecords or strings, e.g. Registry.versions) for ModelMetadata; without it the
+    versions the route names are reported."""
+
+    def __init__(self, predictor: PredictorServicer, routes: RoutingCache, version_info: VersionInfo,
+                 versions: VersionList | None = None, *, cache_size: int = VERSION_CACHE_SIZE) -> None:
+        self.predictor = predictor
+        self.routes = routes
+        self._version_info = version_info
+        self._versions = versions
+        self._records: LRUCache = LRUCache(maxsize=cache_size)
+        self._server_version = _server_version()
+
+    # -- health and metadata ---------------------------------------------------------------
+    @translate_errors
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
+        return pb.ServerLiveResponse(live=True)
+
+    @translate_errors
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext):
+        ready = self.routes.resyncs > 0 and bool(self.routes.live_members())
+        return pb.ServerReadyResponse(ready=ready)
+
+    @translate_errors
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
+        return pb.ServerMetadataResponse(name="modelfleet", version=self._server_version, extensions=[])
+
+    @translate_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):
+        tenant = validate_id("tenant id", request.name)
+        route = self.routes.route(tenant)
+        if route is None:
+            return pb.ModelReadyResponse(ready=False)
+        if request.version:
+            try:
+                await self._record(tenant, request.version)
+            except NotFound:
+                return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @translate_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
+        tenant = request.name
+        route = self._route(tenant)
+        record = await self._record(tenant, request.version or route.serving)
+        if self._versions is not None:
+            listed = await asyncio.get_running_loop().run_in_executor(None, self._versions, tenant)
+            versions = [getattr(v, "version", v) for v in listed]
+        else:
+            versions = list(dict.fromkeys(v for v in (route.newest, route.serving, route.canary, route.shadow) if v))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=tenant, versions=versions, platform=PLATFORM,
+            inputs=[tensor(name=INPUT_NAME, datatype="FP64", shape=[-1, record.num_features])],
+            outputs=[tensor(name=OUTPUT_NAME, datatype=OUTPUT_DATATYPE, shape=_output_shape(-1, record))])
+
+    # -- inference -------------------------------------------------------------------------
+    @translate_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
+        tenant = request.model_name
+        route = self._route(tenant)
+        raw = len(request.raw_input_contents) > 0
+        rows, features = _decode_input(request)
+        for output in request.outputs:
+            if output.name != OUTPUT_NAME:
+                raise InvalidArgument(f"model {tenant!r} has no output {output.name!r}; its one output is "
+                                      f"{OUTPUT_NAME!r}")
+        expected = request.model_version or route.serving
+        _check_features(tenant, await self._record(tenant, expected), features.shape[1])
+
+        predict = predictor_pb2.PredictRequest(tenant_id=tenant, version=request.model_version,
+                                               features=features.reshape(-1).tolist())
+        answer = await self.predictor.Predict(predict, context)
+
+        record = await self._record(tenant, answer.model_version)
+        if answer.model_version != expected:  # a canary answered: it must take the same features
+            _check_features(tenant, record, features.shape[1])
+        predictions = np.asarray(answer.predictions, dtype="<f8")
+        shape = _output_shape(rows, record)
+        if predictions.size != int(np.prod(shape)):
+            raise FailedPrecondition(f"model {tenant!r} version {answer.model_version!r} answered "
+                                     f"{predictions.size} values for {rows} rows; its record says shape {shape}")
+        output = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT_NAME, datatype=OUTPUT_DATATYPE, shape=shape)
+        response = pb.ModelInferResponse(model_name=tenant, model_version=answer.model_version, id=request.id)
+        if raw:
+            response.raw_output_contents.append(predictions.tobytes())
+        else:
+            output.contents.fp64_contents.extend(answer.predictions)
+        response.outputs.append(output)
+        return response
+
+    # -- internals -------------------------------------------------------------------------
+    def _route(self, tenant: str) -> RouteRecord:
+        route = self.routes.route(tenant)
+        if route is None:
+            validate_id("tenant id", tenant)
+            raise NotFound(f"unknown model {tenant!r}: no model registered for this tenant")
+        return route
+
+    async def _record(self, tenant: str, version: str) -> VersionRecord:
+        """The version record, from the LRU or read once (blocking) off the event loop."""
+        key = (tenant, version)
+        record = self._records.get(key)
+        if record is None:
+            record = await asyncio.get_running_loop().run_in_executor(None, self._version_info, tenant, version)
+            self._records[key] = record
+        return record
+
+
+def _output_shape(rows: int, record: VersionRecord) -> list[int]:
+    return [rows, record.num_classes] if record.num_classes > 1 else [rows]
+
+
+def _check_features(tenant: str, record: VersionRecord, got: int) -> None:
+    if got != record.num_features:
+        raise InvalidArgument(f"model {tenant!r} version {record.version!r} takes {record.num_features} features "
+                              f"per row; the input tensor has {got}")
+
+
+def _decode_input(request: pb.ModelInferRequest) -> tuple[int, np.ndarray]:
+    """(rows, float64 array [rows, features]) from the request's one input tensor."""
+    if len(request.inputs) != 1:
+        raise InvalidArgument(f"expected exactly one input tensor [rows, features], got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.datatype not in INPUT_DATATYPES:
+        raise InvalidArgument(f"input {tensor.name!r} has datatype {tensor.datatype!r}; expected FP64 or FP32")
+    shape = list(tensor.shape)
+    if len(shape) == 1:
+        shape = [1, *shape]
+    if len(shape) != 2 or any(d < 1 for d in shape):
+        raise InvalidArgument(f"input {tensor.name!r} has shape {list(tensor.shape)}; expected [rows, features] "
+                              f"(or [features] for one row), every dimension at least 1")
+    rows, width = shape
+    count = rows * width
+    dtype, field = INPUT_DATATYPES[tensor.datatype]
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument(f"raw_input_contents has {len(request.raw_input_contents)} entries for one input")
+        if tensor.HasField("contents"):
+            raise InvalidArgument(f"input {tensor.name!r} has both typed contents and raw_input_contents")
+        data = request.raw_input_contents[0]
+        if len(data) != count * dtype.itemsize:
+            raise InvalidArgument(f"input {tensor.name!r} of shape {list(tensor.shape)} and datatype "
+                                  f"{tensor.datatype} needs {count * dtype.itemsize} raw bytes, got {len(data)}")
+        values = np.frombuffer(data, dtype=dtype)
+    else:
+        contents = getattr(tensor.contents, field)
+        if len(contents) != count:
+            raise InvalidArgument(f"input {tensor.name!r} of shape {list(tensor.shape)} needs {count} values in "
+                                  f"{field}, got {len(contents)}")
+        values = np.asarray(contents, dtype=dtype)
+    return rows, values.astype(np.float64).reshape(rows, width)
