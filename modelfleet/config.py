@@ -80,6 +80,10 @@ ETCD_CA = Option("--etcd-ca", "MODELFLEET_ETCD_CA", "", str, "CA of etcd's TLS c
 ETCD_CERT = Option("--etcd-cert", "MODELFLEET_ETCD_CERT", "", str, "client certificate for etcd (mutual TLS)")
 ETCD_KEY = Option("--etcd-key", "MODELFLEET_ETCD_KEY", "", str, "its key")
 
+# -- observability ----------------------------------------------------------------------------
+METRICS_PORT = Option("--metrics-port", "MODELFLEET_METRICS_PORT", 0, int,
+                      "Prometheus metrics on this HTTP port (0 = off)")
+
 # -- router -----------------------------------------------------------------------------------
 ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, int, "router gRPC port (0 = any free port)")
 SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, int,
@@ -115,11 +119,11 @@ EJECT_BACKOFF_S = Option("--eject-backoff", "MODELFLEET_EJECT_BACKOFF", 1.0, flo
                          "seconds an ejected worker is first skipped; doubles on each failed probe")
 EJECT_MAX_BACKOFF_S = Option("--eject-max-backoff", "MODELFLEET_EJECT_MAX_BACKOFF", 30.0, float,
                              "upper bound of the ejection back-off, seconds")
-TENANT_RATE_LIMIT = Option("--tenant-rate-limit", "MODELFLEET_TENANT_RATE_LIMIT", 1000.0, float,
+TENANT_RATE_LIMIT = Option("--tenant-rate-limit", "MODELFLEET_TENANT_RATE_LIMIT", 10_000.0, float,
                            "requests per second per tenant on each router when the route sets none (0 = no limit)")
 TENANT_BURST = Option("--tenant-burst", "MODELFLEET_TENANT_BURST", 0.0, float,
                       "token-bucket size per tenant when the route sets none (0 = one second of the rate)")
-TENANT_MAX_INFLIGHT = Option("--tenant-max-inflight", "MODELFLEET_TENANT_MAX_INFLIGHT", 256, int,
+TENANT_MAX_INFLIGHT = Option("--tenant-max-inflight", "MODELFLEET_TENANT_MAX_INFLIGHT", 1024, int,
                              "requests of one tenant in flight on each router when the route sets none (0 = no limit)")
 ROUTER_RESILIENCE_OPTIONS = (HEDGE_AFTER_MS, EJECT_AFTER_FAILURES, EJECT_BACKOFF_S, EJECT_MAX_BACKOFF_S,
                              TENANT_RATE_LIMIT, TENANT_BURST, TENANT_MAX_INFLIGHT)
@@ -157,7 +161,7 @@ ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
-    ETCD_CERT, ETCD_KEY, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
+    ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
 )
 
 

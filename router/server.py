@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import socket
+import time
 
 from modelfleet import config
 from modelfleet.log import event
@@ -25,7 +26,9 @@ from router.rollout import Rollouts
 from router.servicer import PredictorServicer
 from router.worker_pool import WorkerPool
 from sharding import ShardCache
-from modelfleet import tls
+from prometheus_client import CollectorRegistry
+
+from modelfleet import metrics, tls
 from router.auth import ApiKeyInterceptor
 from version_service.etcd_client import connect_args, etcd_credentials
 from version_service.membership import LeasedRegistration
@@ -37,7 +40,7 @@ log = logging.getLogger("modelfleet.router")
 
 OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.ROUTER_ID, config.ADVERTISE_HOST,
            config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
-           config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA)
+           config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT)
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
 
@@ -62,6 +65,23 @@ class Membership:
         event(log, "router.membership", live=len(live), workers=len(workers))
 
 
+def _export_router_metrics(registry: CollectorRegistry, routes: RoutingCache, shards: ShardCache,
+                           servicer: PredictorServicer) -> None:
+    """Failover, shedding and routing-cache state, read at scrape time."""
+    counters = getattr(servicer, "counters", None)
+    if counters is not None:
+        metrics.counters(registry, "modelfleet_router_events", "retries, hedges, ejections, shed requests, ...",
+                         counters.snapshot)
+    metrics.gauges(registry, lambda: {
+        "modelfleet_routing_revision": ("etcd revision of the newest change applied", routes.revision),
+        "modelfleet_routing_staleness_seconds": ("seconds since the routing cache last changed",
+                                                 time.monotonic() - routes.last_change),
+        "modelfleet_routing_etcd_connected": ("1 while the etcd watch is connected", int(routes.connected)),
+        "modelfleet_routing_tenants": ("tenants in the routing cache", len(routes.routes)),
+        "modelfleet_routing_live_workers": ("workers shards are computed over", len(shards.members)),
+    })
+
+
 async def serve(args: argparse.Namespace) -> None:
     if args.shard_size < 1:
         raise SystemExit("error: --shard-size must be at least 1")
@@ -75,7 +95,10 @@ async def serve(args: argparse.Namespace) -> None:
     routes.add_listener(membership.on_change)
     membership.apply()
 
-    interceptors = [ApiKeyInterceptor(lambda: routes.api_keys)] if args.auth else []
+    registry = CollectorRegistry()
+    interceptors = [metrics.RpcMetrics(registry, "router")]  # outermost: counts refused calls too
+    if args.auth:
+        interceptors.append(ApiKeyInterceptor(lambda: routes.api_keys))
     server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], interceptors)
     port = tls.listen(server, f"{args.host}:{args.port}", server_credentials)
     router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
@@ -84,6 +107,8 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline,
                                  rollouts)
     predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
+    _export_router_metrics(registry, routes, shards, servicer)
+    metrics_port = metrics.serve(registry, args.host, args.metrics_port)
     router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), server)
     client = connect_args(args)
@@ -100,7 +125,8 @@ async def serve(args: argparse.Namespace) -> None:
     except Unavailable as exc:
         event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
     await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], True)
-    event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", auth=args.auth,
+    event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", metrics_port=metrics_port,
+          auth=args.auth,
           tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 

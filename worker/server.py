@@ -25,7 +25,9 @@ from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, read_fleet
 from version_service.registry import Registry
 from version_service.schema import Keys, WorkerRecord, live_members, validate_id
-from modelfleet import tls
+from prometheus_client import CollectorRegistry
+
+from modelfleet import metrics, tls
 from worker import memory
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
@@ -37,7 +39,7 @@ OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, con
            config.S3_ENDPOINT, config.HOST, config.WORKER_PORT, config.WORKER_ID,
            config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
            config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
-           config.TLS_CLIENT_CA, config.TLS_CA)
+           config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 REGISTER_TIMEOUT_S = 30.0
 
@@ -53,11 +55,14 @@ async def serve(args: argparse.Namespace) -> None:
                        endpoint_url=args.s3_endpoint or None)
     cache = ModelCache(ModelLoader(client, keys, store).load, args.cache_bytes, args.load_threads)
 
-    server, health = build_server([SERVICE_NAME])
+    registry = CollectorRegistry()
+    server, health = build_server([SERVICE_NAME], [metrics.RpcMetrics(registry, "worker")])
     port = tls.listen(server, f"{args.host}:{args.port}",
                       tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
     worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
     servicer = WorkerServicer(worker_id, cache)
+    _export_cache_metrics(registry, cache, servicer)
+    metrics_port = metrics.serve(registry, args.host, args.metrics_port)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()
 
@@ -71,7 +76,7 @@ async def serve(args: argparse.Namespace) -> None:
         await loop.run_in_executor(None, warm_before_going_live, client, keys, record, args)
         await loop.run_in_executor(None, membership.update, dataclasses.replace(record, joining=False))
     await set_serving(health, [SERVICE_NAME], True)
-    event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone,
+    event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
           cache_bytes=args.cache_bytes)
 
     trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
@@ -84,6 +89,19 @@ async def serve(args: argparse.Namespace) -> None:
     cache.close()
     client.close()
     event(log, "worker.stopped", worker=worker_id)
+
+
+def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servicer: WorkerServicer) -> None:
+    """The model cache's own counters, read at scrape time (nothing added to the request path)."""
+    metrics.counters(registry, "modelfleet_worker_cache_events", "model cache hits, misses, loads, failures, evictions",
+                     lambda: {"hit": cache.counters.hits, "miss": cache.counters.misses, "load": cache.counters.loads,
+                              "load_failure": cache.counters.load_failures, "eviction": cache.counters.evictions})
+    metrics.gauges(registry, lambda: {
+        "modelfleet_worker_cache_bytes_used": ("bytes the loaded models hold", cache.bytes_used),
+        "modelfleet_worker_cache_bytes_budget": ("the cache's byte budget", cache.budget),
+        "modelfleet_worker_models_loaded": ("models in the cache", len(cache)),
+        "modelfleet_worker_predictions": ("predictions answered since start", servicer.predictions),
+    })
 
 
 async def _trim_after_evictions(cache: ModelCache, every_s: float = 1.0) -> None:

@@ -1,0 +1,110 @@
+"""Prometheus metrics for routers and workers, on their own HTTP port (`--metrics-port`).
+
+Two kinds, so the request path pays almost nothing:
+- an interceptor times every RPC and counts it by method and status, and counts requests per
+  tenant in a plain dict (exported only for the top-K busiest tenants: bounded cardinality);
+- collectors read counters the components already keep (cache, failover, routing cache) at
+  scrape time, so those cost nothing per request.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable, Iterable, Mapping
+
+import grpc
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+TOP_TENANTS = 20
+_TENANT_TABLE_LIMIT = 50_000  # beyond this many distinct tenants, keep only the busiest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    """modelfleet_rpc_requests_total{method,code}, modelfleet_rpc_seconds{method}, top-K tenants."""
+
+    def __init__(self, registry: CollectorRegistry, component: str) -> None:
+        self.counts: Counter = Counter()  # (method, code) -> n
+        self.tenants: Counter = Counter()
+        self.seconds = Histogram("modelfleet_rpc_seconds", "RPC latency in seconds", ["component", "method"],
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.component = component
+        registry.register(_Collector(self._collect))
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or details.method.startswith("/grpc."):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        inner, counts, tenants = handler.unary_unary, self.counts, self.tenants
+        observe = self.seconds.labels(self.component, method).observe
+
+        async def measured(request, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                observe(time.perf_counter() - started)
+                counts[(method, code)] += 1
+                tenant = getattr(request, "tenant_id", None) or getattr(request, "model_name", None)
+                if tenant:
+                    tenants[tenant] += 1
+                    if len(tenants) > _TENANT_TABLE_LIMIT:
+                        keep = tenants.most_common(_TENANT_TABLE_LIMIT // 10)
+                        tenants.clear()
+                        tenants.update(dict(keep))
+
+        return grpc.unary_unary_rpc_method_handler(measured, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+    def _collect(self):
+        requests = CounterMetricFamily("modelfleet_rpc_requests", "RPCs by method and status code",
+                                       labels=["component", "method", "code"])
+        for (method, code), n in sorted(self.counts.items()):
+            requests.add_metric([self.component, method, code], n)
+        busiest = CounterMetricFamily("modelfleet_tenant_requests",
+                                      f"requests of the {TOP_TENANTS} busiest tenants (bounded cardinality)",
+                                      labels=["component", "tenant"])
+        for tenant, n in self.tenants.most_common(TOP_TENANTS):
+            busiest.add_metric([self.component, tenant], n)
+        return [requests, busiest]
+
+
+class _Collector:
+    def __init__(self, collect: Callable[[], Iterable]) -> None:
+        self.collect = collect
+
+
+def counters(registry: CollectorRegistry, name: str, doc: str, read: Callable[[], Mapping[str, float]],
+             label: str = "kind") -> None:
+    """Exports a dict of monotonically increasing counts as one counter family, read at scrape."""
+    def collect():
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for key, value in sorted(read().items()):
+            family.add_metric([key], value)
+        return [family]
+
+    registry.register(_Collector(collect))
+
+
+def gauges(registry: CollectorRegistry, read: Callable[[], Mapping[str, tuple[str, float]]]) -> None:
+    """Exports name -> (help, value) gauges, read at scrape."""
+    def collect():
+        return [GaugeMetricFamily(name, doc, value=value) for name, (doc, value) in sorted(read().items())]
+
+    registry.register(_Collector(collect))
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Starts the HTTP exposition server; returns its port (0 = off)."""
+    if not port:
+        return 0
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return server.server_port
