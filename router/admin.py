@@ -23,12 +23,16 @@ class RouterAdminServicer(router_admin_pb2_grpc.RouterAdminServicer):
         self.default_shard_size = default_shard_size
         self.rollouts = rollouts
 
-    @translate_errors
-    async def Shard(self, request: router_admin_pb2.ShardRequest, context: grpc.aio.ServicerContext):
-        tenant = validate_id("tenant id", request.tenant_id)
+    def _route(self, tenant_id: str):
+        tenant = validate_id("tenant id", tenant_id)
         route = self.routes.route(tenant)
         if route is None:
             raise NotFound(f"unknown tenant {tenant!r}: no model registered")
+        return tenant, route
+
+    @translate_errors
+    async def Shard(self, request: router_admin_pb2.ShardRequest, context: grpc.aio.ServicerContext):
+        tenant, route = self._route(request.tenant_id)
         k = route.shard_size or self.default_shard_size
         return router_admin_pb2.ShardResponse(tenant_id=tenant, workers=self.shards.get(tenant, k), shard_size=k,
                                               serving_version=route.serving, revision=self.routes.revision)
@@ -43,10 +47,7 @@ class RouterAdminServicer(router_admin_pb2_grpc.RouterAdminServicer):
 
     @translate_errors
     async def Rollout(self, request: router_admin_pb2.RolloutStatusRequest, context: grpc.aio.ServicerContext):
-        tenant = validate_id("tenant id", request.tenant_id)
-        route = self.routes.route(tenant)
-        if route is None:
-            raise NotFound(f"unknown tenant {tenant!r}: no model registered")
+        tenant, route = self._route(request.tenant_id)
         response = router_admin_pb2.RolloutStatusResponse(
             tenant_id=tenant, router_id=self.router_id, serving_version=route.serving,
             canary_version=route.canary or "", canary_percent=route.canary_percent or 0.0,
