@@ -15,6 +15,7 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import grpc
 
+from modelfleet import tls
 from modelfleet.log import event
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from sharding import Member, shard_for
@@ -41,13 +42,14 @@ class WarmupResult:
         return self.loaded + self.already_warm + len(self.failed)
 
 
-def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: float = 5.0) -> dict[str, set[str]]:
+def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: float = 5.0,
+                  credentials: grpc.ChannelCredentials | None = None) -> dict[str, set[str]]:
     """tenant -> versions some worker served within `within_s` seconds. Unreachable workers are skipped."""
     active: dict[str, set[str]] = {}
     request = worker_pb2.StatsRequest(include_models=True, active_within_s=max(within_s, 1e-9))
     for worker in workers:
         try:
-            with grpc.insecure_channel(worker.address) as channel:
+            with tls.channel(worker.address, credentials, aio=False) as channel:
                 stats = worker_pb2_grpc.WorkerStub(channel).Stats(request, timeout=timeout)
         except grpc.RpcError as exc:
             event(log, "rebalance.stats_failed", level=logging.WARNING, worker=worker.worker_id,
@@ -80,12 +82,14 @@ def warmups_for(active: Mapping[str, set[str]], tenants: Collection[str], sizes:
 
 
 def run_warmups(warmups: Sequence[Warmup], addresses: Mapping[str, str], concurrency: int = 8,
-                timeout: float = 30.0, on_progress: Callable[[WarmupResult, int], None] | None = None) -> WarmupResult:
+                timeout: float = 30.0, on_progress: Callable[[WarmupResult, int], None] | None = None,
+                credentials: grpc.ChannelCredentials | None = None) -> WarmupResult:
     """Calls Worker.Warm for each placement, `concurrency` at a time; never raises for one failure."""
     result = WarmupResult()
     if not warmups:
         return result
-    channels = {w: grpc.insecure_channel(addresses[w]) for w in {wu.worker_id for wu in warmups} if w in addresses}
+    channels = {w: tls.channel(addresses[w], credentials, aio=False)
+                for w in {wu.worker_id for wu in warmups} if w in addresses}
     stubs = {w: worker_pb2_grpc.WorkerStub(c) for w, c in channels.items()}
 
     def warm(wu: Warmup) -> bool:

@@ -1,21 +1,29 @@
 """One persistent gRPC channel per live worker, and the requests in flight on each.
 
 Channels are opened when a worker joins and closed when it leaves (membership watch), so the
-request path never dials. In-flight counts drive the spill decision in `choose_order`.
+request path never dials. In-flight counts drive the spill decision in `choose_order`; the
+outlier ejector (router.ejection) keeps each worker's recent failures and is told when a
+worker leaves, so its state never outlives the worker.
 """
 from __future__ import annotations
 
 import grpc
 
+from modelfleet import tls
 from modelfleet.rpc import CHANNEL_OPTIONS
 from modelfleet.v1 import worker_pb2_grpc
+from router.ejection import OutlierEjector
 from version_service.schema import WorkerRecord
 
 
 class WorkerPool:
-    def __init__(self) -> None:
+    def __init__(self, ejector: OutlierEjector | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """credentials: TLS (or mutual TLS) to the workers; None = plaintext."""
         self.stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self.inflight: dict[str, int] = {}
+        self.ejector = ejector if ejector is not None else OutlierEjector()
+        self._credentials = credentials
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
 
     def update(self, workers: dict[str, WorkerRecord]) -> list[grpc.aio.Channel]:
@@ -26,10 +34,11 @@ class WorkerPool:
             if record is None or record.address != address:
                 del self._channels[worker_id]
                 self.stubs.pop(worker_id, None)
+                self.ejector.forget(worker_id)  # a restarted worker (new address) starts clean
                 stale.append(channel)
         for worker_id, record in workers.items():
             if worker_id not in self._channels:
-                channel = grpc.aio.insecure_channel(record.address, options=CHANNEL_OPTIONS)
+                channel = tls.channel(record.address, self._credentials, options=CHANNEL_OPTIONS)
                 self._channels[worker_id] = (record.address, channel)
                 self.stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
                 self.inflight.setdefault(worker_id, 0)

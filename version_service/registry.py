@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import math
 import secrets
 import time
 from pathlib import Path
@@ -235,6 +236,22 @@ class Registry:
         if shard_size is not None and not 1 <= shard_size <= 1024:
             raise InvalidArgument(f"shard size must be between 1 and 1024, got {shard_size}")
         return self._update_route(tenant, "", lambda r: r.with_changes(shard_size=shard_size))
+
+    def set_limits(self, tenant: str, rate: float | None = None, burst: float | None = None,
+                   max_inflight: int | None = None) -> RouteRecord:
+        """Sets the tenant's load-shedding limits (per router); None = the routers' default for each.
+
+        All three are written together: `set_limits(t)` returns the tenant to the defaults.
+        """
+        if rate is not None and not (rate > 0 and math.isfinite(rate)):
+            raise InvalidArgument(f"rate limit must be a positive number of requests per second, got {rate}")
+        if burst is not None and not (burst >= 1 and math.isfinite(burst)):
+            raise InvalidArgument(f"burst must be at least 1 request, got {burst}")
+        if max_inflight is not None and not (isinstance(max_inflight, int) and max_inflight >= 1):
+            raise InvalidArgument(f"max in-flight must be a whole number of at least 1, got {max_inflight}")
+        return self._update_route(tenant, "", lambda r: r.with_changes(
+            rate_limit=None if rate is None else float(rate), burst=None if burst is None else float(burst),
+            max_inflight=max_inflight))
 
     def delete_versions(self, tenant: str, versions: list[str], route_revision: int) -> None:
         """Removes version records, if the route is still at `route_revision` and keeps none of them."""

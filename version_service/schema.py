@@ -137,6 +137,10 @@ class RouteRecord(_Record):
     A rollout adds either a canary (`canary` answers `canary_percent` % of the tenant's traffic)
     or a shadow (`shadow` gets a copy of the traffic; its answers are compared, never returned).
     Routers hold one of these per tenant, so it stays small (slots, short JSON).
+
+    Load-shedding limits, each None = the routers' defaults (--tenant-rate-limit, --tenant-burst,
+    --tenant-max-inflight): `rate_limit` requests per second and `burst` (token-bucket size; unset
+    with a rate = one second of it) per router, `max_inflight` requests in flight per router.
     """
 
     serving: str
@@ -146,6 +150,9 @@ class RouteRecord(_Record):
     canary: str | None = None
     canary_percent: float | None = None
     shadow: str | None = None
+    rate_limit: float | None = None
+    burst: float | None = None
+    max_inflight: int | None = None
 
     def with_changes(self, **changes: Any) -> "RouteRecord":
         return replace(self, **changes)
@@ -155,7 +162,7 @@ class RouteRecord(_Record):
         return {v for v in (self.canary, self.shadow) if v}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VersionRecord(_Record):
     """One registered model version. `artifact` is relative to the model store root."""
 

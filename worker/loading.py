@@ -22,7 +22,7 @@ class ModelLoader:
     loaded again costs no etcd round trip (the common case when the working set outgrows the
     cache), and a worker can reload a model it has seen while etcd is away."""
 
-    def __init__(self, client: EtcdClient, keys: Keys, store: Store, records: int = 200_000) -> None:
+    def __init__(self, client: EtcdClient, keys: Keys, store: Store, records: int = 20_000) -> None:
         self.client = client
         self.keys = keys
         self.store = store

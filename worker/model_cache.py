@@ -9,7 +9,13 @@ Invariants:
   first starts it in the load pool, the others await the same task, and a caller that gives
   up (deadline) does not cancel the load for the rest;
 - an evicted model's native memory is freed exactly once, after the last request using it
-  has finished (LoadedModel.borrow / close).
+  has finished (LoadedModel.borrow / close);
+- a failed load is remembered for a back-off (worker.negative_cache): requests within it get
+  the same error without a load;
+- at most `max_queued_loads` requests wait for loads at once; a miss beyond that gets
+  RESOURCE_EXHAUSTED with a retry hint at once (bounded memory and latency under a cold-load
+  storm). Hits never wait and are never shed: a warm tenant's request does not queue behind
+  anyone's load (loads run in their own pool; hits return before any await).
 
 Everything except the load itself runs on the event loop thread, so the maps need no locks.
 """
@@ -24,8 +30,11 @@ from typing import Callable
 
 from cachetools import LRUCache
 
+from modelfleet.config import MAX_QUEUED_LOADS
 from modelfleet.errors import ResourceExhausted
 from modelfleet.log import event
+from worker.negative_cache import NegativeCache
+from worker.overload import RetryLater
 from worker.predictor import LoadedModel
 
 log = logging.getLogger("modelfleet.model_cache")
@@ -41,6 +50,7 @@ class CacheCounters:
     loads: int = 0
     load_failures: int = 0
     evictions: int = 0
+    shed: int = 0  # misses answered RESOURCE_EXHAUSTED because too many requests waited for loads
 
 
 class _ByteLRU(LRUCache):
@@ -56,10 +66,22 @@ class _ByteLRU(LRUCache):
         return key, model
 
 
+_LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been measured
+
+
 class ModelCache:
-    def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4) -> None:
+    def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4,
+                 max_queued_loads: int | None = None, failures: NegativeCache | None = None) -> None:
+        """max_queued_loads None: MODELFLEET_MAX_QUEUED_LOADS, else 256; 0 = no bound."""
+        if max_queued_loads is None:
+            max_queued_loads = MAX_QUEUED_LOADS.resolve_default()
         self.budget = budget_bytes
         self.counters = CacheCounters()
+        self.max_queued_loads = max_queued_loads
+        self.failures = failures if failures is not None else NegativeCache()
+        self.waiting = 0  # requests awaiting a load now (the bounded queue)
+        self._load_threads = max(1, load_threads)
+        self._load_ms = _LOAD_MS_GUESS  # moving average, for the retry hint
         self._loader = loader
         self._lru = _ByteLRU(budget_bytes, self._evicted)
         self._inflight: dict[ModelKey, asyncio.Task] = {}
@@ -93,34 +115,58 @@ class ModelCache:
             self._last_used[key] = time.monotonic()
             return model, False
         self.counters.misses += 1
+        self.failures.check(key)  # a remembered failure: the same error, no load
+        if self.max_queued_loads and self.waiting >= self.max_queued_loads:
+            self.counters.shed += 1
+            raise RetryLater(f"worker has {self.waiting} requests waiting for model loads, its limit "
+                             f"(tenant {tenant!r} version {version!r} is not loaded)", self._retry_after_ms())
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._load(key))
             self._inflight[key] = task
-        return await asyncio.shield(task), True
+        self.waiting += 1
+        try:
+            return await asyncio.shield(task), True
+        finally:
+            self.waiting -= 1
+
+    def _retry_after_ms(self) -> int:
+        """About when the queue ahead will have drained: waiting loads x load time / threads."""
+        return int(min(5000.0, max(10.0, self.waiting * self._load_ms / self._load_threads)))
+
+    def _timed_load(self, key: ModelKey) -> tuple[LoadedModel, float]:
+        """In a load thread: the model and the milliseconds its load took (queueing excluded)."""
+        started = time.perf_counter()
+        model = self._loader(*key)
+        return model, (time.perf_counter() - started) * 1000
 
     async def _load(self, key: ModelKey) -> LoadedModel:
-        started = time.perf_counter()
         try:
-            model = await asyncio.get_running_loop().run_in_executor(self._pool, self._loader, *key)
+            try:
+                model, ms = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed_load, key)
+            finally:
+                self._inflight.pop(key, None)
+            self.counters.loads += 1
+            self._load_counts[key] = self._load_counts.get(key, 0) + 1
+            if model.nbytes > self.budget:
+                model.close()
+                event(log, "model.too_large_to_cache", level=logging.WARNING, tenant=key[0], version=key[1],
+                      bytes=model.nbytes, budget=self.budget)
+                raise ResourceExhausted(f"tenant {key[0]!r} version {key[1]!r} needs {model.nbytes} bytes loaded, "
+                                        f"more than this worker's whole model cache ({self.budget} bytes)")
         except Exception as exc:
-            self.counters.load_failures += 1
-            event(log, "model.load_failed", level=logging.WARNING, tenant=key[0], version=key[1], error=str(exc))
+            if not isinstance(exc, ResourceExhausted):
+                self.counters.load_failures += 1
+            backoff = self.failures.record(key, exc)
+            event(log, "model.load_failed", level=logging.WARNING, tenant=key[0], version=key[1], error=str(exc),
+                  retry_in_s=backoff)
             raise
-        finally:
-            self._inflight.pop(key, None)
-        self.counters.loads += 1
-        self._load_counts[key] = self._load_counts.get(key, 0) + 1
-        if model.nbytes > self.budget:
-            model.close()
-            event(log, "model.too_large_to_cache", level=logging.WARNING, tenant=key[0], version=key[1],
-                  bytes=model.nbytes, budget=self.budget)
-            raise ResourceExhausted(f"tenant {key[0]!r} version {key[1]!r} needs {model.nbytes} bytes loaded, "
-                                    f"more than this worker's whole model cache ({self.budget} bytes)")
+        self.failures.forget(key)
+        self._load_ms += (ms - self._load_ms) * 0.2
         self._lru[key] = model
         self._last_used[key] = time.monotonic()
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,
-              ms=round((time.perf_counter() - started) * 1000, 2))
+              ms=round(ms, 2))
         return model
 
     def idle_seconds(self, key: ModelKey) -> float:

@@ -128,13 +128,14 @@ def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.
         others = {w: r for w, r in workers.items() if w != me.worker_id}
         before = live_members(others, drains)
         after = live_members({**others, me.worker_id: dataclasses.replace(me, joining=False)}, drains)
-        active = active_models(others.values(), args.warm_active_minutes * 60)
+        credentials = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        active = active_models(others.values(), args.warm_active_minutes * 60, credentials=credentials)
         if not active:
             return
         tenants, sizes = Registry(client, keys).shard_sizes()
         mine = [w for w in warmups_for(active, set(tenants), sizes, before, after, args.shard_size)
                 if w.worker_id == me.worker_id]
-        result = run_warmups(mine, {me.worker_id: me.address})
+        result = run_warmups(mine, {me.worker_id: me.address}, credentials=credentials)
         event(log, "worker.warmed_before_join", worker=me.worker_id, active_tenants=len(active),
               placements=len(mine), loaded=result.loaded, failed=len(result.failed))
     except Exception as exc:  # noqa: BLE001 - never block a join on warm-up

@@ -2,7 +2,9 @@
 
 Small requests predict inline on the event loop (the C-API single-row call costs microseconds,
 less than a thread hop); batches run in a small predict pool so a large batch never stalls
-other tenants, and never wait behind model loads, which have their own pool.
+other tenants, and never wait behind model loads, which have their own pool. A warm model's
+single-row request therefore never waits for a cold load: a load storm only queues misses
+(bounded by --max-queued-loads; beyond it RESOURCE_EXHAUSTED with `retry-after-ms`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from modelfleet.rpc import translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import validate_id
 from worker.model_cache import ModelCache
+from worker.overload import RetryLater, set_retry_hint
 
 INLINE_MAX_VALUES = 1024  # features per request predicted on the loop thread
 
@@ -32,7 +35,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Predict(self, request: predictor_pb2.PredictRequest, context: grpc.aio.ServicerContext):
         tenant = validate_id("tenant id", request.tenant_id)
         version = validate_id("version", request.version)
-        model, _ = await self.cache.get(tenant, version)
+        try:
+            model, _ = await self.cache.get(tenant, version)
+        except RetryLater as exc:
+            set_retry_hint(context, exc)
+            raise
         features = request.features
         try:
             if len(features) <= INLINE_MAX_VALUES:
@@ -52,7 +59,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tenant = validate_id("tenant id", request.tenant_id)
         version = validate_id("version", request.version)
         started = time.perf_counter()
-        _, loaded = await self.cache.get(tenant, version)
+        try:
+            _, loaded = await self.cache.get(tenant, version)
+        except RetryLater as exc:
+            set_retry_hint(context, exc)
+            raise
         return worker_pb2.WarmResponse(loaded=loaded, load_ms=(time.perf_counter() - started) * 1000)
 
     @translate_errors

@@ -19,6 +19,7 @@ from modelfleet.errors import ModelfleetError
 Command = Callable[[argparse.Namespace], int | None]
 
 ETCD_ACCESS = (config.ETCD_USER, config.ETCD_PASSWORD, config.ETCD_CA, config.ETCD_CERT, config.ETCD_KEY)
+WORKER_CLIENT_TLS = (config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("drain", shards.drain, "warm the active tenants' new members, then take the worker out of every shard"),
             ("undrain", shards.undrain, "put a drained worker back into shards (warming first)")):
         sub = actions.add_parser(name, help=help_text, description=help_text)
-        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES, *ETCD_ACCESS)
+        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES, *ETCD_ACCESS,
+                           *WORKER_CLIENT_TLS)
         sub.add_argument("worker_id")
         sub.add_argument("--json", action="store_true", help="print JSON")
         sub.set_defaults(handler=handler)
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards.add_change_arguments(shards_action("plan", shards.plan, "what a proposed change would move"))
     shards.add_change_arguments(shards_action("apply", shards.apply, "warm, then commit a change in one transaction",
-                                              config.WARM_ACTIVE_MINUTES))
+                                              config.WARM_ACTIVE_MINUTES, *WORKER_CLIENT_TLS))
     sub = shards_action("report", shards.report, "isolation figures for the live fleet or a simulated one")
     sub.add_argument("--simulate-workers", type=int, metavar="N", help="report on N simulated workers instead")
     sub.add_argument("--tenants", type=int, default=100_000, help="simulated tenants (with --simulate-workers)")

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modelfleet import tls
 from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.rebalance import WarmupResult, active_models, run_warmups, warmups_for
 from sharding import Member
@@ -128,9 +129,12 @@ def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     before = live_members(state.workers, state.drains)
     after = live_members(state.workers, drains_after)
     sizes_after = dict(change.set_size)
-    active = active_models([state.workers[m.worker_id] for m in before], args.warm_active_minutes * 60)
+    credentials = tls.channel_credentials(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
+                                          getattr(args, "tls_key", ""))
+    active = active_models([state.workers[m.worker_id] for m in before], args.warm_active_minutes * 60,
+                           credentials=credentials)
     warmups = warmups_for(active, set(state.tenants), state.sizes, before, after, args.shard_size, sizes_after)
-    warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, quiet=args.json)
+    warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, args.json, credentials)
     commit(state, change)
     summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
                "active_tenants": len(active), "warmups": len(warmups), "loaded": warm.loaded,
@@ -146,13 +150,14 @@ def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     return 0
 
 
-def warm_with_progress(warmups, addresses, quiet: bool) -> WarmupResult:
+def warm_with_progress(warmups, addresses, quiet: bool, credentials=None) -> WarmupResult:
     if quiet or not warmups:
-        return run_warmups(warmups, addresses)
+        return run_warmups(warmups, addresses, credentials=credentials)
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("warm", total=len(warmups))
-        return run_warmups(warmups, addresses, on_progress=lambda r, total: progress.update(task, completed=r.done))
+        return run_warmups(warmups, addresses, credentials=credentials,
+                           on_progress=lambda r, total: progress.update(task, completed=r.done))
 
 
 def commit(state: FleetState, change: FleetChange) -> None:

@@ -1,0 +1,240 @@
+"""Forwarding one Predict to a tenant's shard: failover within the deadline, attempt timeouts, hedges.
+
+The members are tried in order (affinity and spill from WorkerPool, ejected workers last). An
+attempt ends the request when it answers, or when it fails with an error about the request
+itself (unknown version, bad features, corrupt artifact: every member would say the same).
+It makes way for the next member when:
+
+- it fails with UNAVAILABLE or CANCELLED (a dead, leaving or restarting worker), DEADLINE_EXCEEDED
+  with time left, or RESOURCE_EXHAUSTED carrying `retry-after-ms` (an overloaded worker): the
+  next member is tried at once;
+- it passes its *attempt timeout* without an answer: min(remaining, max(ATTEMPT_FLOOR_S,
+  remaining / members left)). With a 2 s deadline and two members, a hung first member (SIGSTOP)
+  costs 1 s, and the second still has 1 s. The slow attempt is not cancelled: it stays in the
+  race, so a member that was merely slow (a cold load) can still win;
+- it passes the hedge delay (router.hedging; off unless --hedge-after-ms): the next member gets
+  the same request as a hedge, within the hedge budget, never to an ejected worker.
+
+The first answer wins and every other outstanding attempt is cancelled. Failures and attempt
+timeouts feed the outlier ejector; a hedge that loses is not a failure.
+
+Invariants:
+- never more attempts than members, each member at most once per request;
+- every attempt's gRPC deadline is the caller's, so nothing outlives the request;
+- `pool.inflight[w]` is incremented when an attempt starts and decremented exactly once when
+  it ends (answered, failed or cancelled);
+- an attempt timeout counts against a worker only when it happens with time left; running out
+  of the caller's deadline is not the worker's fault.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from modelfleet import errors
+from modelfleet.errors import DeadlineExceeded, Unavailable
+from modelfleet.v1 import predictor_pb2
+from router.counters import RouterCounters
+from router.hedging import HedgePolicy
+from router.worker_pool import WorkerPool
+from worker.overload import RetryLater, retry_hint
+
+ATTEMPT_FLOOR_S = 0.1  # no attempt timeout shorter than this: short deadlines go to one member
+_TIME_LEFT_S = 0.005  # less than this left counts as the caller's deadline, not the worker's
+
+_FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+class _Attempt:
+    __slots__ = ("worker_id", "call", "started", "soft_deadline", "hedge", "timed_out")
+
+    def __init__(self, worker_id: str, call, started: float, soft_deadline: float | None, hedge: bool) -> None:
+        self.worker_id = worker_id
+        self.call = call
+        self.started = started
+        self.soft_deadline = soft_deadline  # None: this attempt has the whole remaining budget
+        self.hedge = hedge
+        self.timed_out = False
+
+
+class _Wake:
+    """One future at a time that call completions and the timer resolve."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future | None = None
+
+    def __call__(self, *_) -> None:
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+class Failover:
+    def __init__(self, pool: WorkerPool, spill_inflight: int, hedging: HedgePolicy | None = None,
+                 counters: RouterCounters | None = None) -> None:
+        self.pool = pool
+        self.spill_inflight = spill_inflight
+        self.hedging = hedging if hedging is not None else HedgePolicy()
+        self.counters = counters if counters is not None else RouterCounters()
+
+    async def send(self, request: predictor_pb2.PredictRequest, shard: tuple[str, ...], budget_s: float,
+                   hedge: bool = True) -> predictor_pb2.PredictResponse:
+        """The first answer from the shard's members, or the error that explains why none came."""
+        pool, ejector, counters = self.pool, self.pool.ejector, self.counters
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + budget_s
+        order = ejector.order(pool.choose_order(shard, self.spill_inflight))
+        hedge_delay = self.hedging.delay() if hedge and len(order) > 1 else None
+        hedge_at = None if hedge_delay is None else now + hedge_delay
+        outstanding: list[_Attempt] = []
+        failures: list[str] = []
+        overloaded_ms: list[int] = []
+        wake = _Wake()
+        next_index = 0
+        timer = None
+
+        def launch(now: float, as_hedge: bool) -> bool:
+            nonlocal next_index
+            while next_index < len(order):
+                worker_id = order[next_index]
+                next_index += 1
+                stub = pool.stubs.get(worker_id)
+                if stub is None:
+                    failures.append(f"{worker_id}: left the fleet")
+                    continue
+                remaining = deadline - now
+                share = max(ATTEMPT_FLOOR_S, remaining / (len(order) - next_index + 1))
+                soft = now + share if share < remaining - _TIME_LEFT_S else None
+                call = stub.Predict(request, timeout=remaining)
+                call.add_done_callback(wake)
+                pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
+                outstanding.append(_Attempt(worker_id, call, now, soft, as_hedge))
+                counters.attempts += 1
+                if as_hedge:
+                    counters.hedges += 1
+                elif next_index > 1:
+                    counters.retries += 1
+                return True
+            return False
+
+        def finished(attempt: _Attempt) -> None:
+            outstanding.remove(attempt)
+            pool.inflight[attempt.worker_id] -= 1
+
+        try:
+            launch(now, False)
+            while outstanding:
+                # 1. every attempt that has ended: an answer wins; a failure makes way for the next.
+                for attempt in [a for a in outstanding if a.call.done()]:
+                    finished(attempt)
+                    try:
+                        response = await attempt.call  # done: returns or raises at once
+                    except grpc.aio.AioRpcError as exc:
+                        code, hint = exc.code(), None
+                        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            hint = retry_hint(exc.trailing_metadata())
+                        if not self._may_retry(attempt, code, hint, deadline - loop.time(), failures, overloaded_ms):
+                            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                                continue  # the caller's deadline: nothing left to try with
+                            raise _passthrough(exc) from None
+                    except asyncio.CancelledError:
+                        # Not us (a done call never suspends): its channel closed under it, the
+                        # worker left the fleet while this request was on it.
+                        if (task := asyncio.current_task()) is not None and task.cancelling():
+                            raise
+                        failures.append(f"{attempt.worker_id}: channel closed")
+                    else:
+                        ejector.success(attempt.worker_id)
+                        self.hedging.observe(loop.time() - attempt.started)
+                        if attempt.hedge:
+                            counters.hedge_wins += 1
+                        return response
+                    if all(a.timed_out for a in outstanding):  # nobody left within its time: next
+                        launch(loop.time(), False)
+                if not outstanding:
+                    break
+                # 2. attempt timeouts and the hedge: each sends the request to the next member.
+                now = loop.time()
+                if now >= deadline:
+                    break
+                for attempt in list(outstanding):
+                    if not attempt.timed_out and attempt.soft_deadline is not None and now >= attempt.soft_deadline:
+                        attempt.timed_out = True
+                        counters.attempt_timeouts += 1
+                        ejector.failure(attempt.worker_id, "attempt timeout")
+                        failures.append(f"{attempt.worker_id}: no answer in "
+                                        f"{(attempt.soft_deadline - attempt.started) * 1000:.0f} ms")
+                        launch(now, False)
+                if hedge_at is not None and now >= hedge_at:
+                    hedge_at = None
+                    if next_index < len(order) and not ejector.is_ejected(order[next_index]) \
+                            and self.hedging.take():
+                        launch(now, True)
+                # 3. sleep until an attempt ends, an attempt timeout, the hedge, or the deadline.
+                wake_at = deadline
+                for attempt in outstanding:
+                    if not attempt.timed_out and attempt.soft_deadline is not None:
+                        wake_at = min(wake_at, attempt.soft_deadline)
+                if hedge_at is not None:
+                    wake_at = min(wake_at, hedge_at)
+                if any(a.call.done() for a in outstanding):
+                    continue
+                wake.future = loop.create_future()
+                timer = loop.call_at(wake_at, wake)
+                try:
+                    await wake.future
+                finally:
+                    timer.cancel()
+                    wake.future = None
+        finally:
+            for attempt in outstanding:  # the losers and the hung: nobody waits for them any more
+                attempt.call.cancel()
+                pool.inflight[attempt.worker_id] -= 1
+                ejector.abandoned(attempt.worker_id)
+            if ejector.active:
+                for worker_id in order[next_index:]:  # a probe handed out but never sent
+                    ejector.abandoned(worker_id)
+            outstanding.clear()
+
+        tenant = request.tenant_id
+        if loop.time() >= deadline - _TIME_LEFT_S:
+            raise DeadlineExceeded(f"deadline exceeded for tenant {tenant!r} after trying "
+                                   f"{'; '.join(failures) or 'no worker'}")
+        if overloaded_ms and len(overloaded_ms) == len(failures):
+            raise RetryLater(f"every worker of tenant {tenant!r}'s shard is overloaded", max(overloaded_ms))
+        raise Unavailable(f"every worker of tenant {tenant!r}'s shard failed: {'; '.join(failures)}"
+                          if failures else f"no live worker in tenant {tenant!r}'s shard")
+
+    def _may_retry(self, attempt: _Attempt, code: grpc.StatusCode, hint: int | None, time_left: float,
+                   failures: list[str], overloaded_ms: list[int]) -> bool:
+        """Whether a failed attempt makes way for the next member (recording why), or ends the request."""
+        worker_id = attempt.worker_id
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and time_left <= _TIME_LEFT_S:
+            failures.append(f"{worker_id}: no answer before the deadline")
+            return False
+        if code in _FAILOVER or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if not attempt.timed_out:  # a timed-out attempt was counted against its worker already
+                self.pool.ejector.failure(worker_id, code.name)
+            failures.append(f"{worker_id}: {code.name}")
+            return True
+        if hint is not None:  # RESOURCE_EXHAUSTED with a retry hint: busy, not broken
+            overloaded_ms.append(hint)
+            failures.append(f"{worker_id}: overloaded")
+            return True
+        self.pool.ejector.success(worker_id)  # it answered: alive; the request itself is at fault
+        return False
+
+
+def _passthrough(exc: grpc.aio.AioRpcError) -> Exception:
+    """The worker's status and message, unchanged, as a ModelfleetError the front end translates."""
+    for cls in (errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition, errors.ResourceExhausted,
+                errors.DeadlineExceeded, errors.AlreadyExists, errors.Conflict):
+        if cls.code == exc.code():
+            return cls(exc.details() or exc.code().name)
+    error = errors.ModelfleetError(exc.details() or exc.code().name)
+    error.code = exc.code()
+    return error

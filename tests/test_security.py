@@ -1,0 +1,141 @@
+"""Security on real processes: API keys bound to tenants, TLS and mutual TLS, etcd auth."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from modelfleet.demo_models import sample_features
+from modelfleet.etcd_server import EtcdServer, find_etcd_binary
+from modelfleet.local_fleet import LocalFleet
+from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
+from version_service import api_keys
+from tests.conftest import new_prefix
+from tests.fleet import predict, predictor
+from tests.test_cli import cli
+
+X = sample_features(1, 1)[0]
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_api_keys_are_bound_to_tenants_stored_hashed_and_revocable(fleet):
+    for tenant in ("a", "b"):
+        fleet.register(tenant, "v1", seed=1)
+    fleet.start_worker("w1")
+    router = fleet.start_router(shard_size=1, extra=("--auth", "1"))
+    key_a, record_a = api_keys.create(fleet.client, fleet.keys, ["a"])
+    key_admin, _ = api_keys.create(fleet.client, fleet.keys, ["*"], admin=True)
+    raw, _ = fleet.client.get(fleet.keys.api_key(record_a.key_id))
+    assert key_a.split("_", 2)[2].encode() not in raw  # only the digest is stored
+    stub = predictor(router.address)
+
+    fleet.wait_for(lambda: predict(stub, "a", X, metadata=(("x-api-key", key_a),)), timeout=5, what="key to reach")
+    assert code_of(lambda: predict(stub, "b", X, metadata=(("x-api-key", key_a),))) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: predict(stub, "a", X)) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: predict(stub, "a", X, metadata=(("x-api-key", "mf_nope_nope"),))) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: predict(stub, "a", X, metadata=(("x-api-key", key_a[:-2] + "xx"),))) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert predict(stub, "b", X, metadata=(("authorization", f"Bearer {key_admin}"),)).model_version == "v1"
+
+    with grpc.insecure_channel(router.address) as channel:
+        admin = router_admin_pb2_grpc.RouterAdminStub(channel)
+        assert code_of(lambda: admin.Status(router_admin_pb2.RouterStatusRequest(), timeout=5,
+                                            metadata=(("x-api-key", key_a),))) == grpc.StatusCode.PERMISSION_DENIED
+        assert admin.Status(router_admin_pb2.RouterStatusRequest(), timeout=5,
+                            metadata=(("x-api-key", key_admin),)).tenants == 2
+
+    listed = cli(fleet, "keys", "list", "--json")
+    assert record_a.key_id in listed.stdout and "sha256" not in listed.stdout
+    assert cli(fleet, "keys", "revoke", record_a.key_id).returncode == 0
+    fleet.wait_for(lambda: code_of(lambda: predict(stub, "a", X, metadata=(("x-api-key", key_a),)))
+                   == grpc.StatusCode.UNAUTHENTICATED, timeout=1.0, what="the revocation to reach the router")
+    out = cli(fleet, "predict", "b", "--features", ",".join(map(str, X)), "--router", router.address,
+              "--api-key", key_admin)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("pki")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    files = {"ca": root / "ca.pem", "other_ca": root / "other-ca.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    other_ca.cert_pem.write_to_path(str(files["other_ca"]))
+    for name, issuer in (("server", ca), ("client", ca), ("stranger", other_ca)):
+        cert = issuer.issue_cert("127.0.0.1", "localhost", f"{name}.modelfleet.test")
+        files[f"{name}_cert"], files[f"{name}_key"] = root / f"{name}.pem", root / f"{name}.key"
+        for blob in cert.cert_chain_pems:
+            blob.write_to_path(str(files[f"{name}_cert"]), append=True)
+        cert.private_key_pem.write_to_path(str(files[f"{name}_key"]))
+    return {k: str(v) for k, v in files.items()}
+
+
+def tls_stub(address: str, pki, cert: str | None, ca: str = "ca"):
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(pki[ca]).read_bytes(),
+        private_key=Path(pki[f"{cert}_key"]).read_bytes() if cert else None,
+        certificate_chain=Path(pki[f"{cert}_cert"]).read_bytes() if cert else None)
+    return predictor_pb2_grpc.PredictorStub(grpc.secure_channel(address, credentials))
+
+
+def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(fleet, pki):
+    fleet.register("a", "v1", seed=1)
+    tls = ("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], "--tls-client-ca", pki["ca"],
+           "--tls-ca", pki["ca"])
+    fleet.start_worker("w1", extra=tls)
+    router = fleet.start_router(shard_size=1, extra=tls, health_credentials=grpc.ssl_channel_credentials(
+        root_certificates=Path(pki["ca"]).read_bytes(), private_key=Path(pki["client_key"]).read_bytes(),
+        certificate_chain=Path(pki["client_cert"]).read_bytes()))
+    assert predict(tls_stub(router.address, pki, "client"), "a", X).model_version == "v1"  # router -> worker: mTLS too
+    for cert in (None, "stranger"):
+        assert code_of(lambda: predict(tls_stub(router.address, pki, cert), "a", X, timeout=5)) == \
+            grpc.StatusCode.UNAVAILABLE
+    assert code_of(lambda: predict(predictor(router.address), "a", X, timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    out = cli(fleet, "predict", "a", "--features", ",".join(map(str, X)), "--router", router.address,
+              "--tls-ca", pki["ca"], "--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"])
+    assert out.returncode == 0, out.stderr
+
+
+def etcdctl(endpoint: str, *argv: str) -> None:
+    binary = str(Path(find_etcd_binary()).with_name("etcdctl"))
+    subprocess.run([binary, f"--endpoints={endpoint}", *argv], check=True, capture_output=True, timeout=30)
+
+
+def test_admin_writes_need_etcd_credentials_when_etcd_auth_is_on(tmp_path):
+    etcd = EtcdServer(data_dir=tmp_path / "etcd").start()
+    try:
+        etcdctl(etcd.endpoint, "user", "add", "root:rootpw")
+        etcdctl(etcd.endpoint, "auth", "enable")
+        fleet = LocalFleet(etcd.endpoint, new_prefix(), tmp_path / "fleet")
+        fleet.client.close()
+        from version_service.etcd_client import connect
+        from version_service.registry import Registry
+        from modelfleet.store import LocalStore
+
+        fleet.client = connect(etcd.endpoint, user="root", password="rootpw")
+        fleet.registry = Registry(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
+        fleet.register("a", "v1", seed=1)
+        fleet.register("a", "v2", seed=2)
+        denied = cli(fleet, "pin", "a", "v1")
+        assert denied.returncode == 1 and denied.stderr.startswith("error: "), denied.stderr
+        assert "v2" == fleet.registry.route("a")[0].serving
+        wrong = cli(fleet, "pin", "a", "v1", "--etcd-user", "root", "--etcd-password", "wrong")
+        assert wrong.returncode == 1 and "credentials" in wrong.stderr, wrong.stderr
+        ok = cli(fleet, "pin", "a", "v1", "--etcd-user", "root", "--etcd-password", "rootpw")
+        assert ok.returncode == 0, ok.stderr
+        creds = ("--etcd-user", "root", "--etcd-password", "rootpw")
+        fleet.start_worker("w1", extra=creds)
+        router = fleet.start_router(shard_size=1, extra=creds)
+        assert predict(predictor(router.address), "a", X).model_version == "v1"
+        fleet.stop()
+    finally:
+        etcd.cleanup()
