@@ -24,6 +24,7 @@ from router.admin import RouterAdminServicer
 from router.oip import SERVICE_NAME as OIP_SERVICE_NAME, InferenceServicer
 from router.rollout import Rollouts
 from router.servicer import PredictorServicer
+from router.settings import ResilienceSettings
 from router.worker_pool import WorkerPool
 from sharding import ShardCache
 from prometheus_client import CollectorRegistry
@@ -40,7 +41,8 @@ log = logging.getLogger("modelfleet.router")
 
 OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.ROUTER_ID, config.ADVERTISE_HOST,
            config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
-           config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT)
+           config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT,
+           *config.ROUTER_RESILIENCE_OPTIONS)
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
 
@@ -61,7 +63,7 @@ class Membership:
         live = self.routes.live_members()
         self.shards.set_members(live)
         for channel in self.pool.update(workers):
-            self._loop.create_task(channel.close(grace=5))
+            self._loop.create_task(channel.close(grace=15))  # > a worker's shutdown grace
         event(log, "router.membership", live=len(live), workers=len(workers))
 
 
@@ -106,7 +108,7 @@ async def serve(args: argparse.Namespace) -> None:
     validate_id("router id", router_id)
     rollouts = Rollouts(args.shadow_budget)
     servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline,
-                                 rollouts)
+                                 rollouts, settings=ResilienceSettings.from_args(args))
     predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
     _export_router_metrics(registry, routes, shards, servicer)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)

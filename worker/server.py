@@ -39,7 +39,7 @@ OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, con
            config.S3_ENDPOINT, config.HOST, config.WORKER_PORT, config.WORKER_ID,
            config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
            config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
-           config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT)
+           config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT, *config.WORKER_RESILIENCE_OPTIONS)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 REGISTER_TIMEOUT_S = 30.0
 
@@ -53,7 +53,8 @@ async def serve(args: argparse.Namespace) -> None:
     validate_id("zone", args.zone)
     store = open_store(args.store, args.store_cache_dir or None, args.store_cache_bytes,
                        endpoint_url=args.s3_endpoint or None)
-    cache = ModelCache(ModelLoader(client, keys, store).load, args.cache_bytes, args.load_threads)
+    cache = ModelCache(ModelLoader(client, keys, store).load, args.cache_bytes, args.load_threads,
+                       max_queued_loads=args.max_queued_loads)
 
     registry = CollectorRegistry()
     server, health = build_server([SERVICE_NAME], [metrics.RpcMetrics(registry, "worker")])
