@@ -45,6 +45,13 @@ class EtcdServer:
     data_dir: Path | None = None
     log_path: Path | None = None
     host: str = "127.0.0.1"
+    # TLS on the client port, as production etcd clusters run it: the server's certificate and
+    # key and the CA that signed them; with `client_cert_auth` clients must present certificates
+    # signed by that CA too (mutual TLS). The readiness probe presents the server's own pair.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    client_cert_auth: bool = False
     proc: subprocess.Popen | None = field(default=None, init=False)
     _own_data_dir: bool = field(default=False, init=False)
 
@@ -60,7 +67,7 @@ class EtcdServer:
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="modelfleet-etcd-"))
             self._own_data_dir = True
-        client_url = f"http://{self.host}:{self.client_port}"
+        client_url = f"{'https' if self.tls_cert else 'http'}://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
         argv = [
             find_etcd_binary(),
@@ -71,6 +78,10 @@ class EtcdServer:
             "--initial-cluster", f"modelfleet={peer_url}",
             "--log-level", "error",
         ]
+        if self.tls_cert:
+            argv += ["--cert-file", self.tls_cert, "--key-file", self.tls_key]
+        if self.client_cert_auth:
+            argv += ["--client-cert-auth", "--trusted-ca-file", self.tls_ca]
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = processes.spawn(argv, stdout=log, stderr=log)
         processes.wait_for(self._ready, timeout, interval=0.05, what=f"etcd on {self.endpoint}")
@@ -79,9 +90,15 @@ class EtcdServer:
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"etcd exited with code {self.proc.returncode}")
+        from modelfleet.tls import channel_credentials
         from version_service.etcd_client import connect
 
-        client = connect(self.endpoint, timeout=1.0)
+        credentials = None
+        if self.tls_cert:
+            mutual = self.client_cert_auth
+            credentials = channel_credentials(self.tls_ca, self.tls_cert if mutual else "",
+                                              self.tls_key if mutual else "")
+        client = connect(self.endpoint, timeout=1.0, credentials=credentials)
         try:
             client.status()
             return True

@@ -47,6 +47,22 @@ def test_admin_commands_end_to_end(fleet):
     assert answer["worker_id"] == shard["workers"][0]["worker_id"]  # affinity to the first member
 
 
+def test_set_limits_changes_only_the_limits_given_and_refuses_bad_values(fleet):
+    fleet.register("acme", "v1", seed=1)
+    shown = lambda: json.loads(cli(fleet, "set-limits", "acme", "--json").stdout)  # noqa: E731
+    assert shown() == {"tenant": "acme", "rate_limit": None, "burst": None, "max_inflight": None}
+    assert cli(fleet, "set-limits", "acme", "--rate", "50", "--max-inflight", "8").returncode == 0
+    assert cli(fleet, "set-limits", "acme", "--burst", "100").returncode == 0  # keeps rate and in-flight
+    assert shown() == {"tenant": "acme", "rate_limit": 50.0, "burst": 100.0, "max_inflight": 8}
+    for bad in (("--rate", "-1"), ("--max-inflight", "0"), ("--burst", "inf")):
+        done = cli(fleet, "set-limits", "acme", *bad)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert cli(fleet, "set-limits", "acme", "--rate", "fast").returncode == 2  # not a number: usage error
+    assert cli(fleet, "set-limits", "acme", "--rate", "default").returncode == 0
+    assert shown() == {"tenant": "acme", "rate_limit": None, "burst": 100.0, "max_inflight": 8}
+    assert cli(fleet, "set-limits", "nobody", "--rate", "5").returncode == 1
+
+
 def test_errors_are_one_line_and_nonzero(fleet):
     cases = [
         ("pin", "nobody", "v1"),

@@ -30,6 +30,7 @@ from modelfleet.demo_models import sample_features
 from modelfleet.local_fleet import REPO_ROOT
 from modelfleet.v1 import predictor_pb2
 from tests.fleet import predict, predictor, stats, worker_stub
+from tests.test_cli import cli
 from worker.overload import retry_hint
 
 OTHERS = [f"o{i}" for i in range(6)]
@@ -192,7 +193,8 @@ def test_quota_refusal_carries_retry_after_and_limits_follow_etcd(fleet):
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
     fleet.wait_for(lambda: predict(stub, "acme", x), what="first predict")
-    fleet.registry.set_limits("acme", rate=1.0, burst=1.0)
+    done = cli(fleet, "set-limits", "acme", "--rate", "1", "--burst", "1")  # what an operator runs
+    assert done.returncode == 0 and "rate_limit 1, burst 1, max_inflight default" in done.stdout, done.stderr
 
     def refused():
         try:
@@ -205,7 +207,7 @@ def test_quota_refusal_carries_retry_after_and_limits_follow_etcd(fleet):
     hint = retry_hint(err.trailing_metadata())
     assert hint is not None and 1 <= hint <= 1000
     assert f"retry after {hint} ms" in err.details() and "'acme'" in err.details()
-    fleet.registry.set_limits("acme")  # back to the router's defaults
+    assert cli(fleet, "set-limits", "acme", "--rate", "default", "--burst", "default").returncode == 0
     fleet.wait_for(lambda: all(predict(stub, "acme", x) for _ in range(20)), timeout=5,
                    what="the default limits to return")
 

@@ -139,3 +139,39 @@ def test_admin_writes_need_etcd_credentials_when_etcd_auth_is_on(tmp_path):
         fleet.stop()
     finally:
         etcd.cleanup()
+
+
+def test_etcd_over_mutual_tls_serves_and_refuses_clients_without_the_right_credentials(tmp_path, pki):
+    """Production etcd speaks TLS with client certificates: CLI, worker and router connect with
+    --etcd-ca/--etcd-cert/--etcd-key; a client that does not trust the CA, or has no certificate,
+    gets a one-line 'unavailable' error and changes nothing."""
+    etcd = EtcdServer(data_dir=tmp_path / "etcd", tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                      tls_ca=pki["ca"], client_cert_auth=True).start()
+    try:
+        from modelfleet.store import LocalStore
+        from modelfleet.tls import channel_credentials
+        from version_service.etcd_client import connect
+        from version_service.registry import Registry
+
+        fleet = LocalFleet(etcd.endpoint, new_prefix(), tmp_path / "fleet")
+        fleet.client.close()
+        fleet.client = connect(etcd.endpoint, credentials=channel_credentials(
+            pki["ca"], pki["client_cert"], pki["client_key"]))
+        fleet.registry = Registry(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
+        fleet.register("a", "v1", seed=1)
+        fleet.register("a", "v2", seed=2)
+        creds = ("--etcd-ca", pki["ca"], "--etcd-cert", pki["client_cert"], "--etcd-key", pki["client_key"])
+        for refused in ((), creds[:2], ("--etcd-ca", pki["other_ca"], *creds[2:])):
+            out = cli(fleet, "pin", "a", "v1", *refused)
+            assert out.returncode == 1 and out.stderr.startswith("error: ") and "unavailable" in out.stderr, \
+                (refused, out.stderr)
+            assert "Traceback" not in out.stderr
+        assert fleet.registry.route("a")[0].serving == "v2"
+        ok = cli(fleet, "pin", "a", "v1", *creds)
+        assert ok.returncode == 0, ok.stderr
+        fleet.start_worker("w1", extra=creds)
+        router = fleet.start_router(shard_size=1, extra=creds)
+        assert predict(predictor(router.address), "a", X).model_version == "v1"
+        fleet.stop()
+    finally:
+        etcd.cleanup()

@@ -243,15 +243,24 @@ class Registry:
 
         All three are written together: `set_limits(t)` returns the tenant to the defaults.
         """
+        return self.change_limits(tenant, {"rate_limit": rate, "burst": burst, "max_inflight": max_inflight})
+
+    def change_limits(self, tenant: str, changes: dict[str, float | int | None]) -> RouteRecord:
+        """Changes only the limits named in `changes` (rate_limit, burst, max_inflight; None = the
+        routers' default), keeping the others, in one compare-and-swap on the route."""
+        unknown = set(changes) - {"rate_limit", "burst", "max_inflight"}
+        if unknown:
+            raise InvalidArgument(f"unknown limits {sorted(unknown)}: rate_limit, burst or max_inflight")
+        rate, burst, max_inflight = (changes.get(name) for name in ("rate_limit", "burst", "max_inflight"))
         if rate is not None and not (rate > 0 and math.isfinite(rate)):
             raise InvalidArgument(f"rate limit must be a positive number of requests per second, got {rate}")
         if burst is not None and not (burst >= 1 and math.isfinite(burst)):
             raise InvalidArgument(f"burst must be at least 1 request, got {burst}")
         if max_inflight is not None and not (isinstance(max_inflight, int) and max_inflight >= 1):
             raise InvalidArgument(f"max in-flight must be a whole number of at least 1, got {max_inflight}")
-        return self._update_route(tenant, "", lambda r: r.with_changes(
-            rate_limit=None if rate is None else float(rate), burst=None if burst is None else float(burst),
-            max_inflight=max_inflight))
+        values = {name: value if value is None or name == "max_inflight" else float(value)
+                  for name, value in changes.items()}
+        return self._update_route(tenant, "", lambda r: r.with_changes(**values))
 
     def delete_versions(self, tenant: str, versions: list[str], route_revision: int) -> None:
         """Removes version records, if the route is still at `route_revision` and keeps none of them."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Callable
 from dataclasses import asdict
 
 from rich.console import Console
@@ -60,6 +61,38 @@ def set_shard_size(args: argparse.Namespace) -> int:
     route = open_registry(args).set_shard_size(args.tenant, size)
     console.print(f"{args.tenant} shard size: {route.shard_size or 'default'}")
     return 0
+
+
+def set_limits(args: argparse.Namespace) -> int:
+    """Changes only the limits given ('default' = the routers' own); none given: shows them."""
+    changes = {name: value for name, value in (("rate_limit", args.rate), ("burst", args.burst),
+                                               ("max_inflight", args.max_inflight)) if value is not KEEP}
+    registry = open_registry(args)
+    route = registry.change_limits(args.tenant, changes) if changes else registry.route(args.tenant)[0]
+    limits = {"tenant": args.tenant, "rate_limit": route.rate_limit, "burst": route.burst,
+              "max_inflight": route.max_inflight}
+    if args.json:
+        print(json.dumps(limits))
+    else:
+        shown = ", ".join(f"{name} {'default' if value is None else f'{value:g}'}"
+                          for name, value in list(limits.items())[1:])
+        console.print(f"{args.tenant} limits per router: {shown}")
+    return 0
+
+
+KEEP = object()  # a limit flag not given: leave that limit as it is
+
+
+def limit_value(kind: type) -> Callable[[str], object]:
+    """argparse type for a limit: a number of `kind`, or 'default' (None: the routers' default)."""
+    def parse(text: str) -> object:
+        if text == "default":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'default', got {text!r}") from None
+    return parse
 
 
 def _positive_int(text: str) -> int:

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Callable, Sequence
 
-import grpc
+# gRPC's C core prints INFO lines (a failed TLS handshake, ...) straight to stderr, around the
+# one-line error a command prints; ERROR and up only, unless the operator asks for more.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from modelfleet import config, log
+import grpc  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads once
+
+from modelfleet import config, log  # noqa: E402
 from modelfleet.errors import ModelfleetError
 
 Command = Callable[[argparse.Namespace], int | None]
@@ -79,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
                   config.ETCD, config.PREFIX)
     sub.add_argument("tenant")
     sub.add_argument("size", help="workers in the tenant's shard, or 'default'")
+
+    sub = command("set-limits", admin.set_limits, "a tenant's load-shedding limits on each router (show, "
+                  "set, or 'default')", config.ETCD, config.PREFIX)
+    sub.add_argument("tenant")
+    sub.add_argument("--rate", type=admin.limit_value(float), default=admin.KEEP, metavar="RPS|default",
+                     help="requests per second per router")
+    sub.add_argument("--burst", type=admin.limit_value(float), default=admin.KEEP, metavar="N|default",
+                     help="token-bucket size (default: one second of the rate)")
+    sub.add_argument("--max-inflight", type=admin.limit_value(int), default=admin.KEEP, metavar="N|default",
+                     help="requests of the tenant in flight per router")
+    sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = audited(command("import", bulk.run, "register many tenant versions from a CSV or JSONL manifest",
                           config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT))
