@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak proto setup clean
+.PHONY: run test soak proto setup clean prometheus
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -26,6 +26,13 @@ test: $(STAMP)
 ## long fault and load soaks
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q -m soak
+
+## a real Prometheus server for the scrape test (Debian's package; needs root and apt)
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; }
+	@prometheus --version 2>&1 | head -n 1
 
 ## regenerate the gRPC stubs from proto/ (a test fails when they drift)
 proto: $(STAMP)
