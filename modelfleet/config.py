@@ -83,6 +83,25 @@ ETCD_KEY = Option("--etcd-key", "MODELFLEET_ETCD_KEY", "", str, "its key")
 # -- observability ----------------------------------------------------------------------------
 METRICS_PORT = Option("--metrics-port", "MODELFLEET_METRICS_PORT", 0, int,
                       "Prometheus metrics on this HTTP port (0 = off)")
+TRACE_FILE = Option("--trace-file", "MODELFLEET_TRACE_FILE", "", str,
+                    "append finished OpenTelemetry spans to this file as JSON lines ('' = off)")
+OTLP_ENDPOINT = Option("--otlp-endpoint", "MODELFLEET_OTLP_ENDPOINT", "", str,
+                       "send OpenTelemetry spans to this collector over OTLP/gRPC: http://host:4317 (or host:port) "
+                       "plaintext, https://... TLS ('' = off)")
+
+
+def fraction(text: str) -> float:
+    """A ratio in [0, 1]: '0.05', '1'."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
+TRACE_SAMPLE = Option("--trace-sample", "MODELFLEET_TRACE_SAMPLE", 1.0, fraction,
+                      "fraction of new traces recorded while tracing is on; a caller's traceparent decides "
+                      "for its own trace")
+TRACING_OPTIONS = (TRACE_FILE, OTLP_ENDPOINT, TRACE_SAMPLE)
 
 # -- router -----------------------------------------------------------------------------------
 ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, int, "router gRPC port (0 = any free port)")
@@ -162,7 +181,7 @@ ALL_OPTIONS: tuple[Option, ...] = (
     SHADOW_BUDGET, DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
     ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
-    *ROUTER_RESILIENCE_OPTIONS, *WORKER_RESILIENCE_OPTIONS,
+    *ROUTER_RESILIENCE_OPTIONS, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS,
 )
 
 

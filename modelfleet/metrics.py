@@ -20,6 +20,7 @@ TOP_TENANTS = 20
 _TENANT_TABLE_LIMIT = 50_000  # beyond this many distinct tenants, keep only the busiest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class RpcMetrics(grpc.aio.ServerInterceptor):
@@ -75,6 +76,14 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         for tenant, n in self.tenants.most_common(TOP_TENANTS):
             busiest.add_metric([self.component, tenant], n)
         return [requests, busiest]
+
+
+def load_histogram(registry: CollectorRegistry) -> Histogram:
+    """modelfleet_worker_model_load_seconds: a worker's successful model loads (etcd record, store
+    read, verify, parse), queueing for a load thread excluded. Failed loads are counted in
+    modelfleet_worker_cache_events_total{kind="load_failure"} instead."""
+    return Histogram("modelfleet_worker_model_load_seconds", "seconds each successful model load took",
+                     buckets=LOAD_BUCKETS, registry=registry)
 
 
 class _Collector:

@@ -18,6 +18,10 @@ It makes way for the next member when:
 The first answer wins and every other outstanding attempt is cancelled. Failures and attempt
 timeouts feed the outlier ejector; a hedge that loses is not a failure.
 
+With tracing on (modelfleet.tracing), each attempt is a `forward` span (worker, attempt = its
+1-based place in the member order, hedge, gRPC status code; `lost` when cancelled as a loser)
+whose context reaches the worker as `traceparent`; with it off, no metadata is added.
+
 Invariants:
 - never more attempts than members, each member at most once per request;
 - every attempt's gRPC deadline is the caller's, so nothing outlives the request;
@@ -32,7 +36,7 @@ import asyncio
 
 import grpc
 
-from modelfleet import errors
+from modelfleet import errors, tracing
 from modelfleet.errors import DeadlineExceeded, Unavailable
 from modelfleet.v1 import predictor_pb2
 from router.counters import RouterCounters
@@ -47,15 +51,17 @@ _FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 class _Attempt:
-    __slots__ = ("worker_id", "call", "started", "soft_deadline", "hedge", "timed_out")
+    __slots__ = ("worker_id", "call", "started", "soft_deadline", "hedge", "timed_out", "span")
 
-    def __init__(self, worker_id: str, call, started: float, soft_deadline: float | None, hedge: bool) -> None:
+    def __init__(self, worker_id: str, call, started: float, soft_deadline: float | None, hedge: bool,
+                 span=None) -> None:
         self.worker_id = worker_id
         self.call = call
         self.started = started
         self.soft_deadline = soft_deadline  # None: this attempt has the whole remaining budget
         self.hedge = hedge
         self.timed_out = False
+        self.span = span  # its `forward` span while tracing is on, else None
 
 
 class _Wake:
@@ -79,11 +85,12 @@ class Failover:
         self.spill_inflight = spill_inflight
         self.hedging = hedging if hedging is not None else HedgePolicy()
         self.counters = counters if counters is not None else RouterCounters()
+        self.tracer = tracing.tracer()  # None while tracing is off
 
     async def send(self, request: predictor_pb2.PredictRequest, shard: tuple[str, ...], budget_s: float,
                    hedge: bool = True) -> predictor_pb2.PredictResponse:
         """The first answer from the shard's members, or the error that explains why none came."""
-        pool, ejector, counters = self.pool, self.pool.ejector, self.counters
+        pool, ejector, counters, tracer = self.pool, self.pool.ejector, self.counters, self.tracer
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + budget_s
@@ -109,10 +116,15 @@ class Failover:
                 remaining = deadline - now
                 share = max(ATTEMPT_FLOOR_S, remaining / (len(order) - next_index + 1))
                 soft = now + share if share < remaining - _TIME_LEFT_S else None
-                call = stub.Predict(request, timeout=remaining)
+                if tracer is None:
+                    span = None
+                    call = stub.Predict(request, timeout=remaining)
+                else:  # a `forward` span per attempt; the worker continues it from `traceparent`
+                    span, metadata = tracing.start_forward(tracer, worker_id, next_index, as_hedge)
+                    call = stub.Predict(request, timeout=remaining, metadata=metadata)
                 call.add_done_callback(wake)
                 pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
-                outstanding.append(_Attempt(worker_id, call, now, soft, as_hedge))
+                outstanding.append(_Attempt(worker_id, call, now, soft, as_hedge, span))
                 counters.attempts += 1
                 if as_hedge:
                     counters.hedges += 1
@@ -135,6 +147,8 @@ class Failover:
                         response = await attempt.call  # done: returns or raises at once
                     except grpc.aio.AioRpcError as exc:
                         code, hint = exc.code(), None
+                        if attempt.span is not None:
+                            tracing.end_forward(attempt.span, code.name)
                         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                             hint = retry_hint(exc.trailing_metadata())
                         if not self._may_retry(attempt, code, hint, deadline - loop.time(), failures, overloaded_ms):
@@ -144,10 +158,15 @@ class Failover:
                     except asyncio.CancelledError:
                         # Not us (a done call never suspends): its channel closed under it, the
                         # worker left the fleet while this request was on it.
-                        if (task := asyncio.current_task()) is not None and task.cancelling():
+                        caller_gone = (task := asyncio.current_task()) is not None and task.cancelling()
+                        if attempt.span is not None:
+                            tracing.end_forward(attempt.span, "CANCELLED", "lost" if caller_gone else "channel closed")
+                        if caller_gone:
                             raise
                         failures.append(f"{attempt.worker_id}: channel closed")
                     else:
+                        if attempt.span is not None:
+                            tracing.end_forward(attempt.span, "OK")
                         ejector.success(attempt.worker_id)
                         self.hedging.observe(loop.time() - attempt.started)
                         if attempt.hedge:
@@ -165,6 +184,8 @@ class Failover:
                     if not attempt.timed_out and attempt.soft_deadline is not None and now >= attempt.soft_deadline:
                         attempt.timed_out = True
                         counters.attempt_timeouts += 1
+                        if attempt.span is not None:
+                            attempt.span.add_event("attempt_timeout")
                         ejector.failure(attempt.worker_id, "attempt timeout")
                         failures.append(f"{attempt.worker_id}: no answer in "
                                         f"{(attempt.soft_deadline - attempt.started) * 1000:.0f} ms")
@@ -193,6 +214,8 @@ class Failover:
         finally:
             for attempt in outstanding:  # the losers and the hung: nobody waits for them any more
                 attempt.call.cancel()
+                if attempt.span is not None:
+                    tracing.end_forward(attempt.span, "CANCELLED", "lost")
                 pool.inflight[attempt.worker_id] -= 1
                 ejector.abandoned(attempt.worker_id)
             if ejector.active:

@@ -29,7 +29,7 @@ from router.worker_pool import WorkerPool
 from sharding import ShardCache
 from prometheus_client import CollectorRegistry
 
-from modelfleet import metrics, tls
+from modelfleet import metrics, tls, tracing
 from router.auth import ApiKeyInterceptor
 from version_service.etcd_client import connect_args, etcd_credentials
 from version_service.membership import LeasedRegistration
@@ -42,7 +42,7 @@ log = logging.getLogger("modelfleet.router")
 OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.ROUTER_ID, config.ADVERTISE_HOST,
            config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
            config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT,
-           *config.ROUTER_RESILIENCE_OPTIONS)
+           *config.ROUTER_RESILIENCE_OPTIONS, *config.TRACING_OPTIONS)
 SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
 
@@ -106,10 +106,11 @@ async def serve(args: argparse.Namespace) -> None:
     port = tls.listen(server, f"{args.host}:{args.port}", server_credentials)
     router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
     validate_id("router id", router_id)
+    tracing.setup_from_args(args, "modelfleet-router", router_id)  # before the servicers read tracing.tracer()
     rollouts = Rollouts(args.shadow_budget)
     servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline,
                                  rollouts, settings=ResilienceSettings.from_args(args))
-    predictor_pb2_grpc.add_PredictorServicer_to_server(servicer, server)
+    predictor_pb2_grpc.add_PredictorServicer_to_server(tracing.traced(servicer, {"Predict": "Predict"}), server)
     _export_router_metrics(registry, routes, shards, servicer)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
     router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
@@ -117,8 +118,8 @@ async def serve(args: argparse.Namespace) -> None:
     client = connect_args(args)
     keys = Keys(args.prefix)
     registry = Registry(client, keys)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(servicer, routes, registry.version, registry.versions), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(tracing.traced(
+        InferenceServicer(servicer, routes, registry.version, registry.versions), {"ModelInfer": "ModelInfer"}), server)
     await server.start()
     record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -141,4 +142,5 @@ async def serve(args: argparse.Namespace) -> None:
     routes.stop()
     await pool.close()
     client.close()
+    tracing.shutdown()
     event(log, "router.stopped", router=router_id)

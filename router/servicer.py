@@ -10,11 +10,15 @@
    Errors about the request itself (unknown version, bad features, corrupt artifact) come back
    from the worker and are returned as they are: another member would answer the same.
 6. a shadow rollout gets a copy afterwards, off the caller's path.
+
+With tracing on (modelfleet.tracing), steps 1-4 are the `route` span and each attempt of step 5
+a `forward` span; with it off the path tests `self.tracer is None` and nothing else.
 """
 from __future__ import annotations
 
 import grpc
 
+from modelfleet import tracing
 from modelfleet.errors import NotFound, Unavailable
 from modelfleet.rpc import translate_errors
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
@@ -23,12 +27,12 @@ from router.ejection import OutlierEjector
 from router.failover import Failover
 from router.hedging import HedgePolicy
 from router.quotas import TenantQuotas
-from router.rollout import Rollouts, in_canary, routing_key
+from router.rollout import Rollouts, RolloutStats, in_canary, routing_key
 from router.settings import ResilienceSettings
 from router.worker_pool import WorkerPool
 from sharding import ShardCache
 from version_service.routing_cache import RoutingCache
-from version_service.schema import validate_id
+from version_service.schema import RouteRecord, validate_id
 from worker.overload import RetryLater, set_retry_hint
 
 SHADOW_TIMEOUT_S = 2.0
@@ -55,9 +59,41 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         self.failover = Failover(pool, spill_inflight, HedgePolicy(settings.hedge_after_ms), self.counters)
         self.quotas = TenantQuotas(settings.tenant_rate_limit, settings.tenant_burst, settings.tenant_max_inflight,
                                    self.counters)
+        self.tracer = tracing.tracer()  # None while tracing is off: the only cost is one test
 
     @translate_errors
     async def Predict(self, request: predictor_pb2.PredictRequest, context: grpc.aio.ServicerContext):
+        tenant = request.tenant_id
+        tracer = self.tracer
+        if tracer is None:
+            route, stats, shard = self._route(request, context)
+        else:  # the `route` span: a child of the server span the tracing interceptor opened
+            with tracer.start_as_current_span("route", attributes={"modelfleet.tenant": tenant},
+                                              record_exception=False) as span:  # its status says why
+                route, stats, shard = self._route(request, context)
+                tracing.set_attributes(span, {"version": request.version, "shard": shard})
+        try:
+            remaining = context.time_remaining()
+            try:
+                response = await self.failover.send(request, shard,
+                                                    remaining if remaining is not None else self.default_deadline)
+            except RetryLater as exc:  # every member overloaded: pass the workers' hint on
+                set_retry_hint(context, exc)
+                raise
+            if stats is not None and route.shadow is not None and request.version == route.serving:
+                self.rollouts.shadow(stats, request, response,
+                                     lambda r: self.failover.send(r, shard, SHADOW_TIMEOUT_S, hedge=False))
+            return response
+        finally:
+            self.quotas.release(tenant)
+
+    def _route(self, request: predictor_pb2.PredictRequest, context: grpc.aio.ServicerContext
+               ) -> tuple[RouteRecord, RolloutStats | None, tuple[str, ...]]:
+        """Steps 1-4: (route, rollout stats or None, shard), with request.version resolved.
+
+        Admits the request against the tenant's quota; on success the caller owes one
+        `quotas.release(tenant)`, on any error this has released already.
+        """
         tenant = request.tenant_id
         route = self.routes.route(tenant)
         if route is None:
@@ -85,20 +121,10 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             shard = self.shards.get(tenant, route.shard_size or self.default_shard_size)
             if not shard:
                 raise Unavailable("no live workers in the fleet")
-
-            remaining = context.time_remaining()
-            try:
-                response = await self.failover.send(request, shard,
-                                                    remaining if remaining is not None else self.default_deadline)
-            except RetryLater as exc:  # every member overloaded: pass the workers' hint on
-                set_retry_hint(context, exc)
-                raise
-            if stats is not None and route.shadow is not None and request.version == route.serving:
-                self.rollouts.shadow(stats, request, response,
-                                     lambda r: self.failover.send(r, shard, SHADOW_TIMEOUT_S, hedge=False))
-            return response
-        finally:
+        except BaseException:
             self.quotas.release(tenant)
+            raise
+        return route, stats, shard
 
     async def forward(self, request: predictor_pb2.PredictRequest, shard: tuple[str, ...],
                       budget_s: float) -> predictor_pb2.PredictResponse:

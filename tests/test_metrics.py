@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from modelfleet import processes
 from modelfleet.demo_models import sample_features
-from tests.fleet import predict, predictor
+from modelfleet.v1 import predictor_pb2
+from tests.fleet import predict, predictor, stats, worker_stub
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -23,6 +24,13 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def futures_done(calls: list, timeout: float = 30.0) -> list:
+    """The gRPC futures, once every one has finished (each waits at most `timeout`)."""
+    for call in calls:
+        call.exception(timeout=timeout)
+    return calls
 
 
 def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
@@ -46,6 +54,10 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     assert 0 < value(w, "modelfleet_worker_cache_bytes_used") <= value(w, "modelfleet_worker_cache_bytes_budget") \
         == 32 << 20
     assert value(w, "modelfleet_rpc_requests_total", component="worker", method="Predict", code="OK") == 6
+    assert value(w, "modelfleet_worker_model_load_seconds_count") == 2
+    assert 0 < value(w, "modelfleet_worker_model_load_seconds_sum") < 20
+    assert value(w, "modelfleet_worker_cache_events_total", kind="shed") == 0
+    assert ("modelfleet_worker_cache_events_total", (("kind", "negative_hit"),)) in w
 
     r = scrape(router_port)
     assert value(r, "modelfleet_rpc_requests_total", component="router", method="Predict", code="OK") == 6
@@ -57,3 +69,42 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     _, meta = fleet.client.get(fleet.keys.route("b"))
     assert value(r, "modelfleet_routing_revision") >= meta.mod_revision
     assert value(r, "modelfleet_routing_live_workers") == 1
+
+
+def test_worker_exposes_load_latency_shed_and_negative_cache_hits(fleet):
+    """The load-latency histogram, misses shed by --max-queued-loads and misses answered from a
+    remembered load failure, in the metrics and in the Stats RPC, after real traffic."""
+    cold = [f"cold{i}" for i in range(8)]
+    model = fleet.model_file(7, num_trees=200, num_leaves=63)  # ~10 ms a load: the storm overlaps it
+    for tenant in cold:
+        fleet.registry.register(tenant, "v1", model)
+    fleet.register("fragile", "v1", seed=77)  # its own artifact, corrupted below
+    artifact = fleet.store_dir / fleet.registry.version("fragile", "v1").artifact
+    artifact.write_bytes(artifact.read_bytes()[:-100] + b"garbage")
+    port = processes.free_port()
+    worker = fleet.start_worker("w1", extra=("--metrics-port", str(port), "--max-queued-loads", "1",
+                                             "--load-threads", "1"))
+    stub = worker_stub(worker.address)
+    x = list(sample_features(1, 1)[0])
+
+    storm = [stub.Predict.future(predictor_pb2.PredictRequest(tenant_id=t, version="v1", features=x), timeout=30)
+             for t in cold]  # one waits for its load, the rest arrive meanwhile: beyond the bound
+    codes = [f.code() for f in futures_done(storm)]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    shed = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert shed >= 1 and codes.count(grpc.StatusCode.OK) >= 1, codes
+    for _ in range(2):  # the first load fails; the second request is answered from the negative cache
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(predictor_pb2.PredictRequest(tenant_id="fragile", version="v1", features=x), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    s = stats(worker.address)
+    assert s.shed_total == shed and s.negative_cache_hits_total == 1 and s.load_failures_total == 1
+    w = scrape(port)
+    assert value(w, "modelfleet_worker_cache_events_total", kind="shed") == shed
+    assert value(w, "modelfleet_worker_cache_events_total", kind="negative_hit") == 1
+    loads = value(w, "modelfleet_worker_cache_events_total", kind="load")
+    assert loads == s.loads_total == len(cold) - shed
+    assert value(w, "modelfleet_worker_model_load_seconds_count") == loads
+    assert value(w, "modelfleet_worker_model_load_seconds_bucket", le="+Inf") == loads
+    assert 0.0005 * loads < value(w, "modelfleet_worker_model_load_seconds_sum") < 10 * loads  # seconds, each

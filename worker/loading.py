@@ -7,9 +7,11 @@ corrupt or unparseable artifact, Unavailable when etcd cannot be reached.
 from __future__ import annotations
 
 import threading
+import time
 
 from cachetools import LRUCache
 
+from modelfleet import tracing
 from modelfleet.errors import FailedPrecondition, NotFound
 from modelfleet.store import Store
 from version_service.etcd_client import EtcdClient, etcd_errors
@@ -52,10 +54,14 @@ class ModelLoader:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise FailedPrecondition(f"{what}: artifact is not a LightGBM text model") from None
+        parse_started = time.perf_counter()
         try:
             model = LoadedModel.from_model_text(text)
         except FailedPrecondition as exc:
             raise FailedPrecondition(f"{what}: {exc}") from None
+        if tracing.tracer() is not None:  # the cache's `load` span is current in this thread
+            tracing.set_attributes(tracing.current_span(), {
+                "artifact_bytes": len(data), "parse_seconds": time.perf_counter() - parse_started})
         if model.num_features != record.num_features:
             model.close()
             raise FailedPrecondition(f"{what}: artifact has {model.num_features} features, "

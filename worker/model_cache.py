@@ -17,11 +17,15 @@ Invariants:
   storm). Hits never wait and are never shed: a warm tenant's request does not queue behind
   anyone's load (loads run in their own pool; hits return before any await).
 
+With tracing on (modelfleet.tracing) a load is a `load` span, the child of the request that
+started it (the single flight's first caller), current in the load thread for the loader.
+
 Everything except the load itself runs on the event loop thread, so the maps need no locks.
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +34,7 @@ from typing import Callable
 
 from cachetools import LRUCache
 
+from modelfleet import tracing
 from modelfleet.config import MAX_QUEUED_LOADS
 from modelfleet.errors import ResourceExhausted
 from modelfleet.log import event
@@ -88,6 +93,8 @@ class ModelCache:
         self._last_used: dict[ModelKey, float] = {}  # cached models only: who is active (make-before-break)
         self._load_counts: LRUCache = LRUCache(maxsize=200_000)
         self._pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
+        # Seconds of each successful load (queueing excluded), e.g. a Prometheus histogram's observe.
+        self.observe_load: Callable[[float], None] | None = None
 
     @property
     def bytes_used(self) -> int:
@@ -141,13 +148,31 @@ class ModelCache:
         return model, (time.perf_counter() - started) * 1000
 
     async def _load(self, key: ModelKey) -> LoadedModel:
+        tracer = tracing.tracer()
+        if tracer is None:
+            return await self._load_and_cache(key, None)
+        # The `load` span: a child of the request that started this load (create_task copied
+        # its context), current in the load thread too so the loader can annotate it.
+        attributes = {"modelfleet.tenant": key[0], "modelfleet.version": key[1]}
+        with tracer.start_as_current_span("load", attributes=attributes,
+                                          record_exception=False) as span:  # its status says why it failed
+            return await self._load_and_cache(key, span)
+
+    async def _load_and_cache(self, key: ModelKey, span) -> LoadedModel:
         try:
             try:
-                model, ms = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed_load, key)
+                loop = asyncio.get_running_loop()
+                if span is None:
+                    model, ms = await loop.run_in_executor(self._pool, self._timed_load, key)
+                else:
+                    model, ms = await loop.run_in_executor(self._pool, contextvars.copy_context().run,
+                                                           self._timed_load, key)
             finally:
                 self._inflight.pop(key, None)
             self.counters.loads += 1
             self._load_counts[key] = self._load_counts.get(key, 0) + 1
+            if span is not None:
+                tracing.set_attributes(span, {"bytes": model.nbytes, "load_seconds": ms / 1000})
             if model.nbytes > self.budget:
                 model.close()
                 event(log, "model.too_large_to_cache", level=logging.WARNING, tenant=key[0], version=key[1],
@@ -163,6 +188,8 @@ class ModelCache:
             raise
         self.failures.forget(key)
         self._load_ms += (ms - self._load_ms) * 0.2
+        if self.observe_load is not None:
+            self.observe_load(ms / 1000)
         self._lru[key] = model
         self._last_used[key] = time.monotonic()
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,

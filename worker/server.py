@@ -27,7 +27,7 @@ from version_service.registry import Registry
 from version_service.schema import Keys, WorkerRecord, live_members, validate_id
 from prometheus_client import CollectorRegistry
 
-from modelfleet import metrics, tls
+from modelfleet import metrics, tls, tracing
 from worker import memory
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
@@ -39,8 +39,10 @@ OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, con
            config.S3_ENDPOINT, config.HOST, config.WORKER_PORT, config.WORKER_ID,
            config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
            config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
-           config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT, *config.WORKER_RESILIENCE_OPTIONS)
+           config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT, *config.WORKER_RESILIENCE_OPTIONS,
+           *config.TRACING_OPTIONS)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+TRACED_METHODS = {"Predict": "predict", "Warm": "warm"}  # method -> server span name
 REGISTER_TIMEOUT_S = 30.0
 
 
@@ -61,10 +63,11 @@ async def serve(args: argparse.Namespace) -> None:
     port = tls.listen(server, f"{args.host}:{args.port}",
                       tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
     worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
+    tracing.setup_from_args(args, "modelfleet-worker", worker_id)  # before the servicer reads tracing.tracer()
     servicer = WorkerServicer(worker_id, cache)
     _export_cache_metrics(registry, cache, servicer)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(tracing.traced(servicer, TRACED_METHODS), server)
     await server.start()
 
     record = WorkerRecord(worker_id=worker_id, address=f"{args.advertise_host}:{port}", zone=args.zone,
@@ -89,14 +92,20 @@ async def serve(args: argparse.Namespace) -> None:
     servicer.close()
     cache.close()
     client.close()
+    tracing.shutdown()
     event(log, "worker.stopped", worker=worker_id)
 
 
 def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servicer: WorkerServicer) -> None:
-    """The model cache's own counters, read at scrape time (nothing added to the request path)."""
-    metrics.counters(registry, "modelfleet_worker_cache_events", "model cache hits, misses, loads, failures, evictions",
+    """The model cache's own counters, read at scrape time (nothing added to the request path),
+    and the load-latency histogram, observed once per load (never on a hit)."""
+    metrics.counters(registry, "modelfleet_worker_cache_events",
+                     "model cache hits, misses, loads, failures, evictions; misses shed by the load-queue bound; "
+                     "misses answered from a remembered load failure (negative_hit)",
                      lambda: {"hit": cache.counters.hits, "miss": cache.counters.misses, "load": cache.counters.loads,
-                              "load_failure": cache.counters.load_failures, "eviction": cache.counters.evictions})
+                              "load_failure": cache.counters.load_failures, "eviction": cache.counters.evictions,
+                              "shed": cache.counters.shed, "negative_hit": cache.failures.hits})
+    cache.observe_load = metrics.load_histogram(registry).observe
     metrics.gauges(registry, lambda: {
         "modelfleet_worker_cache_bytes_used": ("bytes the loaded models hold", cache.bytes_used),
         "modelfleet_worker_cache_bytes_budget": ("the cache's byte budget", cache.budget),

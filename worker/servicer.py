@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from modelfleet import tracing
 from modelfleet.errors import ModelfleetError
 from modelfleet.rpc import translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
@@ -28,6 +29,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, worker_id: str, cache: ModelCache, predict_threads: int = 2) -> None:
         self.worker_id = worker_id
         self.cache = cache
+        self._traced = tracing.tracer() is not None  # the `predict` span: tracing.traced, at registration
         self.predictions = 0
         self._predict_pool = ThreadPoolExecutor(max_workers=predict_threads, thread_name_prefix="predict")
 
@@ -36,11 +38,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tenant = validate_id("tenant id", request.tenant_id)
         version = validate_id("version", request.version)
         try:
-            model, _ = await self.cache.get(tenant, version)
+            model, loaded = await self.cache.get(tenant, version)
         except RetryLater as exc:
             set_retry_hint(context, exc)
             raise
         features = request.features
+        if self._traced:
+            tracing.set_attributes(tracing.current_span(), {
+                "version": version, "rows": len(features) // max(1, model.num_features),
+                "cache": "miss" if loaded else "hit"})
         try:
             if len(features) <= INLINE_MAX_VALUES:
                 predictions = model.predict(features)
@@ -73,7 +79,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             worker_id=self.worker_id, bytes_used=self.cache.bytes_used, bytes_budget=self.cache.budget,
             models_loaded=len(self.cache), loads_total=counters.loads, load_failures_total=counters.load_failures,
             evictions_total=counters.evictions, hits_total=counters.hits, misses_total=counters.misses,
-            predictions_total=self.predictions)
+            predictions_total=self.predictions, shed_total=counters.shed,
+            negative_cache_hits_total=self.cache.failures.hits)
         if request.include_models:
             for key, model in self.cache.items():
                 idle = self.cache.idle_seconds(key)
