@@ -269,6 +269,18 @@ def test_modelfleet_env_names_are_real_settings(kustomization):
                 assert name in reads, f"{workload['metadata']['name']}: `modelfleet {c['args'][0]}` ignores {name}"
 
 
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_router_and_worker_expose_metrics_where_prometheus_looks(kustomization):
+    docs = rendered(kustomization)
+    port = int(configmap(docs)["MODELFLEET_METRICS_PORT"])
+    for workload in modelfleet_workloads(docs):
+        pod = workload["spec"]["template"]
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
+        ports = {p["name"]: p["containerPort"] for p in container(workload)["ports"]}
+        assert ports["metrics"] == port and ports["grpc"] != port
+
+
 def test_worker_statefulset():
     docs = rendered("base")
     worker = one(docs, "StatefulSet", "modelfleet-worker")
