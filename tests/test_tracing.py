@@ -23,9 +23,8 @@ from router.counters import RouterCounters
 from router.ejection import OutlierEjector
 from router.failover import Failover
 from router.hedging import HedgePolicy
-from router.worker_pool import WorkerPool
 from tests.fleet import predict, predictor
-from tests.test_failover_units import REQUEST, FakeStub, err, ok
+from tests.scripted_worker import REQUEST, ScriptedFleet, err, ok
 
 
 def _spans(path: Path) -> list[dict]:
@@ -168,36 +167,29 @@ def test_otlp_export_reaches_a_collector():
     assert tracing.tracer() is None
 
 
-class _RecordingStub(FakeStub):
-    """A fake worker that also keeps the metadata each attempt was sent with."""
-
-    def __init__(self, worker_id: str, scripts: list[tuple]) -> None:
-        super().__init__(worker_id, scripts)
-        self.metadata: list = []
-
-    def Predict(self, request, timeout: float, metadata=None):
-        self.metadata.append(dict(metadata or ()))
-        return super().Predict(request, timeout)
-
-
 def test_forward_spans_per_attempt_failover_and_a_losing_hedge(tmp_path):
-    """router.failover in-process on fake workers: one `forward` span per attempt with its worker,
-    place, hedge flag and status, each sending its own span as the worker's traceparent."""
+    """router.failover in-process on scripted workers (real gRPC servers with a scripted Predict,
+    tests.scripted_worker): one `forward` span per attempt with its worker, place, hedge flag and
+    status, each arriving at its worker as the `traceparent` of the real call's metadata."""
     path = tmp_path / "spans.jsonl"
     assert tracing.setup("modelfleet-router", "r1", trace_file=str(path))
     try:
         async def go():
             tracer = tracing.tracer()
-            pool = WorkerPool(OutlierEjector(3, 1.0, 30.0, RouterCounters()))
-            pool.stubs.update({"a": _RecordingStub("a", [err(0, grpc.StatusCode.UNAVAILABLE), ok(0.3, "a")]),
-                               "b": _RecordingStub("b", [ok(0, "b")])})
-            with tracer.start_as_current_span("failover"):
-                assert (await Failover(pool, 32).send(REQUEST, ("a", "b"), 1.0)).worker_id == "b"
-            with tracer.start_as_current_span("hedged"):  # a answers too late: b's hedge wins
-                assert (await Failover(pool, 32, HedgePolicy(20.0)).send(REQUEST, ("a", "b"), 1.0)).worker_id == "b"
-            return pool.stubs
+            async with ScriptedFleet() as fleet:
+                pool, workers = await fleet.start(
+                    {"a": [err(0, grpc.StatusCode.UNAVAILABLE), ok(0.3, "a")], "b": [ok(0, "b")]},
+                    OutlierEjector(3, 1.0, 30.0, RouterCounters()))
+                with tracer.start_as_current_span("failover"):
+                    assert (await Failover(pool, 32).send(REQUEST, ("a", "b"), 1.0)).worker_id == "b"
+                with tracer.start_as_current_span("hedged"):  # a answers too late: b's hedge wins
+                    assert (await Failover(pool, 32, HedgePolicy(20.0)).send(REQUEST, ("a", "b"), 1.0)).worker_id \
+                        == "b"
+                await fleet.until(lambda: len(workers["a"].calls) == 2 and workers["a"].calls[1].cancelled_early(),
+                                  "the losing attempt to be cancelled at a")
+                return workers
 
-        stubs = asyncio.run(go())
+        workers = asyncio.run(go())
     finally:
         tracing.shutdown()
     spans = _spans(path)
@@ -218,7 +210,8 @@ def test_forward_spans_per_attempt_failover_and_a_losing_hedge(tmp_path):
     assert hedge["attributes"]["modelfleet.hedge"] is True and hedge["attributes"]["rpc.grpc.status_code"] == "OK"
 
     # Each attempt carried its own span as the worker's parent.
-    sent = [m["traceparent"].split("-") for stub in stubs.values() for m in stub.metadata]
+    sent = [call.metadata["traceparent"].split("-") for worker in workers.values() for call in worker.calls]
+    assert len(sent) == 4
     assert all(version == "00" and int(flags, 16) & 1 for version, _, _, flags in sent)  # sampled
     assert sorted((trace_id, span_id) for _, trace_id, span_id, _ in sent) == \
         sorted((s["trace_id"], s["span_id"]) for s in forwards.values())
