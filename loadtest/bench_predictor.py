@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelfleet.demo_models import sample_features, train_model_text
+from modelfleet.v1 import predictor_pb2
 from worker import predictor
 from worker.predictor import LoadedModel
 
@@ -68,17 +69,6 @@ def stats(values: list[float]) -> tuple[float, float]:
     return median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def one_thread(fn: Callable[[], object]) -> Callable[[], object]:
-    """fn with LoadedModel batches on one thread instead of LightGBM's default of all cores."""
-    def call() -> object:
-        default, predictor._BATCH_PARAMETERS = predictor._BATCH_PARAMETERS, b"num_threads=1"
-        try:
-            return fn()
-        finally:
-            predictor._BATCH_PARAMETERS = default
-    return call
-
-
 def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, overhead_ns: float,
                 table: Table) -> None:
     text = train_model_text(seed=1, num_features=NUM_FEATURES, **kwargs)
@@ -87,17 +77,18 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
     x = sample_features(seed=2, rows=BATCH_ROWS, num_features=NUM_FEATURES)
     row, row_2d, flat = x[7].copy(), x[7:8].copy(), x.reshape(-1).copy()
     row_list = row.tolist()
+    row_proto = predictor_pb2.PredictRequest(features=row_list).features  # what the worker's servicer passes
     raw_call, raw_args = predictor._fast_predict, model._fast_args
 
     single = run({
         "raw C fast call": lambda: raw_call(*raw_args),
         "LoadedModel (ndarray)": lambda: model.predict(row),
         "LoadedModel (list)": lambda: model.predict(row_list),
+        "LoadedModel (protobuf)": lambda: model.predict(row_proto),
         "Booster.predict": lambda: booster.predict(row_2d),
     }, single_calls, overhead_ns)
     batch = run({
-        "LoadedModel (all cores)": lambda: model.predict(flat),
-        "LoadedModel (1 thread)": one_thread(lambda: model.predict(flat)),
+        "LoadedModel (1 thread)": lambda: model.predict(flat),  # predictor._BATCH_PARAMETERS
         "Booster.predict (all cores)": lambda: booster.predict(x),
     }, batch_calls, overhead_ns)
 
@@ -108,7 +99,7 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
         table.add_row(label, "1 row", name, f"{med:.2f}", f"{p99:.2f}", f"{med / raw_med:.2f}",
                       f"{med / loaded_med:.2f}")
         label = ""
-    batch_loaded = stats(batch["LoadedModel (all cores)"])[0]
+    batch_loaded = stats(batch["LoadedModel (1 thread)"])[0]
     for name, values in batch.items():
         med, p99 = stats(values)
         table.add_row("", f"{BATCH_ROWS} rows", name, f"{med:.1f}", f"{p99:.1f}", "",

@@ -1,11 +1,15 @@
 """A worker's memory under a thrash, and what a cold miss adds to a request.
 
-    python -m loadtest.bench_worker_memory [--models 20000] [--budget 64MiB] [--cold 200]
+    python -m loadtest.bench_worker_memory [--models 20000] [--budget 64MiB] [--cold 200] [--rounds 1]
+        [--compare-env NAME=VALUE ...]
 
 1. Thrash: one real worker with a byte budget much smaller than the fleet; every request is a
    different tenant's model (a synthetic fleet: distinct models, imported through the real
    pipeline), so every request loads and, once the budget is full, evicts. RSS is sampled as it
    goes: it must stay within budget + the worker's baseline, and stop growing (no leak).
+   With --compare-env, a second worker runs beside the first with those environment variables
+   added (e.g. glibc's GLIBC_TUNABLES or MALLOC_ARENA_MAX_), and every request goes to both in
+   alternating order, so a malloc setting is compared within one run on the same machine load.
 2. Cold miss: for tenants never loaded, the latency of the first request against the second,
    beside the time LightGBM needs to parse the same artifact in this process.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +52,8 @@ def main() -> None:
     parser.add_argument("--budget", default="64MiB")
     parser.add_argument("--cold", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=1, help="passes over all models (100k cycles: 5 x 20k)")
+    parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="start a second worker with this added to its environment (repeatable)")
     args = parser.parse_args()
     budget = byte_size(args.budget)
     root = Path(tempfile.mkdtemp(prefix="modelfleet-bench-memory-"))
@@ -62,21 +69,34 @@ def main() -> None:
             raise SystemExit(done.stderr)
         console.print(f"fleet of {args.models + args.cold} distinct models generated and imported in "
                       f"{time.monotonic() - started:.0f} s")
-        worker = fleet.start_worker("w1", cache_bytes=budget)
-        stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(worker.address))
+        workers = {"w1": fleet.start_worker("w1", cache_bytes=budget)}
+        if args.compare_env:
+            added = dict(item.split("=", 1) for item in args.compare_env)
+            saved = dict(os.environ)
+            os.environ.update(added)  # LocalFleet.spawn passes os.environ on
+            try:
+                workers["w2"] = fleet.start_worker("w2", cache_bytes=budget)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        labels = {"w1": "w1 (as configured)", "w2": f"w2 (+ {' '.join(args.compare_env)})"}
+        stubs = {name: worker_pb2_grpc.WorkerStub(grpc.insecure_channel(w.address)) for name, w in workers.items()}
+        order = list(stubs.values())
+        stub = stubs["w1"]
         x = sample_features(1, 1)[0].tolist()
         tenants = [f"tenant-{i:06d}" for i in range(1, args.models + 1)]
-        baseline = rss_mb(worker.popen.pid)
-        samples = []
+        baseline = {name: rss_mb(w.popen.pid) for name, w in workers.items()}
+        samples: list[tuple[int, dict[str, float]]] = []
         total = args.models * args.rounds
         started = time.monotonic()
         for n in range(total):
-            stub.Predict(predictor_pb2.PredictRequest(tenant_id=tenants[n % args.models], version="v1", features=x),
-                         timeout=30)
+            request = predictor_pb2.PredictRequest(tenant_id=tenants[n % args.models], version="v1", features=x)
+            for each in (order if n % 2 == 0 else order[::-1]):  # neither worker always goes first
+                each.Predict(request, timeout=30)
             if n % max(1, total // 20) == 0 or n == total - 1:
-                samples.append((n + 1, rss_mb(worker.popen.pid)))
+                samples.append((n + 1, {name: rss_mb(w.popen.pid) for name, w in workers.items()}))
         elapsed = time.monotonic() - started
-        stats = stub.Stats(worker_pb2.StatsRequest(), timeout=5)
+        stats = {name: each.Stats(worker_pb2.StatsRequest(), timeout=5) for name, each in stubs.items()}
 
         cold, warm = [], []
         for i in range(args.models + 1, args.models + args.cold + 1):
@@ -94,21 +114,28 @@ def main() -> None:
     finally:
         fleet.stop()
         etcd.cleanup()
+        shutil.rmtree(root, ignore_errors=True)  # the synthetic fleet: ~1.5 GB at 20k models
 
-    table = Table(title=f"worker RSS over {total} loads of {args.models} distinct models, budget {args.budget} "
-                        f"({os.cpu_count()} cores; {total / elapsed:.0f} loads/s)")
+    table = Table(title=f"worker RSS MB over {total} loads of {args.models} distinct models, budget {args.budget} "
+                        f"({os.cpu_count()} cores; {total * len(workers) / elapsed:.0f} loads/s)")
     table.add_column("requests")
-    table.add_column("RSS MB")
-    for n, mb in samples:
-        table.add_row(str(n), f"{mb:.0f}")
+    for name in workers:
+        table.add_column(labels[name], justify="right")
+    for n, mbs in samples:
+        table.add_row(str(n), *(f"{mbs[name]:.0f}" for name in workers))
     console.print(table)
-    tail = [mb for _, mb in samples[len(samples) // 2:]]
-    console.print(f"baseline RSS {baseline:.0f} MB + budget {budget / 2**20:.0f} MB = {baseline + budget / 2**20:.0f} MB;"
-                  f" max RSS {max(mb for _, mb in samples):.0f} MB; second-half growth "
-                  f"{tail[-1] - tail[0]:+.0f} MB; loads {stats.loads_total}, evictions {stats.evictions_total}, "
-                  f"cache bytes {stats.bytes_used / 2**20:.1f} MB")
+    for name in workers:
+        series = [mbs[name] for _, mbs in samples]
+        tail = series[len(series) // 2:]
+        st = stats[name]
+        target = baseline[name] + budget / 2**20
+        console.print(f"{labels[name]}: empty RSS {baseline[name]:.0f} MB + budget {budget / 2**20:.0f} MB = "
+                      f"{target:.0f} MB; second-half RSS median {np.median(tail):.0f} MB, max {max(series):.0f} MB "
+                      f"(over budget + empty: {max(series) - target:+.0f} MB); second-half growth "
+                      f"{tail[-1] - tail[0]:+.0f} MB; loads {st.loads_total}, evictions {st.evictions_total}, "
+                      f"cache bytes {st.bytes_used / 2**20:.1f} MB")
     added = np.median(cold) - np.median(warm)
-    console.print(f"cold miss over {args.cold} tenants: first request p50 {np.median(cold):.2f} ms, second "
+    console.print(f"cold miss over {args.cold} tenants (w1): first request p50 {np.median(cold):.2f} ms, second "
                   f"{np.median(warm):.2f} ms, added {added:.2f} ms; parse alone p50 {np.median(parse):.2f} ms "
                   f"-> added - parse = {added - np.median(parse):.2f} ms (target <= 2 ms)")
 

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import threading
+import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightgbm
@@ -139,6 +141,38 @@ def test_8_threads_predicting_on_one_model_get_the_reference_values(trained, mod
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_a_row_predicted_while_another_thread_holds_the_row_buffers_is_right(trained, model):
+    """The hot path's buffers belong to whoever holds the token; without it, a call must still
+    give the reference values (with buffers of its own) and leave the token alone."""
+    x = rows_with_edge_values(8)
+    expected = reference(trained[1], x).reshape(len(x), model.num_classes)
+    model._idle.pop()  # as if another thread were between its copy in and its copy out
+    try:
+        for row, want in zip(x, expected):
+            np.testing.assert_array_equal(model.predict(row), want)
+            np.testing.assert_array_equal(model.predict(row.tolist()), want)
+        assert model._idle == []
+    finally:
+        model._idle.append(True)
+    np.testing.assert_array_equal(model.predict(x[0]), expected[0])
+
+
+def test_close_waits_for_a_single_row_call_in_flight_then_keeps_the_token(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    loaded = LoadedModel.from_model_text(trained[1])
+    loaded._idle.pop()  # a single-row call in flight in another thread
+    closer = threading.Thread(target=loaded.close)
+    closer.start()
+    closer.join(0.05)
+    assert closer.is_alive() and frees == []  # not freed under a call in flight
+    loaded._idle.append(True)  # the call ends
+    closer.join(5)
+    assert not closer.is_alive() and len(frees) == 1
+    assert loaded._idle == []  # every later call takes the checked path
+    with pytest.raises(FailedPrecondition, match="closed"):
+        loaded.predict(np.zeros(NUM_FEATURES))
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -314,9 +348,69 @@ def test_nbytes_is_measured_and_grows_with_the_model():
         large.close()
 
 
-def test_nbytes_estimate_is_close_to_the_measurement(monkeypatch):
+@dataclass
+class CountedSizing(predictor.Sizing):
+    reads: int = 0  # mallinfo2 reads: two per measured load, none for an estimated one
+
+
+@pytest.fixture
+def fresh_sizing(monkeypatch) -> CountedSizing:
+    """A sizing state of its own (no calibration from earlier tests) that counts mallinfo2 reads."""
+    fresh = CountedSizing()
+    monkeypatch.setattr(predictor, "sizing", fresh)
+    real = predictor._heap_bytes_in_use
+
+    def counting() -> int:
+        fresh.reads += 1
+        return real()
+
+    monkeypatch.setattr(predictor, "_heap_bytes_in_use", counting)
+    return fresh
+
+
+@pytest.mark.skipif(predictor._mallinfo2 is None, reason="needs glibc mallinfo2")
+def test_only_a_sample_of_loads_is_measured(fresh_sizing, monkeypatch):
+    monkeypatch.setattr(predictor, "_MEASURE_FIRST", 5)
+    monkeypatch.setattr(predictor, "_MEASURE_EVERY", 10)
+    text = train_model_text(seed=8, num_trees=5)
+    for _ in range(200):  # one at a time: every load runs alone, so every sampled one is measured
+        LoadedModel.from_model_text(text).close()
+    assert fresh_sizing.measured + fresh_sizing.estimated == 200
+    assert 5 + 19 <= fresh_sizing.measured <= 5 + 20  # the first 5, then 1 in 10
+    assert fresh_sizing.reads == 2 * fresh_sizing.measured  # estimated loads never call mallinfo2
+    assert 0.5 < fresh_sizing.calibration < 2
+
+
+@pytest.mark.skipif(predictor._mallinfo2 is None, reason="needs glibc mallinfo2")
+def test_calibrated_estimates_are_within_25_percent_of_measurements(fresh_sizing, monkeypatch):
+    shapes = [dict(num_trees=t, num_leaves=l, num_features=f, objective=o)
+              for t, l, f, o in [(1, 2, 4, "regression"), (5, 7, 8, "binary"), (20, 15, 8, "regression"),
+                                 (50, 31, 20, "binary"), (30, 15, 8, "multiclass"), (100, 63, 30, "regression"),
+                                 (200, 31, 12, "binary"), (60, 127, 16, "regression")]]
+    texts = [train_model_text(seed=i, **shape) for i, shape in enumerate(shapes)]
+    monkeypatch.setattr(predictor, "_MEASURE_FIRST", 10**9)  # measure every load: calibrate, and the truth
+    measured = []
+    for text in texts * 2:
+        model = LoadedModel.from_model_text(text)
+        measured.append(model.nbytes)
+        model.close()
+    assert fresh_sizing.measured == len(texts) * 2 and fresh_sizing.estimated == 0
+    monkeypatch.setattr(predictor, "_MEASURE_FIRST", 0)  # now nothing is due: every load is estimated
+    estimated = []
+    for text in texts:
+        model = LoadedModel.from_model_text(text)
+        estimated.append(model.nbytes)
+        model.close()
+    assert fresh_sizing.estimated == len(texts) and fresh_sizing.reads == 4 * len(texts)
+    truth = measured[len(texts):]  # the second pass: malloc's free lists warm, like a worker's
+    ratios = [e / m for e, m in zip(estimated, truth)]
+    assert all(0.75 < r < 1.25 for r in ratios), ratios
+    assert 0.9 < sum(estimated) / sum(truth) < 1.1  # what the LRU's byte total sees
+
+
+def test_nbytes_estimate_without_mallinfo2_is_close_to_the_measurement(fresh_sizing, monkeypatch):
     text = train_model_text(seed=2, num_trees=100, num_leaves=31, objective="binary")
-    measured = LoadedModel.from_model_text(text)
+    measured = LoadedModel.from_model_text(text)  # the first load: always measured where possible
     monkeypatch.setattr(predictor, "_mallinfo2", None)  # as on musl or macOS
     estimated = LoadedModel.from_model_text(text)
     try:
@@ -325,6 +419,27 @@ def test_nbytes_estimate_is_close_to_the_measurement(monkeypatch):
     finally:
         measured.close()
         estimated.close()
+
+
+@pytest.mark.parametrize("num_features, objective", [(4, "regression"), (30, "multiclass"), (200, "binary")])
+def test_nbytes_counts_the_models_python_objects(num_features, objective):
+    """The budget bounds what models hold, so nbytes includes their Python side (~5% of a
+    small model): `_python_bytes` must match what tracemalloc sees a model allocate."""
+    text = train_model_text(seed=1, num_features=num_features, num_trees=3, objective=objective)
+    warm = [LoadedModel.from_model_text(text) for _ in range(5)]  # first-use caches out of the way
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        models = [LoadedModel.from_model_text(text) for _ in range(100)]
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_model = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / len(models)
+    assert 0.8 < predictor._python_bytes(num_features, models[0].num_classes) / per_model < 1.25
+    for model in warm + models:
+        model.close()
 
 
 def rss_bytes() -> int:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import lightgbm.basic
@@ -40,6 +42,8 @@ _FAST_PARAMETERS = b"num_threads=1"
 # preempted, thread: measured p99 ~2 ms vs ~0.15 ms single-threaded on a busy 2-core machine).
 # Parallelism comes from serving several requests at once on the predict pool instead.
 _BATCH_PARAMETERS = b"num_threads=1"
+# How long `close` sleeps between looks while another thread finishes a single-row call.
+_TOKEN_WAIT_S = 20e-6
 
 # Our own handles on LightGBM's shared library (same dlopen handle, separate function objects),
 # so setting argtypes here never changes the prototypes lightgbm's own code relies on.
@@ -90,19 +94,42 @@ def _find_mallinfo2() -> Callable[[], _MallInfo2] | None:
 
 
 _mallinfo2 = _find_mallinfo2()
-# Held only around a parse, so two loads in different threads never see each other's bytes.
-# Loads run in parallel (a worker's load pool); a load is measured only when it ran alone, so
-# no other parse's allocations land in its delta. Loads that overlapped another use the
-# structural estimate scaled by what the measured loads taught us (`_calibration`).
+
+
+@dataclass
+class Sizing:
+    """How loads got their `nbytes`, and what the measured ones taught the estimate.
+
+    mallinfo2 walks every free chunk of every arena under the arena locks: ~1 ms with 1000
+    cached models after some churn, ~9 ms with 5000 (measured on this project's 2-core box),
+    twice per load, stalling every other thread's malloc meanwhile. So only a sample of loads
+    is measured: the first `_MEASURE_FIRST`, then the next load that runs alone after every
+    `_MEASURE_EVERY` loads. The rest get the structural estimate times `calibration`, the
+    running ratio measured / estimated, so the cache's byte total stays honest on average
+    (each demo model's estimate is within ~20% of its measurement).
+    """
+
+    measured: int = 0
+    estimated: int = 0
+    calibration: float = 1.0
+    due: bool = False  # a sample is owed: the next load that runs alone is measured
+
+
+sizing = Sizing()
+_MEASURE_FIRST = 32
+_MEASURE_EVERY = 64
+# Held only around a parse's bookkeeping, so two loads in different threads never see each
+# other's bytes. Loads run in parallel (a worker's load pool); a load is measured only when it
+# ran alone, so no other parse's allocations land in its delta.
 _load_state = threading.Lock()
 _loads_active = 0
 _loads_started = 0
-_calibration = 1.0
-_CALIBRATE_EVERY = 8
 
 
 def _heap_bytes_in_use() -> int:
-    """Bytes malloc has handed out and not had back, over all arenas (~5 µs); -1 if unknown."""
+    """Bytes malloc has handed out and not had back, over all arenas; -1 if unknown.
+
+    Costs µs on a fresh heap, ms on a large fragmented one (see `Sizing`)."""
     if _mallinfo2 is None:
         return -1
     info = _mallinfo2()
@@ -116,8 +143,14 @@ _EST_FIXED, _EST_PER_TREE, _EST_PER_LEAF = 5_800, 690, 63
 _NUM_LEAVES_RE = re.compile(rb"\nnum_leaves=(\d+)")  # a literal prefix: ~12x faster than ^ with MULTILINE
 
 
+def _python_bytes(num_features: int, num_classes: int) -> int:
+    """What a LoadedModel's own Python objects take beside the booster (tracemalloc: ~2.5 KB
+    for 8 features): the instance, its ctypes and numpy buffers, views, lock, finalizer."""
+    return 2_450 + 8 * (num_features + num_classes)
+
+
 def _estimate_nbytes(trees: int, data: bytes) -> int:
-    """The fallback when malloc can't be asked: a calibrated per-tree/per-leaf formula."""
+    """A per-tree/per-leaf formula (~20 µs for a 30 KB text), scaled by `sizing.calibration`."""
     leaves = sum(int(n) for n in _NUM_LEAVES_RE.findall(data))
     return _EST_FIXED + _EST_PER_TREE * trees + _EST_PER_LEAF * leaves
 
@@ -197,13 +230,13 @@ def _free_native(fast_config: int, booster: int) -> None:
 class LoadedModel:
     """A parsed LightGBM booster ready to predict, shared by every thread of a worker.
 
-    Thread safety: one lock per model. A single-row prediction holds it for its whole call,
-    because the ctypes input and output buffers are preallocated per model (allocating them per
-    call would double the cost of a prediction). Per-thread fast configs would buy nothing here:
-    the fast call keeps the GIL, so only one thread is ever inside it, and per-thread configs
-    would multiply native memory by the thread count and make "freed exactly once" a
-    cross-thread bookkeeping problem. Batches only take the lock to register as in flight, then
-    predict concurrently with fresh buffers.
+    Thread safety: a single-row prediction uses buffers preallocated per model (allocating
+    them per call would double its cost), owned by whoever holds the model's token (see
+    `predict`); a thread that finds the token taken predicts with buffers of its own. The fast
+    call keeps the GIL, so only one thread is ever inside it: per-thread fast configs would
+    buy nothing, would multiply native memory by the thread count, and would make "freed
+    exactly once" a cross-thread bookkeeping problem. Batches register as in flight under the
+    model's lock, then predict concurrently with fresh buffers.
 
     Lifetime: `close()` frees the native model, unless it is borrowed or a batch is in flight,
     in which case the last of those frees it. Until then predictions keep working (they may come
@@ -228,34 +261,43 @@ class LoadedModel:
         self._finalizer = weakref.finalize(self, _free_native, fast_config, booster)
         self._finalizer.atexit = False  # the process is exiting anyway
         self._booster = _p(booster)
-        # Single-row buffers, shared under self._lock: one ctypes array with numpy and
-        # memoryview views of the same memory, because each copies a kind of input fastest.
-        self._row = (ctypes.c_double * num_features)()
-        self._row_np = np.frombuffer(self._row, dtype=np.float64)
-        self._row_view = memoryview(self._row_np)
+        self._fast_config = _p(fast_config)
+        # The single-row buffers, owned by whoever took the token from `_idle`: one ctypes
+        # array, and a memoryview of the same memory because it copies a float64 array fastest.
+        self._row_type = ctypes.c_double * num_features
+        self._row = self._row_type()
+        self._row_view = memoryview(np.frombuffer(self._row, dtype=np.float64))
         self._out = np.empty(num_classes, dtype=np.float64)
+        self._copy_out = self._out.copy
         self._out_len = ctypes.c_int64()
-        self._fast_args = (_p(fast_config), _p(ctypes.addressof(self._row)),
+        self._fast_args = (self._fast_config, _p(ctypes.addressof(self._row)),
                            ctypes.byref(self._out_len), _p(self._out.ctypes.data))
+        self._idle = [True]
 
     @classmethod
     def from_model_text(cls, text: str) -> LoadedModel:
         """Parses a LightGBM model text; FailedPrecondition if LightGBM can't.
 
-        `nbytes` is measured, not guessed: the growth of malloc's in-use bytes across the parse
-        (glibc `mallinfo2`) when no other load overlapped it. Loads run in parallel, so one
-        that overlapped another (or found mallinfo2 missing or implausible) uses the
-        per-tree/per-leaf estimate scaled by the ratio measured loads have shown. Other
-        threads' small allocations during a parse still land in a measurement.
+        `nbytes` is what the model holds: LightGBM's allocations plus the model's own Python
+        objects (`_python_bytes`). LightGBM's part is measured for a sample of loads (see
+        `Sizing`): the growth of malloc's in-use bytes across the parse (glibc `mallinfo2`),
+        when no other load overlapped it (other threads' small allocations during the parse
+        still land in it). Every other load, and every load where mallinfo2 is missing or
+        implausible, gets the per-tree/per-leaf estimate scaled by the ratio the measured
+        loads have shown.
         """
-        global _loads_active, _loads_started, _calibration
+        global _loads_active, _loads_started
         data, declared_trees = _parseable_bytes(text)
         with _load_state:
             _loads_active += 1
             _loads_started += 1
-            ticket, alone = _loads_started, _loads_active == 1
+            ticket = _loads_started
+            if ticket % _MEASURE_EVERY == 0:
+                sizing.due = True
+            measure = (_mallinfo2 is not None and _loads_active == 1
+                       and (sizing.measured < _MEASURE_FIRST or sizing.due))
         try:
-            before = _heap_bytes_in_use() if alone else -1
+            before = _heap_bytes_in_use() if measure else -1
             booster = _load_booster(data)
             try:
                 trees = _get_int(_lib.LGBM_BoosterNumberOfTotalModel, booster)
@@ -268,20 +310,24 @@ class LoadedModel:
             except BaseException:
                 _lib.LGBM_BoosterFree(booster)
                 raise
-            after = _heap_bytes_in_use() if alone else -1
+            after = _heap_bytes_in_use() if measure else -1
         finally:
             with _load_state:
                 _loads_active -= 1
-                alone = alone and _loads_started == ticket  # nobody started while we parsed
-        measured = after - before if alone and before >= 0 else 0
-        if measured <= 0:
-            nbytes = int(_estimate_nbytes(trees, data) * _calibration)
-        else:
-            nbytes = measured
-            if ticket % _CALIBRATE_EVERY == 0:  # the estimate costs ~0.1 ms: learn from a sample
-                ratio = measured / _estimate_nbytes(trees, data)
-                with _load_state:
-                    _calibration = 0.9 * _calibration + 0.1 * ratio
+                measure = measure and _loads_started == ticket  # nobody started while we parsed
+        estimate = _estimate_nbytes(trees, data)
+        measured = after - before if measure and before >= 0 else 0
+        with _load_state:
+            if measured > 0:
+                sizing.measured += 1
+                sizing.due = False
+                weight = max(0.1, 1 / sizing.measured)  # the mean of the first ten, then a moving one
+                sizing.calibration += weight * (measured / estimate - sizing.calibration)
+                nbytes = measured
+            else:
+                sizing.estimated += 1
+                nbytes = int(estimate * sizing.calibration)
+        nbytes += _python_bytes(num_features, num_classes)
         return cls(booster, fast_config, num_features, num_classes, nbytes=nbytes)
 
     def __repr__(self) -> str:
@@ -292,10 +338,40 @@ class LoadedModel:
     def predict(self, features: Features) -> np.ndarray:
         """Predicts rows of row-major float64 features; returns rows * num_classes values.
 
-        NaN and +/-inf are valid features (LightGBM treats NaN as missing). The single-row path
-        is inline and uses acquire/release rather than `with` on purpose: it is the hot path,
-        where a Python function call or a `with` block each cost ~5% of a small model's call.
+        NaN and +/-inf are valid features (LightGBM treats NaN as missing).
+
+        One row given as a 1-D float64 array, a list or a protobuf repeated field is the hot
+        path: ~1 µs of ctypes call and tree walk for a small model, so the Python around it is
+        kept to a token, one copy in and one copy out. The model's single set of row buffers
+        is guarded by a token in `self._idle`: `list.pop` and `list.append` are each one C
+        call, so taking and giving it back is atomic (~30 ns, a third of a lock). The copy in
+        is also the shape check: a memoryview only takes a 1-D float64 array of exactly
+        `num_features`, and a ctypes array only a sequence of exactly that length. Anything
+        else (batches, other dtypes and shapes, bad input, a token held by another thread, a
+        closed model) goes to `_predict_any`, which validates and says what is wrong.
         """
+        idle = self._idle
+        try:
+            idle.pop()
+        except IndexError:
+            return self._predict_any(features)
+        try:
+            if isinstance(features, _ndarray):
+                self._row_view[:] = features  # a memcpy
+            else:
+                self._row[:] = features  # ctypes converts lists and repeated fields fastest
+            if _fast_predict(*self._fast_args):
+                raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
+            return self._copy_out()
+        except (TypeError, ValueError):
+            pass  # not a row in a form the buffers take directly: see below, token given back
+        finally:
+            idle.append(True)
+        return self._predict_any(features)
+
+    def _predict_any(self, features: Features) -> np.ndarray:
+        """Every input `predict` did not take on its hot path: validates, then one fast call
+        with buffers of its own for one row, or one LGBM_BoosterPredictForMat for many."""
         try:
             n = features.size if isinstance(features, _ndarray) else len(features)
         except TypeError:
@@ -303,26 +379,24 @@ class LoadedModel:
                 f"features must be a sequence of numbers, got {type(features).__name__}") from None
         if n != self.num_features:
             return self._predict_rows(features, n)
-        lock = self._lock
-        lock.acquire()
+        row = self._row_type()
         try:
-            if self._freed:
-                raise FailedPrecondition("model is closed")
-            try:
-                if isinstance(features, _ndarray):
-                    try:
-                        self._row_view[:] = features  # a plain memcpy for 1-D contiguous float64
-                    except (TypeError, ValueError):
-                        self._row_np[:] = features  # any other shape or dtype numpy can convert
-                else:
-                    self._row[:] = features  # ctypes copies lists and protobuf repeated fields fastest
-            except (TypeError, ValueError) as exc:
-                raise InvalidArgument(f"features must be numbers: {exc}") from None
-            if _fast_predict(*self._fast_args) != 0:
-                raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
-            return self._out.copy()
+            if isinstance(features, _ndarray):
+                np.frombuffer(row, dtype=np.float64)[:] = features.reshape(-1)
+            else:
+                row[:] = features
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"features must be numbers: {exc}") from None
+        out = np.empty(self.num_classes, dtype=np.float64)
+        out_len = ctypes.c_int64()
+        self._acquire(for_borrow=False)  # a close now waits for this call to end
+        try:
+            rc = _fast_predict(self._fast_config, row, ctypes.byref(out_len), _p(out.ctypes.data))
         finally:
-            lock.release()
+            self._release()
+        if rc:
+            raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
+        return out
 
     def _predict_rows(self, features: Features, n: int) -> np.ndarray:
         """Any number of rows but one: validation, then one LGBM_BoosterPredictForMat call."""
@@ -391,6 +465,16 @@ class LoadedModel:
                 self._free_locked()
 
     def _free_locked(self) -> None:
-        # Under self._lock, so no single-row call is running, and none can start after this.
+        # Under self._lock with no users, so no batch or `_predict_any` call is running, and
+        # none can start. A single-row call on the hot path never takes self._lock: if one
+        # holds the token in another thread, wait the microseconds it needs (it needs the GIL
+        # to finish, hence a sleep, not a spin). Then keep the token, so that every later call
+        # goes to `_predict_any`, which raises "model is closed".
         self._freed = True
+        while True:
+            try:
+                self._idle.pop()
+                break
+            except IndexError:
+                time.sleep(_TOKEN_WAIT_S)
         self._finalizer()
