@@ -268,7 +268,7 @@ class LoadedModel:
         self._row = self._row_type()
         self._row_view = memoryview(np.frombuffer(self._row, dtype=np.float64))
         self._out = np.empty(num_classes, dtype=np.float64)
-        self._copy_out = self._out.copy
+        self._out_values = self._out.tolist  # the response needs a list: one conversion, no array
         self._out_len = ctypes.c_int64()
         self._fast_args = (self._fast_config, _p(ctypes.addressof(self._row)),
                            ctypes.byref(self._out_len), _p(self._out.ctypes.data))
@@ -335,14 +335,15 @@ class LoadedModel:
         return (f"LoadedModel(num_features={self.num_features}, num_classes={self.num_classes}, "
                 f"nbytes={self.nbytes}, {state})")
 
-    def predict(self, features: Features) -> np.ndarray:
-        """Predicts rows of row-major float64 features; returns rows * num_classes values.
+    def predict(self, features: Features) -> list[float]:
+        """Predicts rows of row-major float64 features; returns rows * num_classes values, as
+        the list a response carries (`ndarray.tolist` once, never an array and then a list).
 
         NaN and +/-inf are valid features (LightGBM treats NaN as missing).
 
         One row given as a 1-D float64 array, a list or a protobuf repeated field is the hot
         path: ~1 µs of ctypes call and tree walk for a small model, so the Python around it is
-        kept to a token, one copy in and one copy out. The model's single set of row buffers
+        kept to a token, one copy in and one list out. The model's single set of row buffers
         is guarded by a token in `self._idle`: `list.pop` and `list.append` are each one C
         call, so taking and giving it back is atomic (~30 ns, a third of a lock). The copy in
         is also the shape check: a memoryview only takes a 1-D float64 array of exactly
@@ -362,14 +363,14 @@ class LoadedModel:
                 self._row[:] = features  # ctypes converts lists and repeated fields fastest
             if _fast_predict(*self._fast_args):
                 raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
-            return self._copy_out()
+            return self._out_values()
         except (TypeError, ValueError):
             pass  # not a row in a form the buffers take directly: see below, token given back
         finally:
             idle.append(True)
         return self._predict_any(features)
 
-    def _predict_any(self, features: Features) -> np.ndarray:
+    def _predict_any(self, features: Features) -> list[float]:
         """Every input `predict` did not take on its hot path: validates, then one fast call
         with buffers of its own for one row, or one LGBM_BoosterPredictForMat for many."""
         try:
@@ -396,9 +397,9 @@ class LoadedModel:
             self._release()
         if rc:
             raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
-        return out
+        return out.tolist()
 
-    def _predict_rows(self, features: Features, n: int) -> np.ndarray:
+    def _predict_rows(self, features: Features, n: int) -> list[float]:
         """Any number of rows but one: validation, then one LGBM_BoosterPredictForMat call."""
         per_row = self.num_features
         if n == 0:
@@ -428,7 +429,7 @@ class LoadedModel:
             raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
         if out_len.value != out.size:
             raise ModelfleetError(f"LightGBM returned {out_len.value} predictions, expected {out.size}")
-        return out
+        return out.tolist()
 
     @contextmanager
     def borrow(self) -> Iterator[LoadedModel]:

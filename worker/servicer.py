@@ -57,7 +57,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except ModelfleetError as exc:
             raise type(exc)(f"tenant {tenant!r} version {version!r}: {exc}") from None
         self.predictions += 1
-        return predictor_pb2.PredictResponse(predictions=predictions.tolist(), model_version=version,
+        return predictor_pb2.PredictResponse(predictions=predictions, model_version=version,
                                              worker_id=self.worker_id)
 
     @translate_errors
