@@ -74,6 +74,9 @@ class _ByteLRU(LRUCache):
 _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been measured
 
 
+LOAD_COUNTS_KEPT = 20_000
+
+
 class ModelCache:
     def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4,
                  max_queued_loads: int | None = None, failures: NegativeCache | None = None) -> None:
@@ -91,7 +94,9 @@ class ModelCache:
         self._lru = _ByteLRU(budget_bytes, self._evicted)
         self._inflight: dict[ModelKey, asyncio.Task] = {}
         self._last_used: dict[ModelKey, float] = {}  # cached models only: who is active (make-before-break)
-        self._load_counts: LRUCache = LRUCache(maxsize=200_000)
+        # Loads per model (Stats' thrash indicator), for the models loaded most recently: a
+        # bounded ~4 MB of bookkeeping beside the budget, not ~200 bytes for every tenant ever seen.
+        self._load_counts: LRUCache = LRUCache(maxsize=LOAD_COUNTS_KEPT)
         self._pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
         # Seconds of each successful load (queueing excluded), e.g. a Prometheus histogram's observe.
         self.observe_load: Callable[[float], None] | None = None
