@@ -53,7 +53,8 @@ def snapshot(args: argparse.Namespace, registry) -> Snapshot:
             row.update(models=stats.models_loaded, bytes_used=stats.bytes_used, bytes_budget=stats.bytes_budget,
                        predictions=stats.predictions_total, hits=stats.hits_total, misses=stats.misses_total,
                        loads=stats.loads_total, evictions=stats.evictions_total,
-                       load_failures=stats.load_failures_total)
+                       load_failures=stats.load_failures_total, shed=stats.shed_total,
+                       negative_hits=stats.negative_cache_hits_total)
         snap.workers[worker_id] = row
     for router in list_routers(registry.client, registry.keys):
         status = _ask(router.address, credentials, lambda ch, t: router_admin_pb2_grpc.RouterAdminStub(ch).Status(
@@ -85,7 +86,7 @@ def with_rates(now: Snapshot, before: Snapshot | None) -> Snapshot:
 def render(snap: Snapshot) -> Group:
     workers = Table(title=f"{len(snap.workers)} workers")
     for column in ("worker", "zone", "state", "models", "MB used / budget", "req/s", "hit rate", "loads", "evictions",
-                   "load failures"):
+                   "load failures", "failed-load hits", "shed"):
         workers.add_column(column)
     for row in snap.workers.values():
         if "error" in row:
@@ -94,7 +95,8 @@ def render(snap: Snapshot) -> Group:
         workers.add_row(row["worker_id"], row["zone"], row["state"], str(row["models"]),
                         f"{row['bytes_used'] / 2**20:.1f} / {row['bytes_budget'] / 2**20:.0f}",
                         str(row.get("rps", "")), "" if row.get("hit_rate") is None else f"{row['hit_rate']:.1%}",
-                        str(row["loads"]), str(row["evictions"]), str(row["load_failures"]))
+                        str(row["loads"]), str(row["evictions"]), str(row["load_failures"]), str(row["negative_hits"]),
+                        str(row["shed"]))
     routers = Table(title=f"{len(snap.routers)} routers")
     for column in ("router", "address", "routing revision", "tenants", "live workers", "etcd", "last change s"):
         routers.add_column(column)
