@@ -110,21 +110,35 @@ def etcdctl(endpoint: str, *argv: str) -> None:
     subprocess.run([binary, f"--endpoints={endpoint}", *argv], check=True, capture_output=True, timeout=30)
 
 
+def fleet_on_private_etcd(etcd: EtcdServer, root: Path, **access) -> LocalFleet:
+    """A fleet on its own etcd, its test-side client connected with `access` (credentials,
+    user/password), with tenant "a" at v1 and v2 (v2 serving)."""
+    from modelfleet.store import LocalStore
+    from version_service.etcd_client import connect
+    from version_service.registry import Registry
+
+    fleet = LocalFleet(etcd.endpoint, new_prefix(), root)
+    fleet.client.close()
+    fleet.client = connect(etcd.endpoint, **access)
+    fleet.registry = Registry(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
+    fleet.register("a", "v1", seed=1)
+    fleet.register("a", "v2", seed=2)
+    return fleet
+
+
+def serves_the_pin_through(fleet: LocalFleet, access: tuple[str, ...]) -> None:
+    """A worker and a router given `access` flags to etcd serve the pinned v1 of "a"."""
+    fleet.start_worker("w1", extra=access)
+    router = fleet.start_router(shard_size=1, extra=access)
+    assert predict(predictor(router.address), "a", X).model_version == "v1"
+
+
 def test_admin_writes_need_etcd_credentials_when_etcd_auth_is_on(tmp_path):
     etcd = EtcdServer(data_dir=tmp_path / "etcd").start()
     try:
         etcdctl(etcd.endpoint, "user", "add", "root:rootpw")
         etcdctl(etcd.endpoint, "auth", "enable")
-        fleet = LocalFleet(etcd.endpoint, new_prefix(), tmp_path / "fleet")
-        fleet.client.close()
-        from version_service.etcd_client import connect
-        from version_service.registry import Registry
-        from modelfleet.store import LocalStore
-
-        fleet.client = connect(etcd.endpoint, user="root", password="rootpw")
-        fleet.registry = Registry(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
-        fleet.register("a", "v1", seed=1)
-        fleet.register("a", "v2", seed=2)
+        fleet = fleet_on_private_etcd(etcd, tmp_path / "fleet", user="root", password="rootpw")
         denied = cli(fleet, "pin", "a", "v1")
         assert denied.returncode == 1 and denied.stderr.startswith("error: "), denied.stderr
         assert "v2" == fleet.registry.route("a")[0].serving
@@ -132,10 +146,7 @@ def test_admin_writes_need_etcd_credentials_when_etcd_auth_is_on(tmp_path):
         assert wrong.returncode == 1 and "credentials" in wrong.stderr, wrong.stderr
         ok = cli(fleet, "pin", "a", "v1", "--etcd-user", "root", "--etcd-password", "rootpw")
         assert ok.returncode == 0, ok.stderr
-        creds = ("--etcd-user", "root", "--etcd-password", "rootpw")
-        fleet.start_worker("w1", extra=creds)
-        router = fleet.start_router(shard_size=1, extra=creds)
-        assert predict(predictor(router.address), "a", X).model_version == "v1"
+        serves_the_pin_through(fleet, ("--etcd-user", "root", "--etcd-password", "rootpw"))
         fleet.stop()
     finally:
         etcd.cleanup()
@@ -145,21 +156,13 @@ def test_etcd_over_mutual_tls_serves_and_refuses_clients_without_the_right_crede
     """Production etcd speaks TLS with client certificates: CLI, worker and router connect with
     --etcd-ca/--etcd-cert/--etcd-key; a client that does not trust the CA, or has no certificate,
     gets a one-line 'unavailable' error and changes nothing."""
+    from modelfleet.tls import channel_credentials
+
     etcd = EtcdServer(data_dir=tmp_path / "etcd", tls_cert=pki["server_cert"], tls_key=pki["server_key"],
                       tls_ca=pki["ca"], client_cert_auth=True).start()
     try:
-        from modelfleet.store import LocalStore
-        from modelfleet.tls import channel_credentials
-        from version_service.etcd_client import connect
-        from version_service.registry import Registry
-
-        fleet = LocalFleet(etcd.endpoint, new_prefix(), tmp_path / "fleet")
-        fleet.client.close()
-        fleet.client = connect(etcd.endpoint, credentials=channel_credentials(
+        fleet = fleet_on_private_etcd(etcd, tmp_path / "fleet", credentials=channel_credentials(
             pki["ca"], pki["client_cert"], pki["client_key"]))
-        fleet.registry = Registry(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
-        fleet.register("a", "v1", seed=1)
-        fleet.register("a", "v2", seed=2)
         creds = ("--etcd-ca", pki["ca"], "--etcd-cert", pki["client_cert"], "--etcd-key", pki["client_key"])
         for refused in ((), creds[:2], ("--etcd-ca", pki["other_ca"], *creds[2:])):
             out = cli(fleet, "pin", "a", "v1", *refused)
@@ -169,9 +172,7 @@ def test_etcd_over_mutual_tls_serves_and_refuses_clients_without_the_right_crede
         assert fleet.registry.route("a")[0].serving == "v2"
         ok = cli(fleet, "pin", "a", "v1", *creds)
         assert ok.returncode == 0, ok.stderr
-        fleet.start_worker("w1", extra=creds)
-        router = fleet.start_router(shard_size=1, extra=creds)
-        assert predict(predictor(router.address), "a", X).model_version == "v1"
+        serves_the_pin_through(fleet, creds)
         fleet.stop()
     finally:
         etcd.cleanup()
