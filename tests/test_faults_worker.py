@@ -82,14 +82,21 @@ def _ids(fleet) -> list[str]:
     return sorted(w.worker_id for w in list_workers(fleet.client, fleet.keys))
 
 
-def test_a_hung_worker_is_routed_around_within_the_deadline_and_used_again_after_sigcont(fleet):
-    fleet.lease_ttl = 60  # a hang, not a death: the lease must outlive the stop
+def two_members_for_a_hang(fleet):
+    """Tenant "acme" on a 2-member shard, served once: (workers by name, stub, a row, the member
+    that answered). The lease outlives a SIGSTOP: a hang, not a death."""
+    fleet.lease_ttl = 60
     fleet.register("acme", "v1", seed=1)
     workers = {p.name: p for p in fleet.start_workers([("w1", "default"), ("w2", "default")])}
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
     first = fleet.wait_for(lambda: predict(stub, "acme", x), what="first predict").worker_id
+    return workers, stub, x, first
+
+
+def test_a_hung_worker_is_routed_around_within_the_deadline_and_used_again_after_sigcont(fleet):
+    workers, stub, x, first = two_members_for_a_hang(fleet)
     assert first == shard_for("acme", [Member("w1"), Member("w2")], 2)[0]  # affinity
     other = "w2" if first == "w1" else "w1"
 
@@ -144,13 +151,7 @@ def test_hedging_answers_from_the_other_member_when_the_first_hangs(fleet, monke
     """With ejection off, only the hedge saves these requests from paying the attempt timeout."""
     monkeypatch.setenv("MODELFLEET_HEDGE_AFTER_MS", hedge)
     monkeypatch.setenv("MODELFLEET_EJECT_AFTER_FAILURES", "0")
-    fleet.lease_ttl = 60
-    fleet.register("acme", "v1", seed=1)
-    workers = {p.name: p for p in fleet.start_workers([("w1", "default"), ("w2", "default")])}
-    router = fleet.start_router(shard_size=2)
-    stub = predictor(router.address)
-    x = sample_features(1, 1)[0]
-    first = fleet.wait_for(lambda: predict(stub, "acme", x), what="first predict").worker_id
+    workers, stub, x, first = two_members_for_a_hang(fleet)
     other = "w2" if first == "w1" else "w1"
     for _ in range(300):  # 'auto' learns this router's p95 from successful attempts
         assert predict(stub, "acme", x).worker_id == first
