@@ -26,9 +26,10 @@ first runs a short warm-up that is not measured (longer for the first cell of a 
 server); caches carry over between cells. rps counts requests completed inside the measured
 window; p50/p99 are over their individual latencies.
 
-Also per cell: the cache miss ratio (worker Stats / the naive server's Stats) and CPU time per
-request (µs, from /proc) of the client (generators), the hop (router or bare proxy) and the
-server (workers or the naive server). On a small or shared machine every process competes for
+Also per cell: the cache miss ratio and the models held at its end (worker Stats / the naive
+server's Stats), the server processes' RSS at its end, and CPU time per request (µs, from
+/proc) of the client (generators), the hop (router or bare proxy) and the server (workers or
+the naive server). On a small or shared machine every process competes for
 the same cores, so rps and latency move with whatever else runs; CPU per request moves much
 less, and is the number to read when asking where a path's time goes.
 
@@ -81,6 +82,18 @@ REQUEST_TIMEOUT_S = 10.0
 def tenant_name(mix: str, i: int) -> str:
     """warm-0..7 for the warm mix; t-000000.. shared by both Zipf mixes (zipf10k is a prefix)."""
     return f"warm-{i}" if mix == "warm" else f"t-{i:06d}"
+
+
+def rss_bytes(pids: list[int]) -> int | None:
+    """Resident memory of the processes now, in bytes (Linux /proc); None elsewhere."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/statm").read_text().split()
+        except (OSError, IndexError):
+            return None
+        total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
 
 
 def cpu_seconds(pids: list[int]) -> float | None:
@@ -423,22 +436,24 @@ class Bench:
                 "bare_proxy": {"hop": [self.bare[0].pid], "server": workers[:1]},
                 "naive": {"hop": [], "server": [self.naive[0].pid]}}[path]
 
-    def misses(self, path: str) -> int | None:
-        """Cache misses so far on the server(s) behind `path` (worker Stats or naive Stats)."""
+    def cache_stats(self, path: str) -> tuple[int | None, int | None]:
+        """(cache misses so far, models held now) on the server(s) behind `path`, from worker
+        Stats or the naive server's Stats; (None, None) if they can't be read."""
         try:
             if path == "naive":
                 with grpc.insecure_channel(self.naive[1]) as channel:
-                    raw = channel.unary_unary(NAIVE_STATS_METHOD)(b"", timeout=5)
-                return int(json.loads(raw)["misses"])
+                    doc = json.loads(channel.unary_unary(NAIVE_STATS_METHOD)(b"", timeout=5))
+                return int(doc["misses"]), int(doc["models"])
             from modelfleet.v1 import worker_pb2, worker_pb2_grpc
-            total = 0
+            misses = models = 0
             for w in self.workers:
                 with grpc.insecure_channel(w.address) as channel:
                     stats = worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(), timeout=5)
-                total += stats.misses_total
-            return total
+                misses += stats.misses_total
+                models += stats.models_loaded
+            return misses, models
         except grpc.RpcError:
-            return None
+            return None, None
 
     def stop(self) -> None:
         for pair in (self.bare, self.naive):
@@ -466,7 +481,9 @@ def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=prin
         pids = dict(bench.pids(path), client=[p.pid for p in gens.procs])
 
         def snapshot() -> dict:
-            return {"misses": bench.misses(path), **{k: cpu_seconds(v) for k, v in pids.items()}}
+            misses, models = bench.cache_stats(path)
+            return {"misses": misses, "models": models, "rss": rss_bytes(pids["server"]),
+                    **{k: cpu_seconds(v) for k, v in pids.items()}}
 
         before: dict = {}
         lat, errors, nbytes = gens.run(spec, conc, on_measuring=lambda: before.update(snapshot()))
@@ -489,6 +506,8 @@ def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=prin
                            if after["misses"] is not None and before.get("misses") is not None else None),
             "client_cpu_us": per_request_us("client"), "hop_cpu_us": per_request_us("hop"),
             "server_cpu_us": per_request_us("server"),
+            "models_held": after["models"],
+            "server_rss_mb": None if after["rss"] is None else after["rss"] / 2**20,
             "response_bytes": nbytes, "cores": os.cpu_count(), "workers": args.workers,
             "gen_procs": args.gen_procs, "cache_models": bench.cache_models, "duration_s": args.duration,
             "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
@@ -511,7 +530,7 @@ def print_table(records: list[dict], args: argparse.Namespace) -> None:
                         f"{args.workers} worker(s), {args.gen_procs} generator process(es), "
                         f"{args.duration:g}s per cell, model {args.trees}x{args.leaves}")
     for column in ("path", "mix", "tenants", "rows", "conc", "rps", "vs direct", "p50 ms", "p99 ms", "miss %",
-                   "CPU µs/req client|hop|server", "errors/requests"):
+                   "models held", "server RSS MB", "CPU µs/req client|hop|server", "errors/requests"):
         table.add_column(column, justify="left" if column in ("path", "mix") else "right")
     last = None
     for r in records:
@@ -524,10 +543,12 @@ def print_table(records: list[dict], args: argparse.Namespace) -> None:
                       f"{r['rps']:.0f}", f"{r['rps'] / base:.2f}x" if base else "-",
                       f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
                       "-" if r["miss_ratio"] is None else f"{100 * r['miss_ratio']:.1f}",
+                      "-" if r["models_held"] is None else str(r["models_held"]),
+                      "-" if r["server_rss_mb"] is None else f"{r['server_rss_mb']:.0f}",
                       " | ".join("-" if r[k] is None else f"{r[k]:.0f}"
                                  for k in ("client_cpu_us", "hop_cpu_us", "server_cpu_us")),
                       f"{r['errors']}/{r['requests']}")
-    Console(width=160).print(table)
+    Console(width=190).print(table)
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:

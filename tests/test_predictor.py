@@ -6,7 +6,9 @@ walk, so any difference means a wrong argument (iterations, predict type, layout
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -218,6 +220,33 @@ def test_garbage_model_text_is_a_failed_precondition(text):
         LoadedModel.from_model_text(text)
 
 
+def test_artifact_bytes_load_like_the_text_and_must_be_utf8():
+    text = train_model_text(seed=3, num_trees=5).replace("Column_1 ", "Température ")
+    row = np.arange(NUM_FEATURES, dtype=np.float64)
+    from_text, from_bytes = LoadedModel.from_model_text(text), LoadedModel.from_model_text(text.encode())
+    try:
+        assert from_bytes.predict(row) == from_text.predict(row)
+    finally:
+        from_text.close()
+        from_bytes.close()
+    with pytest.raises(FailedPrecondition, match="model text is not UTF-8"):
+        LoadedModel.from_model_text(text.encode("latin-1"))
+    with pytest.raises(FailedPrecondition, match="contains a NUL byte"):
+        LoadedModel.from_model_text(text.encode() + b"\x00")
+
+
+@pytest.mark.parametrize("shape", [dict(num_trees=1, num_leaves=2), dict(num_trees=40, num_leaves=7),
+                                   dict(num_trees=30, num_leaves=15, objective="multiclass")])
+def test_leaves_are_counted_from_the_tree_index_as_a_scan_counts_them(shape):
+    data = train_model_text(seed=5, **shape).encode()
+    scanned = sum(int(n) for n in re.findall(rb"\nnum_leaves=(\d+)", data))
+    assert predictor._parseable_bytes(data).leaves == scanned
+    no_index = re.sub(rb"\ntree_sizes=[^\n]*", b"", data)
+    assert predictor._parseable_bytes(no_index).leaves == scanned
+    bad_index = re.sub(rb"\ntree_sizes=(\d+)", lambda m: b"\ntree_sizes=" + str(int(m[1]) - 1).encode(), data)
+    assert predictor._parseable_bytes(bad_index).leaves == scanned  # headers not where it says: scanned
+
+
 def test_truncated_model_text_is_a_failed_precondition():
     text = train_model_text(seed=3, num_trees=5)
     trees_end = text.index("end of trees")
@@ -255,9 +284,9 @@ for _ in range(1000):  # in-bounds damage to the trees: a byte changed, deleted 
     else: chars.insert(pos, rng.choice("=\\n -.0xT"))
     texts.append("".join(chars))
 loaded = refused = 0
-for t in texts:
+for i, t in enumerate(texts):
     try:
-        LoadedModel.from_model_text(t).close()
+        LoadedModel.from_model_text(t.encode() if i % 2 else t).close()  # text, and bytes as a worker reads them
         loaded += 1
     except FailedPrecondition:
         refused += 1
@@ -373,6 +402,7 @@ def fresh_sizing(monkeypatch) -> CountedSizing:
 def test_only_a_sample_of_loads_is_measured(fresh_sizing, monkeypatch):
     monkeypatch.setattr(predictor, "_MEASURE_FIRST", 5)
     monkeypatch.setattr(predictor, "_MEASURE_EVERY", 10)
+    monkeypatch.setattr(predictor, "_MEASURE_TIME_SHARE", 1.0)  # the count decides, not the time budget
     text = train_model_text(seed=8, num_trees=5)
     for _ in range(200):  # one at a time: every load runs alone, so every sampled one is measured
         LoadedModel.from_model_text(text).close()
@@ -380,6 +410,41 @@ def test_only_a_sample_of_loads_is_measured(fresh_sizing, monkeypatch):
     assert 5 + 19 <= fresh_sizing.measured <= 5 + 20  # the first 5, then 1 in 10
     assert fresh_sizing.reads == 2 * fresh_sizing.measured  # estimated loads never call mallinfo2
     assert 0.5 < fresh_sizing.calibration < 2
+
+
+@pytest.mark.skipif(predictor._mallinfo2 is None, reason="needs glibc mallinfo2")
+def test_mallinfo2_reads_keep_to_their_share_of_the_time(fresh_sizing, monkeypatch):
+    monkeypatch.setattr(predictor, "_MEASURE_FIRST", 1)
+    monkeypatch.setattr(predictor, "_MEASURE_EVERY", 1)  # every load is due for a sample...
+    monkeypatch.setattr(predictor, "_MEASURE_TIME_SHARE", 1e-9)  # ...but the first reads' cost defers the next for hours
+    text = train_model_text(seed=8, num_trees=5)
+    for _ in range(50):
+        LoadedModel.from_model_text(text).close()
+    assert fresh_sizing.measured == 1 and fresh_sizing.estimated == 49
+    assert fresh_sizing.reads == 2 and fresh_sizing.read_seconds > 0
+
+
+@pytest.mark.skipif(predictor._mallinfo2 is None, reason="needs glibc mallinfo2")
+def test_readings_inflated_by_other_allocations_skew_neither_calibration_nor_sizes(fresh_sizing, monkeypatch):
+    monkeypatch.setattr(predictor, "_MEASURE_FIRST", 10**9)  # measure every load
+    text = train_model_text(seed=3, num_trees=50, num_leaves=31)
+    clean = [LoadedModel.from_model_text(text) for _ in range(5)]
+    clean_calibration, clean_nbytes = fresh_sizing.calibration, clean[-1].nbytes
+    reading = predictor._heap_bytes_in_use
+    reads = itertools.count()
+
+    def another_thread_allocates_meanwhile() -> int:  # every 4th load's second reading: +2 MB not its own
+        return reading() + (2 << 20 if next(reads) % 8 == 1 else 0)
+
+    monkeypatch.setattr(predictor, "_heap_bytes_in_use", another_thread_allocates_meanwhile)
+    models = [LoadedModel.from_model_text(text) for _ in range(24)]
+    try:
+        assert fresh_sizing.measured == 29
+        assert 0.9 < fresh_sizing.calibration / clean_calibration < 1.1
+        assert all(0.8 < m.nbytes / clean_nbytes < 1.25 for m in models), [m.nbytes for m in models]
+    finally:
+        for model in clean + models:
+            model.close()
 
 
 @pytest.mark.skipif(predictor._mallinfo2 is None, reason="needs glibc mallinfo2")

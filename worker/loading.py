@@ -50,13 +50,9 @@ class ModelLoader:
         record = self.record(tenant, version)
         what = f"tenant {tenant!r} version {version!r}"
         data = self.store.read_verified(record.artifact, record.sha256, what)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FailedPrecondition(f"{what}: artifact is not a LightGBM text model") from None
         parse_started = time.perf_counter()
         try:
-            model = LoadedModel.from_model_text(text)
+            model = LoadedModel.from_model_text(data)  # bytes: no decode and encode round trip
         except FailedPrecondition as exc:
             raise FailedPrecondition(f"{what}: {exc}") from None
         if tracing.tracer() is not None:  # the cache's `load` span is current in this thread

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import re
+import statistics
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import lightgbm.basic
@@ -96,28 +98,46 @@ def _find_mallinfo2() -> Callable[[], _MallInfo2] | None:
 _mallinfo2 = _find_mallinfo2()
 
 
+_CALIBRATION_SAMPLES = 15
+
+
 @dataclass
 class Sizing:
     """How loads got their `nbytes`, and what the measured ones taught the estimate.
 
     mallinfo2 walks every free chunk of every arena under the arena locks: ~1 ms with 1000
     cached models after some churn, ~9 ms with 5000 (measured on this project's 2-core box),
-    twice per load, stalling every other thread's malloc meanwhile. So only a sample of loads
-    is measured: the first `_MEASURE_FIRST`, then the next load that runs alone after every
-    `_MEASURE_EVERY` loads. The rest get the structural estimate times `calibration`, the
-    running ratio measured / estimated, so the cache's byte total stays honest on average
-    (each demo model's estimate is within ~20% of its measurement).
+    twice per load, stalling every other thread's malloc meanwhile; in a miss-heavy benchmark
+    a 1-in-64 sample alone took ~10 ms per read, a fifth of all parsing time. So only a sample
+    of loads is measured: the first `_MEASURE_FIRST`, then the next load that runs alone after
+    every `_MEASURE_EVERY` loads, and no sooner than the last sample's mallinfo2 time divided
+    by `_MEASURE_TIME_SHARE` (the reads get at most that share of the time, however large the
+    heap). The rest get the structural estimate times `calibration`, the median ratio
+    measured / estimated of the last `_CALIBRATION_SAMPLES` samples, so the cache's byte total
+    stays honest on average (each demo model's estimate is within ~20% of its measurement).
+
+    A median, not a mean: mallinfo2 sees every thread's allocations, and in a busy worker
+    about one sample in five read ~2x the model's size (something else of about a model's
+    size was allocated meanwhile: most likely another request's artifact being read). A
+    running mean took those in and over-counted every model by ~15% (a benchmark worker held
+    886 models in a budget sized for 1000); the median ignores them, and an outlying
+    sample's own model gets the calibrated estimate instead of its reading.
     """
 
     measured: int = 0
     estimated: int = 0
     calibration: float = 1.0
     due: bool = False  # a sample is owed: the next load that runs alone is measured
+    next_sample_at: float = 0.0  # time.monotonic() before which no sample is taken
+    read_seconds: float = 0.0  # spent in mallinfo2, in total
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=_CALIBRATION_SAMPLES))
 
 
 sizing = Sizing()
 _MEASURE_FIRST = 32
 _MEASURE_EVERY = 64
+_MEASURE_TIME_SHARE = 0.01
+_OUTLIER_RATIO = 1.5  # a reading this far from the calibrated estimate (either way) is not trusted
 # Held only around a parse's bookkeeping, so two loads in different threads never see each
 # other's bytes. Loads run in parallel (a worker's load pool); a load is measured only when it
 # ran alone, so no other parse's allocations land in its delta.
@@ -141,6 +161,7 @@ def _heap_bytes_in_use() -> int:
 # per tree and ~63 per leaf (the split, threshold, child and value arrays).
 _EST_FIXED, _EST_PER_TREE, _EST_PER_LEAF = 5_800, 690, 63
 _NUM_LEAVES_RE = re.compile(rb"\nnum_leaves=(\d+)")  # a literal prefix: ~12x faster than ^ with MULTILINE
+_TREE_HEAD_RE = re.compile(rb"Tree=\d+\nnum_leaves=(\d+)\n")
 
 
 def _python_bytes(num_features: int, num_classes: int) -> int:
@@ -149,17 +170,43 @@ def _python_bytes(num_features: int, num_classes: int) -> int:
     return 2_450 + 8 * (num_features + num_classes)
 
 
-def _estimate_nbytes(trees: int, data: bytes) -> int:
-    """A per-tree/per-leaf formula (~20 µs for a 30 KB text), scaled by `sizing.calibration`."""
-    leaves = sum(int(n) for n in _NUM_LEAVES_RE.findall(data))
+def _estimate_nbytes(trees: int, leaves: int) -> int:
+    """A per-tree/per-leaf formula, scaled by `sizing.calibration` where it is used."""
     return _EST_FIXED + _EST_PER_TREE * trees + _EST_PER_LEAF * leaves
+
+
+def _count_leaves(data: bytes, trees_at: int, tree_sizes: list[int] | None) -> int:
+    """The leaves of every tree in a model text.
+
+    With the `tree_sizes=` index, each tree's header is matched where the index says it starts
+    (~0.3 µs a tree); scanning the whole text instead costs ~0.45 µs per KB: ~140 µs for a
+    300 KB model, on every load. A text without the index, or whose index does not point at
+    tree headers, is scanned."""
+    if tree_sizes is not None:
+        match, leaves, at = _TREE_HEAD_RE.match, 0, trees_at
+        for size in tree_sizes:
+            head = match(data, at)
+            if head is None:
+                break
+            leaves += int(head[1])
+            at += size
+        else:
+            return leaves
+    return sum(int(n) for n in _NUM_LEAVES_RE.findall(data))
 
 
 # --- loading -----------------------------------------------------------------------------------
 
-def _parseable_bytes(text: str) -> tuple[bytes, int | None]:
-    """The model text as bytes LightGBM 4.7 can parse without crashing the whole process, and
-    the number of trees the text declares (None if it doesn't say).
+@dataclass
+class _ModelText:
+    data: bytes  # what LightGBM parses: the text without its tree index, then a sentinel
+    declared_trees: int | None  # how many trees the index declares (None without an index)
+    leaves: int  # over all trees
+
+
+def _parseable_bytes(text: str | bytes) -> _ModelText:
+    """The model text as bytes LightGBM 4.7 can parse without crashing the whole process, the
+    number of trees the text declares, and its leaves (for the size estimate).
 
     LightGBM's model parser trusts its input: given a truncated text (an interrupted upload or
     copy) it reads past the end of the buffer, and a malformed tree found while parsing trees in
@@ -171,26 +218,44 @@ def _parseable_bytes(text: str) -> tuple[bytes, int | None]:
     parser before the end of the buffer. This makes truncation and garbage safe; a text that
     parses but is internally inconsistent (bit flips, hand edits) can still crash, so artifacts
     must come from a trusted writer and be checked against their digest.
+
+    Bytes (an artifact as read from the store) are taken as they are once they are known to be
+    UTF-8 (ASCII, for every model LightGBM writes without non-ASCII feature names: a check of
+    ~4 µs per 100 KB), and copied once, into the buffer with the sentinel: decoding them to a
+    str and encoding that back cost ~60 µs more for a 300 KB model.
     """
-    if "\x00" in text:
-        raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
-    data = text.encode("utf-8")
-    declared_trees = None
+    if isinstance(text, str):
+        if "\x00" in text:
+            raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
+        data = text.encode("utf-8")
+    else:
+        data = bytes(text)
+        if b"\x00" in data:
+            raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
+        if not data.isascii():
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FailedPrecondition("cannot load LightGBM model: model text is not UTF-8") from None
     index_at = data.find(b"\ntree_sizes=")
-    if index_at >= 0:
-        index_end = data.find(b"\n", index_at + 1)
-        index_end = len(data) if index_end < 0 else index_end
-        try:
-            sizes = [int(size) for size in data[index_at + len(b"\ntree_sizes="):index_end].split()]
-        except ValueError:
-            raise FailedPrecondition("cannot load LightGBM model: malformed tree_sizes") from None
-        trees_at = data.find(b"\nTree=", index_end) + 1  # where LightGBM's offsets start from
-        if trees_at == 0 or len(data) < trees_at + sum(sizes):
-            raise FailedPrecondition(f"cannot load LightGBM model: the text is truncated (its "
-                                     f"{len(sizes)} trees need {sum(sizes)} bytes)")
-        declared_trees = len(sizes)
-        data = data[:index_at] + data[index_end:]
-    return data + b"\n=\n\n", declared_trees
+    if index_at < 0:
+        return _ModelText(data + _SENTINEL, None, _count_leaves(data, 0, None))
+    index_end = data.find(b"\n", index_at + 1)
+    index_end = len(data) if index_end < 0 else index_end
+    try:
+        sizes = [int(size) for size in data[index_at + len(b"\ntree_sizes="):index_end].split()]
+    except ValueError:
+        raise FailedPrecondition("cannot load LightGBM model: malformed tree_sizes") from None
+    trees_at = data.find(b"\nTree=", index_end) + 1  # where LightGBM's offsets start from
+    if trees_at == 0 or len(data) < trees_at + sum(sizes):
+        raise FailedPrecondition(f"cannot load LightGBM model: the text is truncated (its "
+                                 f"{len(sizes)} trees need {sum(sizes)} bytes)")
+    view = memoryview(data)
+    parseable = b"".join((view[:index_at], view[index_end:], _SENTINEL))
+    return _ModelText(parseable, len(sizes), _count_leaves(data, trees_at, sizes))
+
+
+_SENTINEL = b"\n=\n\n"
 
 
 def _get_int(fn: Callable[..., int], booster: int) -> int:
@@ -267,16 +332,19 @@ class LoadedModel:
         self._row_type = ctypes.c_double * num_features
         self._row = self._row_type()
         self._row_view = memoryview(np.frombuffer(self._row, dtype=np.float64))
-        self._out = np.empty(num_classes, dtype=np.float64)
-        self._out_values = self._out.tolist  # the response needs a list: one conversion, no array
+        # The output buffer, read back as the list the response needs through a plain float64
+        # memoryview: its `tolist` is one C call, ~70 ns cheaper than an ndarray's.
+        self._out = (ctypes.c_double * num_classes)()
+        self._out_values = memoryview(self._out).cast("B").cast("d").tolist
         self._out_len = ctypes.c_int64()
         self._fast_args = (self._fast_config, _p(ctypes.addressof(self._row)),
-                           ctypes.byref(self._out_len), _p(self._out.ctypes.data))
+                           ctypes.byref(self._out_len), _p(ctypes.addressof(self._out)))
         self._idle = [True]
 
     @classmethod
-    def from_model_text(cls, text: str) -> LoadedModel:
-        """Parses a LightGBM model text; FailedPrecondition if LightGBM can't.
+    def from_model_text(cls, text: str | bytes) -> LoadedModel:
+        """Parses a LightGBM model text (a str, or its UTF-8 bytes); FailedPrecondition if
+        LightGBM can't.
 
         `nbytes` is what the model holds: LightGBM's allocations plus the model's own Python
         objects (`_python_bytes`). LightGBM's part is measured for a sample of loads (see
@@ -287,7 +355,8 @@ class LoadedModel:
         loads have shown.
         """
         global _loads_active, _loads_started
-        data, declared_trees = _parseable_bytes(text)
+        model_text = _parseable_bytes(text)
+        data, declared_trees = model_text.data, model_text.declared_trees
         with _load_state:
             _loads_active += 1
             _loads_started += 1
@@ -295,9 +364,12 @@ class LoadedModel:
             if ticket % _MEASURE_EVERY == 0:
                 sizing.due = True
             measure = (_mallinfo2 is not None and _loads_active == 1
-                       and (sizing.measured < _MEASURE_FIRST or sizing.due))
+                       and (sizing.measured < _MEASURE_FIRST
+                            or (sizing.due and time.monotonic() >= sizing.next_sample_at)))
         try:
+            read_started = time.monotonic()
             before = _heap_bytes_in_use() if measure else -1
+            read_seconds = time.monotonic() - read_started
             booster = _load_booster(data)
             try:
                 trees = _get_int(_lib.LGBM_BoosterNumberOfTotalModel, booster)
@@ -310,20 +382,27 @@ class LoadedModel:
             except BaseException:
                 _lib.LGBM_BoosterFree(booster)
                 raise
+            read_started = time.monotonic()
             after = _heap_bytes_in_use() if measure else -1
+            read_seconds += time.monotonic() - read_started
         finally:
             with _load_state:
                 _loads_active -= 1
-                measure = measure and _loads_started == ticket  # nobody started while we parsed
-        estimate = _estimate_nbytes(trees, data)
-        measured = after - before if measure and before >= 0 else 0
+                alone = _loads_started == ticket  # nobody started while we parsed
+        estimate = _estimate_nbytes(trees, model_text.leaves)
+        measured = after - before if measure and alone and before >= 0 else 0
         with _load_state:
+            if measure:  # mallinfo2 was read, whether or not the reading is usable
+                sizing.read_seconds += read_seconds
+                sizing.next_sample_at = time.monotonic() + read_seconds / _MEASURE_TIME_SHARE
             if measured > 0:
                 sizing.measured += 1
                 sizing.due = False
-                weight = max(0.1, 1 / sizing.measured)  # the mean of the first ten, then a moving one
-                sizing.calibration += weight * (measured / estimate - sizing.calibration)
-                nbytes = measured
+                sizing.recent.append(measured / estimate)
+                sizing.calibration = statistics.median(sizing.recent)
+                calibrated = estimate * sizing.calibration
+                trusted = calibrated / _OUTLIER_RATIO <= measured <= calibrated * _OUTLIER_RATIO
+                nbytes = measured if trusted else int(calibrated)
             else:
                 sizing.estimated += 1
                 nbytes = int(estimate * sizing.calibration)
@@ -337,7 +416,7 @@ class LoadedModel:
 
     def predict(self, features: Features) -> list[float]:
         """Predicts rows of row-major float64 features; returns rows * num_classes values, as
-        the list a response carries (`ndarray.tolist` once, never an array and then a list).
+        the list a response carries (one `tolist` of the output buffer, no array in between).
 
         NaN and +/-inf are valid features (LightGBM treats NaN as missing).
 
