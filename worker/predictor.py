@@ -49,31 +49,34 @@ _TOKEN_WAIT_S = 20e-6
 
 # Our own handles on LightGBM's shared library (same dlopen handle, separate function objects),
 # so setting argtypes here never changes the prototypes lightgbm's own code relies on.
-# Loading and batches release the GIL (they can take milliseconds). The single-row call keeps
-# it (PyDLL): it lasts microseconds, and releasing the GIL for that long would cost more than it
-# saves: on return, a thread can wait up to the 5 ms switch interval to get the GIL back.
+# Calls that can take milliseconds (parsing, freeing a model, batches) go through `_lib`
+# (CDLL), which releases the GIL. Calls that take microseconds go through `_quick` (PyDLL),
+# which keeps it: releasing it would cost more than it saves, because on return a thread can
+# wait up to the 5 ms switch interval to get the GIL back from a busy event loop thread, and a
+# load that released it after each of its small calls paid that wait each time.
 _lib = ctypes.CDLL(lightgbm.basic._LIB._name)
-_fast_predict = ctypes.PyDLL(lightgbm.basic._LIB._name).LGBM_BoosterPredictForMatSingleRowFast
+_quick = ctypes.PyDLL(lightgbm.basic._LIB._name)
+_fast_predict = _quick.LGBM_BoosterPredictForMatSingleRowFast
 
 _p = ctypes.c_void_p
 _int = ctypes.c_int
-_lib.LGBM_GetLastError.restype = ctypes.c_char_p
-_lib.LGBM_GetLastError.argtypes = []
+_quick.LGBM_GetLastError.restype = ctypes.c_char_p
+_quick.LGBM_GetLastError.argtypes = []
 _lib.LGBM_BoosterLoadModelFromString.argtypes = [ctypes.c_char_p, ctypes.POINTER(_int), ctypes.POINTER(_p)]
-_lib.LGBM_BoosterGetNumFeature.argtypes = [_p, ctypes.POINTER(_int)]
-_lib.LGBM_BoosterGetNumClasses.argtypes = [_p, ctypes.POINTER(_int)]
-_lib.LGBM_BoosterNumberOfTotalModel.argtypes = [_p, ctypes.POINTER(_int)]
-_lib.LGBM_BoosterPredictForMatSingleRowFastInit.argtypes = [
+_quick.LGBM_BoosterGetNumFeature.argtypes = [_p, ctypes.POINTER(_int)]
+_quick.LGBM_BoosterGetNumClasses.argtypes = [_p, ctypes.POINTER(_int)]
+_quick.LGBM_BoosterNumberOfTotalModel.argtypes = [_p, ctypes.POINTER(_int)]
+_quick.LGBM_BoosterPredictForMatSingleRowFastInit.argtypes = [
     _p, _int, _int, _int, _int, ctypes.c_int32, ctypes.c_char_p, ctypes.POINTER(_p)]
 _lib.LGBM_BoosterPredictForMat.argtypes = [
     _p, _p, _int, ctypes.c_int32, ctypes.c_int32, _int, _int, _int, _int, ctypes.c_char_p,
     ctypes.POINTER(ctypes.c_int64), _p]
-_lib.LGBM_FastConfigFree.argtypes = [_p]
+_quick.LGBM_FastConfigFree.argtypes = [_p]
 _lib.LGBM_BoosterFree.argtypes = [_p]
 
 
 def _last_error() -> str:
-    return _lib.LGBM_GetLastError().decode("utf-8", "replace")
+    return _quick.LGBM_GetLastError().decode("utf-8", "replace")
 
 
 # --- measuring native memory -------------------------------------------------------------------
@@ -275,7 +278,7 @@ def _load_booster(data: bytes) -> int:
 
 def _init_fast_config(booster: int, num_features: int) -> int:
     fast_config = _p()
-    rc = _lib.LGBM_BoosterPredictForMatSingleRowFastInit(
+    rc = _quick.LGBM_BoosterPredictForMatSingleRowFastInit(
         booster, _C_API_PREDICT_NORMAL, 0, _ALL_ITERATIONS, _C_API_DTYPE_FLOAT64, num_features,
         _FAST_PARAMETERS, ctypes.byref(fast_config))
     if rc != 0:
@@ -286,7 +289,7 @@ def _init_fast_config(booster: int, num_features: int) -> int:
 
 def _free_native(fast_config: int, booster: int) -> None:
     """Runs exactly once per model, from `weakref.finalize` (see the module docstring)."""
-    _lib.LGBM_FastConfigFree(fast_config)
+    _quick.LGBM_FastConfigFree(fast_config)
     _lib.LGBM_BoosterFree(booster)
 
 
@@ -372,12 +375,12 @@ class LoadedModel:
             read_seconds = time.monotonic() - read_started
             booster = _load_booster(data)
             try:
-                trees = _get_int(_lib.LGBM_BoosterNumberOfTotalModel, booster)
+                trees = _get_int(_quick.LGBM_BoosterNumberOfTotalModel, booster)
                 if declared_trees is not None and trees != declared_trees:
                     raise FailedPrecondition(f"cannot load LightGBM model: the text declares "
                                              f"{declared_trees} trees but LightGBM read {trees}")
-                num_features = _get_int(_lib.LGBM_BoosterGetNumFeature, booster)
-                num_classes = _get_int(_lib.LGBM_BoosterGetNumClasses, booster)
+                num_features = _get_int(_quick.LGBM_BoosterGetNumFeature, booster)
+                num_classes = _get_int(_quick.LGBM_BoosterGetNumClasses, booster)
                 fast_config = _init_fast_config(booster, num_features)
             except BaseException:
                 _lib.LGBM_BoosterFree(booster)
