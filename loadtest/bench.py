@@ -1,9 +1,10 @@
 """Four ways to answer Predict, measured side by side in one run: throughput, p50 and p99.
 
-    direct      client -> worker                       (Worker/Predict, version "v1")
+    direct      client -> worker                       (Worker/Predict, version "v1", and the
+                artifact hint a router sends: worker.artifact_hint)
     router      client -> router -> worker             (the real fleet: etcd, workers, one router)
     bare_proxy  client -> bare pass-through proxy -> worker   (loadtest.bare_proxy: raw bytes, no
-                parsing: the floor for any Python gRPC hop on this stack)
+                parsing, no metadata: the floor for any Python gRPC hop on this stack)
     naive       client -> naive server                 (loadtest.naive_server: one process,
                 Booster(model_str=...) on first use, cachetools LRU by count, Booster.predict)
 
@@ -140,6 +141,7 @@ def feature_blocks(rows: int, num_features: int, seed: int) -> list[bytes]:
 async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
     from modelfleet.rpc import CHANNEL_OPTIONS
     from modelfleet.v1 import predictor_pb2
+    from worker.artifact_hint import artifact_metadata
 
     calls = []
     for address in spec["addresses"]:
@@ -147,6 +149,7 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
             channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         calls.append(channels[address].unary_unary(spec["method"]))  # bytes in, bytes out
     route = spec.get("route")  # tenant index -> index into calls (direct path), or None
+    hints = [artifact_metadata(sha256) for sha256 in spec.get("artifacts", ())]  # tenant t: hints[t % len]
     mix, n = spec["mix"], spec["tenants"]
     draws = tenant_draws(mix, n, 1 << 18, spec["seed"])
     blocks = feature_blocks(spec["rows"], spec["num_features"], spec["seed"])
@@ -174,12 +177,13 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
         while perf() < end:
             t = int(draws[j % len(draws)])
             call = calls[route[t]] if route is not None else calls[0]
+            metadata = hints[t % len(hints)] if hints else None
             request = request_for(t, j)
             j += callers
             started = perf()
             code = None
             try:
-                response = await call(request, timeout=REQUEST_TIMEOUT_S)
+                response = await call(request, timeout=REQUEST_TIMEOUT_S, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             done = perf()
@@ -286,7 +290,7 @@ def register_bulk(client, keys, tenants: list[str], artifacts: list[Artifact], v
     from version_service.schema import RouteRecord, VersionRecord
 
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    route = RouteRecord(serving=version, newest=version).to_json()
+    routes = [RouteRecord(serving=version, newest=version, serving_sha256=a.sha256).to_json() for a in artifacts]
     records = [VersionRecord(version=version, artifact=a.artifact, sha256=a.sha256, num_features=a.num_features,
                              num_classes=a.num_classes, bytes=a.size, created=created,
                              objective=a.objective).to_json() for a in artifacts]
@@ -295,7 +299,7 @@ def register_bulk(client, keys, tenants: list[str], artifacts: list[Artifact], v
         ops = []
         for i in range(start, min(start + TXN_TENANTS, len(tenants))):
             ops.append(txn.put(keys.version(tenants[i], version), records[i % len(artifacts)]))
-            ops.append(txn.put(keys.route(tenants[i]), route))
+            ops.append(txn.put(keys.route(tenants[i]), routes[i % len(artifacts)]))
         client.transaction(compare=[], success=ops, failure=[])
 
 
@@ -338,9 +342,10 @@ def start_bare_proxy(worker: str, log_path: Path, env: dict[str, str]):
         f"127.0.0.1:{port}"
 
 
-def write_manifest(path: Path, store: Path, tenants: list[str], artifacts: list[Artifact]) -> None:
+def write_manifest(path: Path, store: Path, groups: list[list[str]], artifacts: list[Artifact]) -> None:
+    """The naive server's manifest: tenant i of each group gets artifact i % len, as registered."""
     doc = {"store": str(store), "version": VERSION,
-           "tenants": {t: artifacts[i % len(artifacts)].artifact for i, t in enumerate(tenants)}}
+           "tenants": {t: artifacts[i % len(artifacts)].artifact for names in groups for i, t in enumerate(names)}}
     path.write_text(json.dumps(doc, separators=(",", ":")))
 
 
@@ -388,11 +393,14 @@ class Bench:
             n = MIX_TENANTS[mix] if mix == "warm" else min(MIX_TENANTS[mix], args.max_tenants)
             self.tenant_counts[mix] = n
         zipf_n = max((n for m, n in self.tenant_counts.items() if m != "warm"), default=0)
-        tenants = [tenant_name("warm", i) for i in range(MIX_TENANTS["warm"])] if "warm" in args.mixes else []
-        tenants += [tenant_name("zipf", i) for i in range(zipf_n)]
-        register_bulk(self.fleet.client, self.fleet.keys, tenants, self.artifacts)
+        groups = [[tenant_name("zipf", i) for i in range(zipf_n)]]
+        if "warm" in args.mixes:
+            groups.append([tenant_name("warm", i) for i in range(MIX_TENANTS["warm"])])
+        for names in groups:  # tenant i of a mix gets artifact i % --artifacts (the generators know it)
+            register_bulk(self.fleet.client, self.fleet.keys, names, self.artifacts)
+            tenants += names
         manifest = self.root / "naive-manifest.json"
-        write_manifest(manifest, self.fleet.store_dir, tenants, self.artifacts)
+        write_manifest(manifest, self.fleet.store_dir, groups, self.artifacts)
         log(f"set-up: {len(tenants)} tenants over {len(self.artifacts)} artifacts registered "
             f"in {time.monotonic() - t0:.1f}s")
 
@@ -419,9 +427,9 @@ class Bench:
 
     def target(self, path: str, mix: str) -> dict:
         """What a generator dials for `path`: addresses, method, version, per-tenant route."""
-        if path == "direct":
+        if path == "direct":  # with the artifact hint a router sends (worker.artifact_hint)
             return {"addresses": [w.address for w in self.workers], "method": WORKER_METHOD, "version": VERSION,
-                    "route": self.routes[mix]}
+                    "route": self.routes[mix], "artifacts": [a.sha256 for a in self.artifacts]}
         if path == "router":
             return {"addresses": [self.router.address], "method": PUBLIC_METHOD, "version": ""}
         if path == "bare_proxy":

@@ -6,7 +6,9 @@
 3. the version: the caller's, else the canary's share of a rollout, else the serving one;
 4. its shuffle shard over live, non-draining workers (cached per tenant);
 5. forward (router.failover): members in order (affinity, spill, ejected workers last), the next
-   one on a dead or hung member or after the hedge delay, all within the caller's deadline.
+   one on a dead or hung member or after the hedge delay, all within the caller's deadline; for
+   the serving version, with its artifact digest from the route (worker.artifact_hint), so a
+   worker that has to load the model reads nothing from etcd.
    Errors about the request itself (unknown version, bad features, corrupt artifact) come back
    from the worker and are returned as they are: another member would answer the same.
 6. a shadow rollout gets a copy afterwards, off the caller's path.
@@ -74,9 +76,11 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                 tracing.set_attributes(span, {"version": request.version, "shard": shard})
         try:
             remaining = context.time_remaining()
+            artifact = route.serving_sha256 if request.version == route.serving else None
             try:
                 response = await self.failover.send(request, shard,
-                                                    remaining if remaining is not None else self.default_deadline)
+                                                    remaining if remaining is not None else self.default_deadline,
+                                                    artifact=artifact)
             except RetryLater as exc:  # every member overloaded: pass the workers' hint on
                 set_retry_hint(context, exc)
                 raise

@@ -90,8 +90,13 @@ def test_shard_size_change_reaches_every_router_within_a_second(fleet):
         fleet.start_worker(w)
     routers = [fleet.start_router(shard_size=2) for _ in range(2)]
     assert all(len(router_shard(r.address, "hot")) == 2 for r in routers)
+    fleet.register("hot", "v2", seed=2)
+    fleet.registry.start_rollout("hot", "v1", percent=10)
+    fleet.registry.set_limits("hot", rate=500)
+    before = fleet.registry.route("hot")[0]
     done = cli(fleet, "shards", "apply", "--set-size", "hot", "4", "--json")
     assert done.returncode == 0, done.stderr
+    assert fleet.registry.route("hot")[0] == before.with_changes(shard_size=4)  # rollout, limits, digest kept
     for r in routers:
         fleet.wait_for(lambda: len(router_shard(r.address, "hot")) == 4, timeout=1.0, what="size 4 on every router")
     assert cli(fleet, "set-shard-size", "hot", "default").returncode == 0

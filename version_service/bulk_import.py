@@ -188,7 +188,7 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
             compare.append(txn.version(key) == 0)
             ops.append(txn.put(key, record.to_json()))
             old = current[row.tenant]
-            current[row.tenant] = next_route_on_register(old, row.version)
+            current[row.tenant] = next_route_on_register(old, row.version, sha)
             if old is None or old.serving != current[row.tenant].serving:
                 ops.append(registry.history_op(row.tenant, "register", old.serving if old else "",
                                                current[row.tenant].serving, actor, "import"))

@@ -156,7 +156,7 @@ class Registry:
                         f"artifact (sha256 {existing.sha256[:12]}..., this file {record.sha256[:12]}...)")
                 raw_route, route_meta = self.client.get(route_key)
                 old = RouteRecord.from_json(raw_route) if raw_route is not None else None
-                route = next_route_on_register(old, version)
+                route = next_route_on_register(old, version, record.sha256)
                 ops = [txn.put(version_key, record.to_json()), txn.put(route_key, route.to_json())]
                 if old is None or old.serving != route.serving:
                     ops.append(self.history_op(tenant, "register", old.serving if old else "", route.serving,
@@ -279,10 +279,20 @@ class Registry:
         return self.client.transactions.put(self.keys.history_event(tenant, new_event_id()), record.to_json())
 
     # -- internals -------------------------------------------------------------------------
+    def _sha256_of(self, tenant: str, version: str) -> str | None:
+        """The artifact digest of a version, None if it has no record (the route is then
+        written without one, and workers read the record themselves, which says NOT_FOUND)."""
+        try:
+            return self.version(tenant, version).sha256
+        except NotFound:
+            return None
+
     def _update_route(self, tenant: str, action: str, change: Callable[[RouteRecord], RouteRecord],
                       actor: str | None = None, reason: str = "", to_version: str | None = None) -> RouteRecord:
         route, mod_revision = self.route(tenant)
         new_route = change(route)
+        if new_route.serving_sha256 is None:  # serving changed (or a route from an older tool)
+            new_route = new_route.with_changes(serving_sha256=self._sha256_of(tenant, new_route.serving))
         failpoints.pause("before_route_write")
         key = self.keys.route(tenant)
         txn = self.client.transactions
@@ -298,11 +308,14 @@ class Registry:
         return new_route
 
 
-def next_route_on_register(old: RouteRecord | None, version: str) -> RouteRecord:
-    """The route after `version` is registered: newest always, serving unless pinned."""
+def next_route_on_register(old: RouteRecord | None, version: str, sha256: str) -> RouteRecord:
+    """The route after `version` (artifact `sha256`) is registered: newest always, serving
+    unless pinned."""
     if old is None:
-        return RouteRecord(serving=version, newest=version)
-    return old.with_changes(serving=old.serving if old.pinned else version, newest=version)
+        return RouteRecord(serving=version, newest=version, serving_sha256=sha256)
+    if old.pinned:
+        return old.with_changes(newest=version)
+    return old.with_changes(serving=version, newest=version, serving_sha256=sha256)
 
 
 def _ended(route: RouteRecord, version: str) -> RouteRecord:

@@ -141,6 +141,13 @@ class RouteRecord(_Record):
     Load-shedding limits, each None = the routers' defaults (--tenant-rate-limit, --tenant-burst,
     --tenant-max-inflight): `rate_limit` requests per second and `burst` (token-bucket size; unset
     with a rate = one second of it) per router, `max_inflight` requests in flight per router.
+
+    `serving_sha256` is the serving version's artifact digest, copied from its (immutable)
+    version record by whoever changes `serving`. Routers send it with each request so that a
+    worker loading the model needs no etcd read (see worker.model_cache); None (a route
+    written by an older tool) only means the worker reads the version record itself.
+    `with_changes` drops it whenever `serving` changes without it, so it can never name
+    another version's artifact.
     """
 
     serving: str
@@ -153,8 +160,11 @@ class RouteRecord(_Record):
     rate_limit: float | None = None
     burst: float | None = None
     max_inflight: int | None = None
+    serving_sha256: str | None = None
 
     def with_changes(self, **changes: Any) -> "RouteRecord":
+        if changes.get("serving", self.serving) != self.serving and "serving_sha256" not in changes:
+            changes["serving_sha256"] = None
         return replace(self, **changes)
 
     @property

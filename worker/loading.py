@@ -1,4 +1,5 @@
-"""Turns (tenant, version) into a LoadedModel: etcd record -> verified artifact -> booster.
+"""Turns (tenant, version) into a LoadedModel: etcd record (or a router's artifact hint) ->
+verified artifact -> booster.
 
 Runs in the worker's load thread pool, never on the event loop. Every failure names tenant,
 version and cause: NotFound for an unregistered version, FailedPrecondition for a missing,
@@ -13,7 +14,7 @@ from cachetools import LRUCache
 
 from modelfleet import tracing
 from modelfleet.errors import FailedPrecondition, NotFound
-from modelfleet.store import Store
+from modelfleet.store import Store, artifact_for
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import Keys, VersionRecord
 from worker.predictor import LoadedModel
@@ -46,10 +47,23 @@ class ModelLoader:
             self._records[key] = record
         return record
 
-    def load(self, tenant: str, version: str) -> LoadedModel:
-        record = self.record(tenant, version)
+    def record_sha256(self, tenant: str, version: str, fresh: bool = False) -> str:
+        """The artifact digest the version record names; `fresh` reads etcd even if cached."""
+        if fresh:
+            with self._records_lock:
+                self._records.pop((tenant, version), None)
+        return self.record(tenant, version).sha256
+
+    def load(self, tenant: str, version: str, artifact: str | None = None) -> LoadedModel:
+        """The model from the version record's artifact, or from `artifact` (a router's hint:
+        the digest of the serving version's artifact) without reading the record."""
         what = f"tenant {tenant!r} version {version!r}"
-        data = self.store.read_verified(record.artifact, record.sha256, what)
+        if artifact is None:
+            record = self.record(tenant, version)
+            path, sha256, num_features = record.artifact, record.sha256, record.num_features
+        else:
+            path, sha256, num_features = artifact_for(artifact), artifact, None
+        data = self.store.read_verified(path, sha256, what)
         parse_started = time.perf_counter()
         try:
             model = LoadedModel.from_model_text(data)  # bytes: no decode and encode round trip
@@ -58,8 +72,9 @@ class ModelLoader:
         if tracing.tracer() is not None:  # the cache's `load` span is current in this thread
             tracing.set_attributes(tracing.current_span(), {
                 "artifact_bytes": len(data), "parse_seconds": time.perf_counter() - parse_started})
-        if model.num_features != record.num_features:
+        if num_features is not None and model.num_features != num_features:
             model.close()
             raise FailedPrecondition(f"{what}: artifact has {model.num_features} features, "
-                                     f"its record says {record.num_features}")
+                                     f"its record says {num_features}")
+        model.artifact_sha256, model.record_checked = sha256, artifact is None
         return model

@@ -17,6 +17,17 @@ Invariants:
   storm). Hits never wait and are never shed: a warm tenant's request does not queue behind
   anyone's load (loads run in their own pool; hits return before any await).
 
+Artifact hints (worker.artifact_hint): a request may name the artifact digest of the model it
+wants, as a router does from the tenant's route. A miss with a hint loads that artifact without
+reading the version record from etcd. What a hint can never do is change what anyone else is
+served: a cached model is served to a request with a hint only if it was parsed from exactly
+that digest, and to a request without one only once its digest has been checked against the
+version record. Anything else (a model loaded from another caller's hint, a hint that disagrees
+with the cached model) is settled against the record first: the cached model is kept if the
+record names it, else evicted (`artifact_mismatches`) and the record's artifact loaded. Loads
+and remembered failures are per (tenant, version, hint), so a bad hint's failure is not served
+to callers with a good one.
+
 With tracing on (modelfleet.tracing) a load is a `load` span, the child of the request that
 started it (the single flight's first caller), current in the load thread for the loader.
 
@@ -45,7 +56,10 @@ from worker.predictor import LoadedModel
 log = logging.getLogger("modelfleet.model_cache")
 
 ModelKey = tuple[str, str]  # (tenant, version)
-Loader = Callable[[str, str], LoadedModel]
+# (tenant, version) -> model, and (tenant, version, artifact digest) -> model for a hinted load.
+Loader = Callable[..., LoadedModel]
+# (tenant, version, fresh) -> the digest the version record names (fresh: re-read from etcd).
+RecordDigest = Callable[[str, str, bool], str]
 
 
 @dataclass
@@ -56,6 +70,7 @@ class CacheCounters:
     load_failures: int = 0
     evictions: int = 0
     shed: int = 0  # misses answered RESOURCE_EXHAUSTED because too many requests waited for loads
+    artifact_mismatches: int = 0  # cached models evicted because their version record names another artifact
 
 
 class _ByteLRU(LRUCache):
@@ -79,8 +94,10 @@ LOAD_COUNTS_KEPT = 20_000
 
 class ModelCache:
     def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4,
-                 max_queued_loads: int | None = None, failures: NegativeCache | None = None) -> None:
-        """max_queued_loads None: MODELFLEET_MAX_QUEUED_LOADS, else 256; 0 = no bound."""
+                 max_queued_loads: int | None = None, failures: NegativeCache | None = None,
+                 record_digest: RecordDigest | None = None) -> None:
+        """max_queued_loads None: MODELFLEET_MAX_QUEUED_LOADS, else 256; 0 = no bound.
+        record_digest None: nothing to check hints against (every model counts as checked)."""
         if max_queued_loads is None:
             max_queued_loads = MAX_QUEUED_LOADS.resolve_default()
         self.budget = budget_bytes
@@ -91,6 +108,7 @@ class ModelCache:
         self._load_threads = max(1, load_threads)
         self._load_ms = _LOAD_MS_GUESS  # moving average, for the retry hint
         self._loader = loader
+        self._record_digest = record_digest
         self._lru = _ByteLRU(budget_bytes, self._evicted)
         self._inflight: dict[ModelKey, asyncio.Task] = {}
         self._last_used: dict[ModelKey, float] = {}  # cached models only: who is active (make-before-break)
@@ -118,24 +136,56 @@ class ModelCache:
         """The cached model without loading or touching recency."""
         return self._lru.get((tenant, version)) if (tenant, version) in self._lru else None
 
-    async def get(self, tenant: str, version: str) -> tuple[LoadedModel, bool]:
-        """(model, loaded_now). Raises the loader's error (NotFound, FailedPrecondition, ...)."""
+    async def get(self, tenant: str, version: str, artifact: str | None = None) -> tuple[LoadedModel, bool]:
+        """(model, loaded_now). `artifact`: the caller's artifact hint, if any (see the module
+        docstring). Raises the loader's error (NotFound, FailedPrecondition, ...)."""
         key = (tenant, version)
         model = self._lru.get(key)
         if model is not None:
-            self.counters.hits += 1
-            self._last_used[key] = time.monotonic()
-            return model, False
+            if model.artifact_sha256 == artifact if artifact is not None else model.record_checked:
+                self.counters.hits += 1
+                self._last_used[key] = time.monotonic()
+                return model, False
+            if await self._settle(key, model, artifact):
+                self.counters.hits += 1
+                self._last_used[key] = time.monotonic()
+                return model, False
+            artifact = None  # the cached model was not the registered one: load what the record names
+        return await self._miss(key, artifact)
+
+    async def _settle(self, key: ModelKey, model: LoadedModel, artifact: str | None) -> bool:
+        """Whether the cached `model` is the artifact the version record names (then it counts as
+        checked from now on); if not, it is evicted. The record is read again from etcd when the
+        cached copy disagrees with the model or the hint."""
+        if self._record_digest is None:
+            return True
+        loop = asyncio.get_running_loop()
+        registered = await loop.run_in_executor(self._pool, self._record_digest, *key, False)
+        if registered != model.artifact_sha256 or (artifact is not None and artifact != registered):
+            registered = await loop.run_in_executor(self._pool, self._record_digest, *key, True)
+        if registered == model.artifact_sha256:
+            model.record_checked = True
+            return True
+        if self._lru.get(key) is model:
+            del self._lru[key]
+            self._evicted(key, model)
+            self.counters.artifact_mismatches += 1
+            event(log, "model.artifact_mismatch", level=logging.WARNING, tenant=key[0], version=key[1],
+                  cached=model.artifact_sha256, registered=registered, hint=artifact)
+        return False
+
+    async def _miss(self, key: ModelKey, artifact: str | None) -> tuple[LoadedModel, bool]:
         self.counters.misses += 1
-        self.failures.check(key)  # a remembered failure: the same error, no load
+        load_key = key if artifact is None else (*key, artifact)
+        self.failures.check(load_key)  # a remembered failure: the same error, no load
         if self.max_queued_loads and self.waiting >= self.max_queued_loads:
             self.counters.shed += 1
             raise RetryLater(f"worker has {self.waiting} requests waiting for model loads, its limit "
-                             f"(tenant {tenant!r} version {version!r} is not loaded)", self._retry_after_ms())
-        task = self._inflight.get(key)
+                             f"(tenant {key[0]!r} version {key[1]!r} is not loaded)", self._retry_after_ms())
+        task = self._inflight.get(load_key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(key))
-            self._inflight[key] = task
+            task = asyncio.get_running_loop().create_task(self._load(key, artifact, load_key))
+            self._inflight[load_key] = task
         self.waiting += 1
         try:
             return await asyncio.shield(task), True
@@ -146,34 +196,34 @@ class ModelCache:
         """About when the queue ahead will have drained: waiting loads x load time / threads."""
         return int(min(5000.0, max(10.0, self.waiting * self._load_ms / self._load_threads)))
 
-    def _timed_load(self, key: ModelKey) -> tuple[LoadedModel, float]:
+    def _timed_load(self, key: ModelKey, artifact: str | None) -> tuple[LoadedModel, float]:
         """In a load thread: the model and the milliseconds its load took (queueing excluded)."""
         started = time.perf_counter()
-        model = self._loader(*key)
+        model = self._loader(*key) if artifact is None else self._loader(*key, artifact)
         return model, (time.perf_counter() - started) * 1000
 
-    async def _load(self, key: ModelKey) -> LoadedModel:
+    async def _load(self, key: ModelKey, artifact: str | None, load_key: tuple) -> LoadedModel:
         tracer = tracing.tracer()
         if tracer is None:
-            return await self._load_and_cache(key, None)
+            return await self._load_and_cache(key, artifact, load_key, None)
         # The `load` span: a child of the request that started this load (create_task copied
         # its context), current in the load thread too so the loader can annotate it.
         attributes = {"modelfleet.tenant": key[0], "modelfleet.version": key[1]}
         with tracer.start_as_current_span("load", attributes=attributes,
                                           record_exception=False) as span:  # its status says why it failed
-            return await self._load_and_cache(key, span)
+            return await self._load_and_cache(key, artifact, load_key, span)
 
-    async def _load_and_cache(self, key: ModelKey, span) -> LoadedModel:
+    async def _load_and_cache(self, key: ModelKey, artifact: str | None, load_key: tuple, span) -> LoadedModel:
         try:
             try:
                 loop = asyncio.get_running_loop()
                 if span is None:
-                    model, ms = await loop.run_in_executor(self._pool, self._timed_load, key)
+                    model, ms = await loop.run_in_executor(self._pool, self._timed_load, key, artifact)
                 else:
                     model, ms = await loop.run_in_executor(self._pool, contextvars.copy_context().run,
-                                                           self._timed_load, key)
+                                                           self._timed_load, key, artifact)
             finally:
-                self._inflight.pop(key, None)
+                self._inflight.pop(load_key, None)
             self.counters.loads += 1
             self._load_counts[key] = self._load_counts.get(key, 0) + 1
             if span is not None:
@@ -187,14 +237,17 @@ class ModelCache:
         except Exception as exc:
             if not isinstance(exc, ResourceExhausted):
                 self.counters.load_failures += 1
-            backoff = self.failures.record(key, exc)
+            backoff = self.failures.record(load_key, exc)
             event(log, "model.load_failed", level=logging.WARNING, tenant=key[0], version=key[1], error=str(exc),
                   retry_in_s=backoff)
             raise
-        self.failures.forget(key)
+        self.failures.forget(load_key)
         self._load_ms += (ms - self._load_ms) * 0.2
         if self.observe_load is not None:
             self.observe_load(ms / 1000)
+        replaced = self._lru.pop(key, None)  # loaded meanwhile from another hint (or none)
+        if replaced is not None:
+            self._evicted(key, replaced)
         self._lru[key] = model
         self._last_used[key] = time.monotonic()
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,

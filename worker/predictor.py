@@ -315,6 +315,11 @@ class LoadedModel:
     num_features: int
     num_classes: int
     nbytes: int
+    # Provenance, set by the worker's loader (worker.loading): the digest of the artifact it was
+    # parsed from, and whether that digest came from the tenant's version record in etcd (True)
+    # or from a caller's artifact hint, not yet checked against the record (False).
+    artifact_sha256: str | None = None
+    record_checked: bool = True
 
     def __init__(self, booster: int, fast_config: int, num_features: int, num_classes: int,
                  nbytes: int) -> None:

@@ -55,8 +55,9 @@ async def serve(args: argparse.Namespace) -> None:
     validate_id("zone", args.zone)
     store = open_store(args.store, args.store_cache_dir or None, args.store_cache_bytes,
                        endpoint_url=args.s3_endpoint or None)
-    cache = ModelCache(ModelLoader(client, keys, store).load, args.cache_bytes, args.load_threads,
-                       max_queued_loads=args.max_queued_loads)
+    loader = ModelLoader(client, keys, store)
+    cache = ModelCache(loader.load, args.cache_bytes, args.load_threads, max_queued_loads=args.max_queued_loads,
+                       record_digest=loader.record_sha256)
 
     registry = CollectorRegistry()
     server, health = build_server([SERVICE_NAME], [metrics.RpcMetrics(registry, "worker")])
@@ -101,10 +102,12 @@ def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servic
     and the load-latency histogram, observed once per load (never on a hit)."""
     metrics.counters(registry, "modelfleet_worker_cache_events",
                      "model cache hits, misses, loads, failures, evictions; misses shed by the load-queue bound; "
-                     "misses answered from a remembered load failure (negative_hit)",
+                     "misses answered from a remembered load failure (negative_hit); cached models evicted "
+                     "because their version record names another artifact (artifact_mismatch)",
                      lambda: {"hit": cache.counters.hits, "miss": cache.counters.misses, "load": cache.counters.loads,
                               "load_failure": cache.counters.load_failures, "eviction": cache.counters.evictions,
-                              "shed": cache.counters.shed, "negative_hit": cache.failures.hits})
+                              "shed": cache.counters.shed, "negative_hit": cache.failures.hits,
+                              "artifact_mismatch": cache.counters.artifact_mismatches})
     cache.observe_load = metrics.load_histogram(registry).observe
     metrics.gauges(registry, lambda: {
         "modelfleet_worker_cache_bytes_used": ("bytes the loaded models hold", cache.bytes_used),

@@ -19,6 +19,7 @@ from modelfleet.errors import ModelfleetError
 from modelfleet.rpc import translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import validate_id
+from worker.artifact_hint import artifact_hint
 from worker.model_cache import ModelCache
 from worker.overload import RetryLater, set_retry_hint
 
@@ -38,7 +39,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tenant = validate_id("tenant id", request.tenant_id)
         version = validate_id("version", request.version)
         try:
-            model, loaded = await self.cache.get(tenant, version)
+            model, loaded = await self.cache.get(tenant, version, artifact_hint(context))
         except RetryLater as exc:
             set_retry_hint(context, exc)
             raise
@@ -66,7 +67,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         version = validate_id("version", request.version)
         started = time.perf_counter()
         try:
-            _, loaded = await self.cache.get(tenant, version)
+            _, loaded = await self.cache.get(tenant, version, artifact_hint(context))
         except RetryLater as exc:
             set_retry_hint(context, exc)
             raise
@@ -80,7 +81,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             models_loaded=len(self.cache), loads_total=counters.loads, load_failures_total=counters.load_failures,
             evictions_total=counters.evictions, hits_total=counters.hits, misses_total=counters.misses,
             predictions_total=self.predictions, shed_total=counters.shed,
-            negative_cache_hits_total=self.cache.failures.hits)
+            negative_cache_hits_total=self.cache.failures.hits, artifact_mismatches_total=counters.artifact_mismatches)
         if request.include_models:
             for key, model in self.cache.items():
                 idle = self.cache.idle_seconds(key)

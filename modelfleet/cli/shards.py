@@ -175,7 +175,7 @@ def commit(state: FleetState, change: FleetChange) -> None:
     for tenant, k in change.set_size:
         route, mod_revision = state.registry.route(tenant)
         compare.append(txn.mod(keys.route(tenant)) == mod_revision)
-        new = RouteRecord(serving=route.serving, newest=route.newest, pinned=route.pinned, shard_size=k)
+        new = route.with_changes(shard_size=k)  # the rollout, limits and digest stay
         success.append(txn.put(keys.route(tenant), new.to_json()))
     with etcd_errors(client, "applying the shard change"):
         ok, _ = client.transaction(compare=compare, success=success, failure=[])
