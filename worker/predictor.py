@@ -320,6 +320,7 @@ class LoadedModel:
     # or from a caller's artifact hint, not yet checked against the record (False).
     artifact_sha256: str | None = None
     record_checked: bool = True
+    num_trees: int = 0  # trees over all classes: a row costs a walk of each (0 = unknown)
 
     def __init__(self, booster: int, fast_config: int, num_features: int, num_classes: int,
                  nbytes: int) -> None:
@@ -415,7 +416,9 @@ class LoadedModel:
                 sizing.estimated += 1
                 nbytes = int(estimate * sizing.calibration)
         nbytes += _python_bytes(num_features, num_classes)
-        return cls(booster, fast_config, num_features, num_classes, nbytes=nbytes)
+        model = cls(booster, fast_config, num_features, num_classes, nbytes=nbytes)
+        model.num_trees = trees
+        return model
 
     def __repr__(self) -> str:
         state = "closed" if self._close_requested else "open"
