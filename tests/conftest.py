@@ -29,3 +29,13 @@ def fleet(etcd: EtcdServer, tmp_path: Path) -> Fleet:
     f = Fleet(etcd.endpoint, new_prefix(), tmp_path)
     yield f
     f.stop()
+
+
+@pytest.fixture
+def own_etcd_fleet(tmp_path: Path) -> tuple[EtcdServer, Fleet]:
+    """A fleet on an etcd of its own, for tests that stop and start etcd."""
+    server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log").start()
+    f = Fleet(server.endpoint, new_prefix(), tmp_path / "fleet", lease_ttl=3)
+    yield server, f
+    f.stop()
+    server.cleanup()

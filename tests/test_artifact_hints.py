@@ -3,14 +3,10 @@ loads that artifact without reading etcd, and a wrong digest from any caller nev
 anyone else is served."""
 from __future__ import annotations
 
-import uuid
-
 import grpc
 import pytest
 
 from modelfleet.demo_models import sample_features
-from modelfleet.etcd_server import EtcdServer
-from modelfleet.local_fleet import LocalFleet
 from version_service.schema import RouteRecord
 from worker.artifact_hint import ARTIFACT_KEY
 from worker.predictor import LoadedModel
@@ -67,15 +63,6 @@ def test_the_route_names_the_serving_artifact_through_every_change(fleet):
     fleet.client.put(fleet.keys.route("acme"), route().with_changes(serving_sha256=None).to_json())
     fleet.registry.set_limits("acme", rate=100)
     assert serves("v3")
-
-
-@pytest.fixture
-def own_etcd_fleet(tmp_path):
-    etcd = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log").start()
-    fleet = LocalFleet(etcd.endpoint, f"/hints/{uuid.uuid4().hex[:8]}", tmp_path / "fleet", lease_ttl=3)
-    yield etcd, fleet
-    fleet.stop()
-    etcd.cleanup()
 
 
 def test_a_worker_loads_a_model_it_never_saw_while_etcd_is_down(own_etcd_fleet):

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import grpc
-import pytest
 
 from modelfleet.demo_models import sample_features
-from modelfleet.etcd_server import EtcdServer
-from modelfleet.local_fleet import LocalFleet
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
 
 OUTAGE_S = 20.0
 
 
-@pytest.fixture
-def outage_fleet(tmp_path):
-    etcd = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log").start()
-    fleet = LocalFleet(etcd.endpoint, f"/outage/{uuid.uuid4().hex[:8]}", tmp_path / "fleet", lease_ttl=3)
-    yield etcd, fleet
-    fleet.stop()
-    etcd.cleanup()
-
-
-def test_router_serves_through_an_etcd_outage_and_follows_changes_after(outage_fleet):
-    etcd, fleet = outage_fleet
+def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd_fleet):
+    etcd, fleet = own_etcd_fleet
     tenants = ["a", "b", "c"]
     for i, tenant in enumerate(tenants):
         fleet.register(tenant, "v1", seed=i)
