@@ -10,8 +10,9 @@ Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
     {prefix}/routers/{router_id}          RouterRecord  -- a live router, under its lease (admin tools)
     {prefix}/apikeys/{key_id}             ApiKeyRecord  -- a caller's key: its sha256 and its tenants
 
-Routers hold routes/, workers/ and drains/ in memory (one small record per tenant); workers read one
-versions/ record when they load a model. Records are compact JSON; unknown fields are ignored
+Routers hold routes/, workers/ and drains/ in memory (one small record per tenant) and send the
+serving artifact's digest with each request; workers read a versions/ record only when a request
+comes without that digest (or to check one: worker.model_cache). Records are compact JSON; unknown fields are ignored
 on read, so a newer writer does not break an older reader.
 """
 from __future__ import annotations
