@@ -32,6 +32,23 @@ def test_cache_loads_then_follows_changes(fleet):
         cache.stop()
 
 
+def test_a_sync_reads_every_route_in_pages(fleet, monkeypatch):
+    from version_service import routing_cache
+    from version_service.schema import RouteRecord
+
+    monkeypatch.setattr(routing_cache, "RANGE_PAGE", 7)
+    tenants = [f"t{i:02d}" for i in range(30)]
+    for tenant in tenants:  # straight into etcd: 30 routes, 5 pages
+        fleet.client.put(fleet.keys.route(tenant), RouteRecord(serving="v1", newest="v1").to_json())
+    fleet.client.put(fleet.keys.worker("w1"), WorkerRecord("w1", "127.0.0.1:1").to_json())
+    cache = RoutingCache(fleet.etcd_endpoint, fleet.keys)
+    cache.start()
+    try:
+        assert sorted(cache.routes) == tenants and list(cache.workers) == ["w1"]
+    finally:
+        cache.stop()
+
+
 @pytest.fixture
 def private_etcd(tmp_path):
     server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log").start()

@@ -34,6 +34,9 @@ _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout
                     ("grpc.max_receive_message_length", 256 << 20)]
 
 
+RANGE_PAGE = 5_000  # records per ranged read at (re)sync, all pages at the first page's revision
+
+
 def _range_end(prefix: str) -> bytes:
     raw = bytearray(prefix.encode())
     raw[-1] += 1
@@ -149,14 +152,20 @@ class RoutingCache:
         revision = 0
         maps: dict[str, dict] = {}
         for prefix, cls, parse_key, attr in self._prefixes():
-            resp = kv.Range(etcdrpc.RangeRequest(key=prefix.encode(), range_end=_range_end(prefix), revision=revision),
-                            timeout=self.timeout, metadata=metadata)
-            revision = revision or resp.header.revision  # later reads at the first read's revision
             records = {}
-            for item in resp.kvs:
-                record = self._decode(cls, item)
-                if record is not None:
-                    records[parse_key(item.key.decode())] = record
+            start, end = prefix.encode(), _range_end(prefix)
+            while True:  # in pages: one response for 100k routes held ~30 MB at once, kept as RSS
+                resp = kv.Range(etcdrpc.RangeRequest(key=start, range_end=end, revision=revision, limit=RANGE_PAGE),
+                                timeout=self.timeout, metadata=metadata)
+                revision = revision or resp.header.revision  # later reads at the first read's revision
+                for item in resp.kvs:
+                    record = self._decode(cls, item)
+                    if record is not None:
+                        records[parse_key(item.key.decode())] = record
+                if not resp.more or not resp.kvs:
+                    break
+                start = resp.kvs[-1].key + b"\0"
+                del resp
             maps[attr] = records
         for attr, records in maps.items():
             setattr(self, attr, records)
