@@ -1,12 +1,15 @@
 """A worker's memory under a thrash, and what a cold miss adds to a request.
 
     python -m loadtest.bench_worker_memory [--models 20000] [--budget 64MiB] [--cold 200] [--rounds 1]
-        [--compare-env NAME=VALUE ...]
+        [--no-hints] [--compare-env NAME=VALUE ...]
 
 1. Thrash: one real worker with a byte budget much smaller than the fleet; every request is a
    different tenant's model (a synthetic fleet: distinct models, imported through the real
    pipeline), so every request loads and, once the budget is full, evicts. RSS is sampled as it
    goes: it must stay within budget + the worker's baseline, and stop growing (no leak).
+   Requests carry the artifact hint a router sends (worker.artifact_hint), so the worker reads
+   no version records; --no-hints makes it read (and cache) one per tenant, as for callers
+   that send none.
    With --compare-env, a second worker runs beside the first with those environment variables
    added (e.g. glibc's GLIBC_TUNABLES or MALLOC_ARENA_MAX_), and every request goes to both in
    alternating order, so a malloc setting is compared within one run on the same machine load.
@@ -36,6 +39,8 @@ from modelfleet.etcd_server import EtcdServer
 from modelfleet.fleet_gen import generate_fleet
 from modelfleet.local_fleet import LocalFleet
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
+from version_service.schema import RouteRecord
+from worker.artifact_hint import artifact_metadata
 from worker.predictor import LoadedModel
 
 
@@ -52,6 +57,8 @@ def main() -> None:
     parser.add_argument("--budget", default="64MiB")
     parser.add_argument("--cold", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=1, help="passes over all models (100k cycles: 5 x 20k)")
+    parser.add_argument("--hints", action=argparse.BooleanOptionalAction, default=True,
+                        help="send each request's artifact digest, as routers do (default: on)")
     parser.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
                         help="start a second worker with this added to its environment (repeatable)")
     args = parser.parse_args()
@@ -85,14 +92,20 @@ def main() -> None:
         stub = stubs["w1"]
         x = sample_features(1, 1)[0].tolist()
         tenants = [f"tenant-{i:06d}" for i in range(1, args.models + 1)]
+        hints = {}
+        if args.hints:  # what a router knows from the routes it watches
+            for raw, meta in fleet.client.get_prefix(fleet.keys.routes):
+                hints[fleet.keys.tenant_of_route(meta.key.decode())] = artifact_metadata(
+                    RouteRecord.from_json(raw).serving_sha256)
         baseline = {name: rss_mb(w.popen.pid) for name, w in workers.items()}
         samples: list[tuple[int, dict[str, float]]] = []
         total = args.models * args.rounds
         started = time.monotonic()
         for n in range(total):
             request = predictor_pb2.PredictRequest(tenant_id=tenants[n % args.models], version="v1", features=x)
+            metadata = hints.get(request.tenant_id)
             for each in (order if n % 2 == 0 else order[::-1]):  # neither worker always goes first
-                each.Predict(request, timeout=30)
+                each.Predict(request, timeout=30, metadata=metadata)
             if n % max(1, total // 20) == 0 or n == total - 1:
                 samples.append((n + 1, {name: rss_mb(w.popen.pid) for name, w in workers.items()}))
         elapsed = time.monotonic() - started
@@ -103,7 +116,7 @@ def main() -> None:
             request = predictor_pb2.PredictRequest(tenant_id=f"tenant-{i:06d}", version="v1", features=x)
             for bucket in (cold, warm):
                 t0 = time.perf_counter()
-                stub.Predict(request, timeout=30)
+                stub.Predict(request, timeout=30, metadata=hints.get(request.tenant_id))
                 bucket.append((time.perf_counter() - t0) * 1000)
         texts = [p.read_text() for p in sorted((root / "synthetic" / "models").rglob("*.txt"))[:args.cold]]
         parse = []
@@ -117,7 +130,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)  # the synthetic fleet: ~1.5 GB at 20k models
 
     table = Table(title=f"worker RSS MB over {total} loads of {args.models} distinct models, budget {args.budget} "
-                        f"({os.cpu_count()} cores; {total * len(workers) / elapsed:.0f} loads/s)")
+                        f"({os.cpu_count()} cores; {total * len(workers) / elapsed:.0f} loads/s; "
+                        f"{'with' if args.hints else 'without'} artifact hints)")
     table.add_column("requests")
     for name in workers:
         table.add_column(labels[name], justify="right")
