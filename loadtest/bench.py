@@ -67,6 +67,7 @@ import grpc
 import numpy as np
 
 from modelfleet import processes
+from modelfleet.procfs import cpu_seconds, rss_bytes
 
 PATHS = ("direct", "router", "bare_proxy", "naive")
 MIX_TENANTS = {"warm": 8, "zipf10k": 10_000, "zipf100k": 100_000}
@@ -83,30 +84,6 @@ REQUEST_TIMEOUT_S = 10.0
 def tenant_name(mix: str, i: int) -> str:
     """warm-0..7 for the warm mix; t-000000.. shared by both Zipf mixes (zipf10k is a prefix)."""
     return f"warm-{i}" if mix == "warm" else f"t-{i:06d}"
-
-
-def rss_bytes(pids: list[int]) -> int | None:
-    """Resident memory of the processes now, in bytes (Linux /proc); None elsewhere."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/statm").read_text().split()
-        except (OSError, IndexError):
-            return None
-        total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float | None:
-    """User + system CPU seconds the processes have used so far (Linux /proc); None elsewhere."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 # --- the load generator (runs in its own processes) ---------------------------------------------

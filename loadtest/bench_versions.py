@@ -32,14 +32,13 @@ from rich.table import Table
 from modelfleet.demo_models import sample_features
 from modelfleet.etcd_server import EtcdServer
 from modelfleet.local_fleet import LocalFleet
+from modelfleet.procfs import rss_bytes
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = rss_bytes([pid])
+    return float("nan") if rss is None else rss / 2**20
 
 
 def background_load(router: str, tenants: list[str], seconds: float) -> None:

@@ -38,6 +38,7 @@ from modelfleet.demo_models import sample_features
 from modelfleet.etcd_server import EtcdServer
 from modelfleet.fleet_gen import generate_fleet
 from modelfleet.local_fleet import LocalFleet
+from modelfleet.procfs import rss_bytes
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import RouteRecord
 from worker.artifact_hint import artifact_metadata
@@ -45,10 +46,8 @@ from worker.predictor import LoadedModel
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    rss = rss_bytes([pid])
+    return float("nan") if rss is None else rss / 2**20
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ class Failover:
         now = loop.time()
         deadline = now + budget_s
         order = ejector.order(pool.choose_order(shard, self.spill_inflight))
-        artifact_md = artifact_metadata(artifact) or None
+        digest_md = artifact_metadata(artifact)  # () without a digest
         hedge_delay = self.hedging.delay() if hedge and len(order) > 1 else None
         hedge_at = None if hedge_delay is None else now + hedge_delay
         outstanding: list[_Attempt] = []
@@ -123,10 +123,10 @@ class Failover:
                 soft = now + share if share < remaining - _TIME_LEFT_S else None
                 if tracer is None:
                     span = None
-                    call = stub.Predict(request, timeout=remaining, metadata=artifact_md)
+                    call = stub.Predict(request, timeout=remaining, metadata=digest_md)
                 else:  # a `forward` span per attempt; the worker continues it from `traceparent`
                     span, metadata = tracing.start_forward(tracer, worker_id, next_index, as_hedge)
-                    call = stub.Predict(request, timeout=remaining, metadata=(*metadata, *(artifact_md or ())))
+                    call = stub.Predict(request, timeout=remaining, metadata=metadata + digest_md)
                 call.add_done_callback(wake)
                 pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
                 outstanding.append(_Attempt(worker_id, call, now, soft, as_hedge, span))

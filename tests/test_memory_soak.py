@@ -14,7 +14,6 @@ the end: a leak of even 1% of each model (~200 bytes a cycle) would add 16 MB ov
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from modelfleet.demo_models import sample_features, train_model_text
+from modelfleet.procfs import rss_bytes
 from worker import memory, predictor
 from worker.model_cache import ModelCache
 from worker.predictor import LoadedModel
@@ -31,11 +31,6 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="n
 NUM_FEATURES = 8
 TENANTS = 8  # the budget holds one model, so each cycle's tenant was evicted since: always a miss
 TRIM_EVERY_S = 1.0  # the worker's trim cadence (worker.server._trim_after_evictions)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def model_texts() -> list[str]:

@@ -23,6 +23,7 @@ import pytest
 from modelfleet import demo_models
 from modelfleet.demo_models import sample_features, train_model_text
 from modelfleet.errors import FailedPrecondition, InvalidArgument
+from modelfleet.procfs import rss_bytes
 from modelfleet.v1 import predictor_pb2
 from worker import predictor
 from worker.predictor import LoadedModel
@@ -506,11 +507,6 @@ def test_nbytes_counts_the_models_python_objects(num_features, objective):
     assert 0.8 < predictor._python_bytes(num_features, models[0].num_classes) / per_model < 1.25
     for model in warm + models:
         model.close()
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc")

@@ -171,9 +171,9 @@ class Registry:
 
     def pin(self, tenant: str, version: str, actor: str | None = None, reason: str = "") -> RouteRecord:
         """Serves `version` until unpinned, whatever is registered later."""
-        self.version(tenant, version)  # NotFound for an unknown version
-        return self._update_route(tenant, "pin", lambda r: r.with_changes(serving=version, pinned=True),
-                                  actor, reason)
+        sha256 = self.version(tenant, version).sha256  # NotFound for an unknown version
+        return self._update_route(
+            tenant, "pin", lambda r: r.with_changes(serving=version, pinned=True, serving_sha256=sha256), actor, reason)
 
     def unpin(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
         """Back to serving the newest registered version."""
@@ -188,9 +188,10 @@ class Registry:
                         None)
         if previous is None:
             raise FailedPrecondition(f"tenant {tenant!r} has no earlier serving version to roll back to")
-        self.version(tenant, previous)
-        return self._update_route(tenant, "rollback", lambda r: r.with_changes(serving=previous, pinned=True),
-                                  actor, reason)
+        sha256 = self.version(tenant, previous).sha256
+        return self._update_route(
+            tenant, "rollback", lambda r: r.with_changes(serving=previous, pinned=True, serving_sha256=sha256),
+            actor, reason)
 
     def start_rollout(self, tenant: str, version: str, percent: float | None = None, shadow: bool = False,
                       actor: str | None = None, reason: str = "") -> RouteRecord:

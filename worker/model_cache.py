@@ -142,11 +142,8 @@ class ModelCache:
         key = (tenant, version)
         model = self._lru.get(key)
         if model is not None:
-            if model.artifact_sha256 == artifact if artifact is not None else model.record_checked:
-                self.counters.hits += 1
-                self._last_used[key] = time.monotonic()
-                return model, False
-            if await self._settle(key, model, artifact):
+            servable = model.artifact_sha256 == artifact if artifact is not None else model.record_checked
+            if servable or await self._settle(key, model, artifact):
                 self.counters.hits += 1
                 self._last_used[key] = time.monotonic()
                 return model, False

@@ -228,18 +228,16 @@ def _parseable_bytes(text: str | bytes) -> _ModelText:
     str and encoding that back cost ~60 µs more for a 300 KB model.
     """
     if isinstance(text, str):
-        if "\x00" in text:
-            raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
         data = text.encode("utf-8")
     else:
         data = bytes(text)
-        if b"\x00" in data:
-            raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
         if not data.isascii():
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError:
                 raise FailedPrecondition("cannot load LightGBM model: model text is not UTF-8") from None
+    if b"\x00" in data:
+        raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
     index_at = data.find(b"\ntree_sizes=")
     if index_at < 0:
         return _ModelText(data + _SENTINEL, None, _count_leaves(data, 0, None))
