@@ -155,7 +155,7 @@ ZONE = Option("--zone", "MODELFLEET_ZONE", "default", str, "failure zone of this
 ADVERTISE_HOST = Option("--advertise-host", "MODELFLEET_ADVERTISE_HOST", "127.0.0.1", str,
                         "host others use to reach this process (routers dial workers, tools dial routers)")
 CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_size,
-                     "byte budget of the worker's model LRU (e.g. 512MiB, 2GiB)")
+                     "byte budget of the worker's model cache (e.g. 512MiB, 2GiB)")
 LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", 4, int, "threads that load models")
 LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, int,
                    "seconds a dead worker stays in membership before its etcd lease expires")

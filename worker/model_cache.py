@@ -1,15 +1,20 @@
-"""The worker's model cache: an LRU bounded by bytes, with one load per model at a time.
+"""The worker's model cache: bounded by bytes, W-TinyLFU eviction, one load per model at a time.
 
 Invariants:
-- the sum of `nbytes` of cached models never exceeds the budget (cachetools evicts the least
-  recently used until the new model fits; a model larger than the whole budget is freed and
-  its requests get RESOURCE_EXHAUSTED: a sizing error the operator must see, not a reload
-  on every request);
+- the sum of `nbytes` of cached models never exceeds the budget. Which models stay is
+  worker.tinylfu_cache's job: an LRU whose main area admits a model only if it is asked for
+  more often than the model it would push out, so a tail of one-off tenants does not flush the
+  hot ones (each flushed model costs a parse when it comes back). A model larger than the whole
+  budget is freed and its requests get RESOURCE_EXHAUSTED: a sizing error the operator must
+  see, not a reload on every request;
 - concurrent requests for a model that is not loaded share one load (single flight): the
   first starts it in the load pool, the others await the same task, and a caller that gives
   up (deadline) does not cancel the load for the rest;
 - an evicted model's native memory is freed exactly once, after the last request using it
   has finished (LoadedModel.borrow / close);
+- a miss is never handed a closed model: other loads may finish between a model's load and
+  its waiters' turn on the loop and evict it (a small cache, many loads at once), so a load
+  holds its model (LoadedModel.retain) until its last waiter has used it;
 - a failed load is remembered for a back-off (worker.negative_cache): requests within it get
   the same error without a load;
 - at most `max_queued_loads` requests wait for loads at once; a miss beyond that gets
@@ -52,6 +57,7 @@ from modelfleet.log import event
 from worker.negative_cache import NegativeCache
 from worker.overload import RetryLater
 from worker.predictor import LoadedModel
+from worker.tinylfu_cache import TinyLfuCache
 
 log = logging.getLogger("modelfleet.model_cache")
 
@@ -71,19 +77,7 @@ class CacheCounters:
     evictions: int = 0
     shed: int = 0  # misses answered RESOURCE_EXHAUSTED because too many requests waited for loads
     artifact_mismatches: int = 0  # cached models evicted because their version record names another artifact
-
-
-class _ByteLRU(LRUCache):
-    """cachetools' LRU sized by each model's measured bytes; tells its owner what it evicts."""
-
-    def __init__(self, budget: int, on_evict: Callable[[ModelKey, LoadedModel], None]) -> None:
-        super().__init__(maxsize=budget, getsizeof=lambda model: model.nbytes)
-        self._on_evict = on_evict
-
-    def popitem(self):
-        key, model = super().popitem()
-        self._on_evict(key, model)
-        return key, model
+    admission_rejections: int = 0  # loaded models that left the window wanted less than what they would displace
 
 
 _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been measured
@@ -109,8 +103,10 @@ class ModelCache:
         self._load_ms = _LOAD_MS_GUESS  # moving average, for the retry hint
         self._loader = loader
         self._record_digest = record_digest
-        self._lru = _ByteLRU(budget_bytes, self._evicted)
+        self._models: TinyLfuCache[ModelKey, LoadedModel] = TinyLfuCache(
+            budget_bytes, sizeof=lambda model: model.nbytes, on_evict=self._evicted)
         self._inflight: dict[ModelKey, asyncio.Task] = {}
+        self._waiters: dict[asyncio.Task, int] = {}  # requests awaiting each load
         self._last_used: dict[ModelKey, float] = {}  # cached models only: who is active (make-before-break)
         # Loads per model (Stats' thrash indicator), for the models loaded most recently: a
         # bounded ~4 MB of bookkeeping beside the budget, not ~200 bytes for every tenant ever seen.
@@ -121,34 +117,42 @@ class ModelCache:
 
     @property
     def bytes_used(self) -> int:
-        return int(self._lru.currsize)
+        return self._models.currsize
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._models)
 
     def items(self) -> list[tuple[ModelKey, LoadedModel]]:
-        return list(self._lru.items())
+        return self._models.items()
 
     def load_count(self, key: ModelKey) -> int:
         return self._load_counts.get(key, 0)
 
     def peek(self, tenant: str, version: str) -> LoadedModel | None:
-        """The cached model without loading or touching recency."""
-        return self._lru.get((tenant, version)) if (tenant, version) in self._lru else None
+        """The cached model without loading, touching recency or counting a request."""
+        return self._models.peek((tenant, version))
 
-    async def get(self, tenant: str, version: str, artifact: str | None = None) -> tuple[LoadedModel, bool]:
+    async def get(self, tenant: str, version: str, artifact: str | None = None,
+                  warm: bool = False) -> tuple[LoadedModel, bool]:
         """(model, loaded_now). `artifact`: the caller's artifact hint, if any (see the module
-        docstring). Raises the loader's error (NotFound, FailedPrecondition, ...)."""
+        docstring). `warm`: a rebalance loads it ahead of its traffic, so a load is admitted to
+        the cache's main area whatever the tenant's frequency here so far. Raises the loader's
+        error (NotFound, FailedPrecondition, ...)."""
         key = (tenant, version)
-        model = self._lru.get(key)
+        model = self._models.get(key)  # counts the request for the admission filter, hit or miss
         if model is not None:
             servable = model.artifact_sha256 == artifact if artifact is not None else model.record_checked
-            if servable or await self._settle(key, model, artifact):
+            if not servable:
+                servable = await self._settle(key, model, artifact)
+                if not servable:
+                    artifact = None  # the cached model was not the registered one: load what the record names
+                elif model.closed:  # evicted while the record was read
+                    servable = False
+            if servable:
                 self.counters.hits += 1
                 self._last_used[key] = time.monotonic()
                 return model, False
-            artifact = None  # the cached model was not the registered one: load what the record names
-        return await self._miss(key, artifact)
+        return await self._miss(key, artifact, warm)
 
     async def _settle(self, key: ModelKey, model: LoadedModel, artifact: str | None) -> bool:
         """Whether the cached `model` is the artifact the version record names (then it counts as
@@ -163,15 +167,15 @@ class ModelCache:
         if registered == model.artifact_sha256:
             model.record_checked = True
             return True
-        if self._lru.get(key) is model:
-            del self._lru[key]
+        if self._models.peek(key) is model:
+            self._models.pop(key)
             self._evicted(key, model)
             self.counters.artifact_mismatches += 1
             event(log, "model.artifact_mismatch", level=logging.WARNING, tenant=key[0], version=key[1],
                   cached=model.artifact_sha256, registered=registered, hint=artifact)
         return False
 
-    async def _miss(self, key: ModelKey, artifact: str | None) -> tuple[LoadedModel, bool]:
+    async def _miss(self, key: ModelKey, artifact: str | None, warm: bool = False) -> tuple[LoadedModel, bool]:
         self.counters.misses += 1
         load_key = key if artifact is None else (*key, artifact)
         self.failures.check(load_key)  # a remembered failure: the same error, no load
@@ -181,13 +185,25 @@ class ModelCache:
                              f"(tenant {key[0]!r} version {key[1]!r} is not loaded)", self._retry_after_ms())
         task = self._inflight.get(load_key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load(key, artifact, load_key))
+            task = asyncio.get_running_loop().create_task(self._load(key, artifact, load_key, warm))
             self._inflight[load_key] = task
+        self._waiters[task] = self._waiters.get(task, 0) + 1
         self.waiting += 1
         try:
             return await asyncio.shield(task), True
         finally:
             self.waiting -= 1
+            self._left(task)
+
+    def _left(self, task: asyncio.Task) -> None:
+        """A waiter of `task` resumed (or gave up). The last one lets go of the delivery hold
+        (see `_load_and_cache`) once its own step on the loop is over: by then it has predicted,
+        or borrowed the model for a batch."""
+        left = self._waiters.pop(task) - 1
+        if left:
+            self._waiters[task] = left
+        elif task.done() and not task.cancelled() and task.exception() is None:
+            asyncio.get_running_loop().call_soon(task.result().release)
 
     def _retry_after_ms(self) -> int:
         """About when the queue ahead will have drained: waiting loads x load time / threads."""
@@ -199,18 +215,19 @@ class ModelCache:
         model = self._loader(*key) if artifact is None else self._loader(*key, artifact)
         return model, (time.perf_counter() - started) * 1000
 
-    async def _load(self, key: ModelKey, artifact: str | None, load_key: tuple) -> LoadedModel:
+    async def _load(self, key: ModelKey, artifact: str | None, load_key: tuple, warm: bool) -> LoadedModel:
         tracer = tracing.tracer()
         if tracer is None:
-            return await self._load_and_cache(key, artifact, load_key, None)
+            return await self._load_and_cache(key, artifact, load_key, warm, None)
         # The `load` span: a child of the request that started this load (create_task copied
         # its context), current in the load thread too so the loader can annotate it.
         attributes = {"modelfleet.tenant": key[0], "modelfleet.version": key[1]}
         with tracer.start_as_current_span("load", attributes=attributes,
                                           record_exception=False) as span:  # its status says why it failed
-            return await self._load_and_cache(key, artifact, load_key, span)
+            return await self._load_and_cache(key, artifact, load_key, warm, span)
 
-    async def _load_and_cache(self, key: ModelKey, artifact: str | None, load_key: tuple, span) -> LoadedModel:
+    async def _load_and_cache(self, key: ModelKey, artifact: str | None, load_key: tuple, warm: bool,
+                              span) -> LoadedModel:
         try:
             try:
                 loop = asyncio.get_running_loop()
@@ -242,10 +259,14 @@ class ModelCache:
         self._load_ms += (ms - self._load_ms) * 0.2
         if self.observe_load is not None:
             self.observe_load(ms / 1000)
-        replaced = self._lru.pop(key, None)  # loaded meanwhile from another hint (or none)
+        replaced = self._models.pop(key)  # loaded meanwhile from another hint (or none)
         if replaced is not None:
             self._evicted(key, replaced)
-        self._lru[key] = model
+        model.retain()  # the delivery hold: an eviction before the waiters' turn must not free it
+        if asyncio.current_task() not in self._waiters:  # every waiter gave up meanwhile
+            asyncio.get_running_loop().call_soon(model.release)
+        self._models.put(key, model, admit=warm)
+        self.counters.admission_rejections = self._models.rejected
         self._last_used[key] = time.monotonic()
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,
               ms=round(ms, 2))
@@ -262,6 +283,6 @@ class ModelCache:
     def close(self) -> None:
         """Frees every cached model (worker shutdown)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        while self._lru:
-            key, model = LRUCache.popitem(self._lru)
+        while self._models:
+            _, model = self._models.popitem()
             model.close()

@@ -520,17 +520,31 @@ class LoadedModel:
         return out.tolist()
 
     @contextmanager
-    def borrow(self) -> Iterator[LoadedModel]:
+    def borrow(self, *, while_closing: bool = False) -> Iterator[LoadedModel]:
         """Keeps the native model alive across a `close()` until the block ends.
 
         For a cache that may evict (close) a model while a request is still using it: the
-        request borrows, the eviction closes, and the last one out frees.
+        request borrows, the eviction closes, and the last one out frees. Once `close()` was
+        called there are no new borrowers, except with `while_closing` for a caller that knows
+        someone still holds the model (a miss's waiter: the cache's delivery hold, `retain`).
         """
-        self._acquire(for_borrow=True)
+        self._acquire(for_borrow=not while_closing)
         try:
             yield self
         finally:
             self._release()
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called (the model can no longer be borrowed)."""
+        return self._close_requested
+
+    def retain(self) -> None:
+        """`borrow()` for a holder that lets go from elsewhere (a callback): `release()` once."""
+        self._acquire(for_borrow=True)
+
+    def release(self) -> None:
+        self._release()
 
     def close(self) -> None:
         """Frees the native model now, or when the last borrower leaves. Idempotent."""

@@ -103,11 +103,14 @@ def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servic
     metrics.counters(registry, "modelfleet_worker_cache_events",
                      "model cache hits, misses, loads, failures, evictions; misses shed by the load-queue bound; "
                      "misses answered from a remembered load failure (negative_hit); cached models evicted "
-                     "because their version record names another artifact (artifact_mismatch)",
+                     "because their version record names another artifact (artifact_mismatch); loaded models "
+                     "freed because they were asked for less than what they would displace (admission_rejection, "
+                     "also counted as eviction)",
                      lambda: {"hit": cache.counters.hits, "miss": cache.counters.misses, "load": cache.counters.loads,
                               "load_failure": cache.counters.load_failures, "eviction": cache.counters.evictions,
                               "shed": cache.counters.shed, "negative_hit": cache.failures.hits,
-                              "artifact_mismatch": cache.counters.artifact_mismatches})
+                              "artifact_mismatch": cache.counters.artifact_mismatches,
+                              "admission_rejection": cache.counters.admission_rejections})
     cache.observe_load = metrics.load_histogram(registry).observe
     metrics.gauges(registry, lambda: {
         "modelfleet_worker_cache_bytes_used": ("bytes the loaded models hold", cache.bytes_used),

@@ -60,7 +60,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if len(features) // max(1, model.num_features) * model.num_trees <= INLINE_MAX_WALKS:
                 predictions = model.predict(features)
             else:
-                with model.borrow():  # taken on the loop, before an eviction can close it
+                # Taken on the loop before any await: a hit's model is in the cache, a miss's is
+                # kept alive by the cache's delivery hold until this step ends, even if evicted.
+                with model.borrow(while_closing=True):
                     predictions = await asyncio.get_running_loop().run_in_executor(
                         self._predict_pool, model.predict, features)
         except ModelfleetError as exc:
@@ -75,7 +77,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         version = validate_id("version", request.version)
         started = time.perf_counter()
         try:
-            _, loaded = await self.cache.get(tenant, version, artifact_hint(context))
+            _, loaded = await self.cache.get(tenant, version, artifact_hint(context), warm=True)
         except RetryLater as exc:
             set_retry_hint(context, exc)
             raise
@@ -89,7 +91,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             models_loaded=len(self.cache), loads_total=counters.loads, load_failures_total=counters.load_failures,
             evictions_total=counters.evictions, hits_total=counters.hits, misses_total=counters.misses,
             predictions_total=self.predictions, shed_total=counters.shed,
-            negative_cache_hits_total=self.cache.failures.hits, artifact_mismatches_total=counters.artifact_mismatches)
+            negative_cache_hits_total=self.cache.failures.hits, artifact_mismatches_total=counters.artifact_mismatches,
+            admission_rejections_total=counters.admission_rejections)
         if request.include_models:
             for key, model in self.cache.items():
                 idle = self.cache.idle_seconds(key)

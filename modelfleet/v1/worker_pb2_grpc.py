@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class WorkerStub:
-    """Worker holds many tenants' models in a byte-bounded LRU and predicts.
+    """Worker holds many tenants' models in a byte-bounded cache (W-TinyLFU) and predicts.
     """
 
     def __init__(self, channel):
@@ -54,7 +54,7 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """Worker holds many tenants' models in a byte-bounded LRU and predicts.
+    """Worker holds many tenants' models in a byte-bounded cache (W-TinyLFU) and predicts.
     """
 
     def Predict(self, request, context):
@@ -105,7 +105,7 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Worker holds many tenants' models in a byte-bounded LRU and predicts.
+    """Worker holds many tenants' models in a byte-bounded cache (W-TinyLFU) and predicts.
     """
 
     @staticmethod
