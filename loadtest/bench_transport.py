@@ -1,0 +1,136 @@
+"""What one gRPC message costs in grpc.aio: a unary call against a message on a long-lived
+bidirectional stream, side by side, client and server CPU per message.
+
+    python -m loadtest.bench_transport [--seconds 4] [--concurrency 8] [--rounds 2]
+
+The router -> worker hop is a unary call per Predict. On a 2-core box that hop, not the
+router's own logic, is what keeps the routed path behind a single-process server on miss-heavy
+mixes (see loadtest.bench's CPU µs/req columns), so this measures the floor a different wire
+design could reach: a server in its own process echoes 120-byte messages (a single-row
+Predict's size) through a generic handler (no protobuf), once as `unary_unary` with
+`--concurrency` callers, once as one `stream_stream` call with that many messages in flight.
+Rounds alternate the two so that a noisy machine hurts both alike. Loopback only; ~20 s.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+import grpc
+
+from modelfleet import processes
+from modelfleet.procfs import cpu_seconds
+
+PAYLOAD = b"x" * 120
+SERVICE = "loadtest.Echo"
+
+
+async def _unary(request: bytes, context) -> bytes:
+    return request
+
+
+async def _stream(requests, context):
+    async for message in requests:
+        yield message
+
+
+async def serve(port_file: str) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+        "Stream": grpc.stream_stream_rpc_method_handler(_stream)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(port_file + ".tmp", port_file)
+    await server.wait_for_termination()
+
+
+async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurrency: int,
+                   server_pid: int) -> tuple[float, float, float]:
+    """(messages/s, client µs/message, server µs/message) after a 0.5 s warm-up."""
+    done = 0
+    if mode == "unary":
+        call = channel.unary_unary(f"/{SERVICE}/Unary")
+
+        async def caller(until: float) -> None:
+            nonlocal done
+            while time.monotonic() < until:
+                await call(PAYLOAD, timeout=10)
+                done += 1
+
+        await asyncio.gather(*(caller(time.monotonic() + 0.5) for _ in range(concurrency)))
+        done, started = 0, time.monotonic()
+        before = cpu_seconds(["self"]), cpu_seconds([server_pid])
+        await asyncio.gather(*(caller(started + seconds) for _ in range(concurrency)))
+    else:
+        stream = channel.stream_stream(f"/{SERVICE}/Stream")()
+        in_flight = asyncio.Semaphore(concurrency)
+
+        async def writer() -> None:
+            while True:
+                await in_flight.acquire()
+                await stream.write(PAYLOAD)
+
+        async def reader() -> None:
+            nonlocal done
+            while await stream.read() is not grpc.aio.EOF:
+                done += 1
+                in_flight.release()
+
+        tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
+        await asyncio.sleep(0.5)
+        done, started = 0, time.monotonic()
+        before = cpu_seconds(["self"]), cpu_seconds([server_pid])
+        await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - started
+    n = max(1, done)
+    client_cpu, server_cpu = cpu_seconds(["self"]) - before[0], cpu_seconds([server_pid]) - before[1]
+    if mode != "unary":
+        stream.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return n / elapsed, 1e6 * client_cpu / n, 1e6 * server_cpu / n
+
+
+async def _run(args: argparse.Namespace, port: int, server_pid: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        for r in range(args.rounds):
+            for mode in ("unary", "stream"):
+                rate, client_us, server_us = await _measure(channel, mode, args.seconds, args.concurrency, server_pid)
+                print(f"round {r + 1}  {mode:<7} {rate:>8,.0f} msg/s   client {client_us:>5.0f} µs/msg   "
+                      f"server {server_us:>5.0f} µs/msg", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # internal: run the echo server, write its port here
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(serve(args.serve))
+        return
+    print(f"os.cpu_count()={os.cpu_count()}, grpcio {grpc.__version__}, {len(PAYLOAD)}-byte messages, "
+          f"{args.concurrency} in flight")
+    with tempfile.TemporaryDirectory(prefix="modelfleet-bench-transport-") as tmp:
+        port_file = os.path.join(tmp, "port")
+        server = processes.spawn([sys.executable, "-m", "loadtest.bench_transport", "--serve", port_file])
+        try:
+            processes.wait_for(lambda: os.path.exists(port_file), timeout=30, what="echo server port")
+            with open(port_file) as f:
+                port = int(f.read())
+            asyncio.run(_run(args, port, server.pid))
+        finally:
+            processes.stop(server)
+
+
+if __name__ == "__main__":
+    main()
