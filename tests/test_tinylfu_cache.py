@@ -7,6 +7,7 @@ the ModelCache around it with real LightGBM models, in process.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from cachetools import LRUCache
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from loadtest.bench import tenant_draws
 from modelfleet.demo_models import sample_features, train_model_text
+from worker import predictor
 from worker.frequency_sketch import MAX_COUNT, FrequencySketch
 from worker.model_cache import ModelCache
 from worker.predictor import LoadedModel
@@ -203,3 +205,31 @@ def test_every_concurrent_miss_is_served_an_open_model_when_the_cache_holds_one(
         model.close()
     assert answers == [expected[i % 4][:1] if i % 2 else expected[i % 4] for _ in range(5) for i in range(16)]
     assert cache.counters.evictions >= 40  # they really did evict each other
+
+
+def test_evicted_models_are_freed_off_the_event_loop(monkeypatch):
+    """Freeing a large model takes milliseconds that every request on the loop would wait."""
+    freed_on: list[str] = []
+    real_free = predictor._free_native
+
+    def recording_free(fast_config: int, booster: int) -> None:
+        freed_on.append(threading.current_thread().name)
+        real_free(fast_config, booster)
+
+    monkeypatch.setattr(predictor, "_free_native", recording_free)
+    text = train_model_text(seed=1, num_features=8, num_trees=20, num_leaves=15)
+    model = LoadedModel.from_model_text(text)
+    budget = int(1.5 * model.nbytes)  # one model: every load evicts the one before
+    model.close()
+    freed_on.clear()
+    cache = ModelCache(lambda tenant, version: LoadedModel.from_model_text(text), budget, load_threads=1)
+
+    async def cycle() -> str:
+        for tenant in ("a", "b", "c", "d"):
+            await cache.get(tenant, "v1")
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(cycle())
+    cache.close()
+    assert len(freed_on) == 4 and loop_thread not in freed_on[:3], freed_on  # the last: freed at shutdown
+    assert all(name.startswith("model-free") for name in freed_on[:3]), freed_on
