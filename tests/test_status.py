@@ -27,7 +27,8 @@ def test_status_reports_workers_routers_models_and_revision(fleet):
     assert sum(w["predictions"] for w in workers.values()) == 6
     assert sum(w["models"] for w in workers.values()) == 2
     assert all(abs(w["hit_rate"] - 2 / 3) < 1e-3 for w in workers.values() if w["predictions"])
-    assert all(w["shed"] == 0 and w["negative_hits"] == 0 for w in workers.values())
+    assert all(w["shed"] == w["negative_hits"] == w["admission_rejections"] == w["artifact_mismatches"] == 0
+               for w in workers.values())
     (r,) = doc["routers"]
     _, meta = fleet.client.get(fleet.keys.route("b"))
     assert r["etcd_connected"] and r["revision"] >= meta.mod_revision and r["tenants"] == 2

@@ -54,7 +54,9 @@ def snapshot(args: argparse.Namespace, registry) -> Snapshot:
                        predictions=stats.predictions_total, hits=stats.hits_total, misses=stats.misses_total,
                        loads=stats.loads_total, evictions=stats.evictions_total,
                        load_failures=stats.load_failures_total, shed=stats.shed_total,
-                       negative_hits=stats.negative_cache_hits_total)
+                       negative_hits=stats.negative_cache_hits_total,
+                       admission_rejections=stats.admission_rejections_total,
+                       artifact_mismatches=stats.artifact_mismatches_total)
         snap.workers[worker_id] = row
     for router in list_routers(registry.client, registry.keys):
         status = _ask(router.address, credentials, lambda ch, t: router_admin_pb2_grpc.RouterAdminStub(ch).Status(
@@ -83,6 +85,12 @@ def with_rates(now: Snapshot, before: Snapshot | None) -> Snapshot:
     return now
 
 
+def _evictions(row: dict) -> str:
+    """Evictions, and how many of them were loads the cache refused to keep (worker.tinylfu_cache)."""
+    refused = row.get("admission_rejections", 0)
+    return f"{row['evictions']} ({refused} refused)" if refused else str(row["evictions"])
+
+
 def render(snap: Snapshot) -> Group:
     workers = Table(title=f"{len(snap.workers)} workers")
     for column in ("worker", "zone", "state", "models", "MB used / budget", "req/s", "hit rate", "loads", "evictions",
@@ -95,7 +103,7 @@ def render(snap: Snapshot) -> Group:
         workers.add_row(row["worker_id"], row["zone"], row["state"], str(row["models"]),
                         f"{row['bytes_used'] / 2**20:.1f} / {row['bytes_budget'] / 2**20:.0f}",
                         str(row.get("rps", "")), "" if row.get("hit_rate") is None else f"{row['hit_rate']:.1%}",
-                        str(row["loads"]), str(row["evictions"]), str(row["load_failures"]), str(row["negative_hits"]),
+                        str(row["loads"]), _evictions(row), str(row["load_failures"]), str(row["negative_hits"]),
                         str(row["shed"]))
     routers = Table(title=f"{len(snap.routers)} routers")
     for column in ("router", "address", "routing revision", "tenants", "live workers", "etcd", "last change s"):
