@@ -12,9 +12,9 @@ count-min sketch answers within a small overestimate in a fixed 4 x 65,536 bytes
 - Aging: after `5 x capacity` increments every counter is halved, so the sketch follows the
   traffic of the last few cache generations, not all history (TinyLFU's reset). Caffeine ages
   after 10 x; 5 x gives up a little of the steady-state gain for a faster recovery when the hot
-  set changes at once (the benchmark's switch from one Zipf mix to another: misses over the
-  first 4,000 requests after it, room for 1,000 models: LRU 38.5 %, 10 x 44.9 %, 5 x 41.4 %;
-  in the steady state, Zipf 100k: 33.2 / 28.8 / 29.4 %; Zipf 10k: 22.0 / 17.3 / 17.7 %).
+  set changes at once (`loadtest.bench_cache_policy`'s switch from one Zipf mix to another,
+  room for 1,000 models: misses over the next 4,000 requests LRU 38.5 %, aging at 10 x 44.9 %,
+  at 5 x 41.8 %; the steady-state miss ratios rise by 0.3-0.6 points).
 
 Runs on the event loop thread only (no locks).
 """
