@@ -24,7 +24,7 @@ from loadtest.bench import MIX_TENANTS, ZIPF_S, tenant_draws
 from worker.tinylfu_cache import TinyLfuCache
 
 
-def _misses_lru(stream: list[int], capacity: int) -> np.ndarray:
+def lru_misses(stream: list[int], capacity: int) -> np.ndarray:
     cache: LRUCache = LRUCache(maxsize=capacity)
     missed = np.zeros(len(stream), dtype=bool)
     for i, tenant in enumerate(stream):
@@ -34,8 +34,8 @@ def _misses_lru(stream: list[int], capacity: int) -> np.ndarray:
     return missed
 
 
-def _misses_tinylfu(stream: list[int], capacity: int) -> tuple[np.ndarray, float]:
-    cache: TinyLfuCache[int, bool] = TinyLfuCache(capacity, sizeof=lambda _v: 1, on_evict=lambda _k, _v: None)
+def tinylfu_misses(stream: list[int], capacity: int) -> tuple[np.ndarray, float]:
+    cache: TinyLfuCache[int, bool] = TinyLfuCache(capacity, sizeof=lambda _v: 1, on_evict=lambda _k, _v, _refused: None)
     missed = np.zeros(len(stream), dtype=bool)
     started = time.perf_counter()
     for i, tenant in enumerate(stream):
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         n = MIX_TENANTS[mix]
         stream = tenant_draws(mix, n, args.requests, seed=1).tolist()
         half = len(stream) // 2
-        lru = _misses_lru(stream, args.cache_models)
-        tiny, per_request = _misses_tinylfu(stream, args.cache_models)
+        lru = lru_misses(stream, args.cache_models)
+        tiny, per_request = tinylfu_misses(stream, args.cache_models)
         weights = np.arange(1, n + 1, dtype=np.float64) ** -ZIPF_S
         ideal = 1 - weights[:args.cache_models].sum() / weights.sum()
         for policy, missed, cost in (("lru", lru, ""), ("w-tinylfu", tiny, f"{per_request * 1e6:.2f}")):
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     before = [("old", t) for t in tenant_draws("zipf10k", MIX_TENANTS["zipf10k"], 8 * args.cache_models, seed=1)]
     after = [("new", t) for t in tenant_draws("zipf100k", MIX_TENANTS["zipf100k"], 60 * args.cache_models, seed=2)]
     stream = before + after
-    lru, (tiny, _) = _misses_lru(stream, args.cache_models), _misses_tinylfu(stream, args.cache_models)
+    lru, (tiny, _) = lru_misses(stream, args.cache_models), tinylfu_misses(stream, args.cache_models)
     switch, soon = len(before), len(before) + 4 * args.cache_models
     print(f"hot set switch (zipf10k for {len(before):,} requests, then zipf100k): miss % over the next "
           f"{soon - switch:,} requests / after those")

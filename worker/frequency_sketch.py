@@ -61,7 +61,8 @@ class FrequencySketch:
     def increment(self, key: Hashable) -> None:
         c = self._counters
         slots = self._slots(key)
-        low = min(c[s] for s in slots)
+        a, b, d, e = slots
+        low = min(c[a], c[b], c[d], c[e])  # once per request: no generator
         if low < MAX_COUNT:
             for s in slots:
                 if c[s] == low:

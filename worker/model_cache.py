@@ -269,7 +269,6 @@ class ModelCache:
         if asyncio.current_task() not in self._waiters:  # every waiter gave up meanwhile
             asyncio.get_running_loop().call_soon(model.release)
         self._models.put(key, model, admit=warm)
-        self.counters.admission_rejections = self._models.rejected
         self._last_used[key] = time.monotonic()
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,
               ms=round(ms, 2))
@@ -278,8 +277,9 @@ class ModelCache:
     def idle_seconds(self, key: ModelKey) -> float:
         return time.monotonic() - self._last_used.get(key, 0.0)
 
-    def _evicted(self, key: ModelKey, model: LoadedModel) -> None:
+    def _evicted(self, key: ModelKey, model: LoadedModel, refused: bool = False) -> None:
         self.counters.evictions += 1
+        self.counters.admission_rejections += refused
         self._last_used.pop(key, None)
         self._closer.submit(model.close)  # if borrowed, its last user frees it instead
 

@@ -19,8 +19,8 @@ Three LRU segments share the budget:
   to protected (at most 80% of the main area; its least recently used go back to probation).
 
 Invariant: the bytes of all models held never exceed the budget (the window's newest model is
-paid for by evicting from the main area). Every model that leaves (evicted, or a candidate
-refused admission) goes to `on_evict` exactly once; `pop` hands a model back without it.
+paid for by evicting from the main area). Every model that leaves goes to `on_evict` exactly
+once, told whether it was a candidate refused admission; `pop` hands a model back without it.
 Runs on the event loop thread only (no locks).
 """
 from __future__ import annotations
@@ -44,11 +44,11 @@ _LUCKY_ADMISSION = 1 / 128
 
 
 class TinyLfuCache(Generic[K, V]):
-    def __init__(self, budget: int, sizeof: Callable[[V], int], on_evict: Callable[[K, V], None],
+    def __init__(self, budget: int, sizeof: Callable[[V], int], on_evict: Callable[[K, V, bool], None],
                  window_share: float = WINDOW_SHARE, protected_share: float = PROTECTED_SHARE) -> None:
-        """sizeof: a value's bytes, read once when it is put."""
+        """sizeof: a value's bytes, read once when it is put. on_evict(key, value, refused):
+        refused is True for a candidate refused admission to the main area."""
         self.budget = budget
-        self.rejected = 0  # candidates refused admission to the main area
         self._sizeof = sizeof
         self._on_evict = on_evict
         self._window_budget = int(budget * window_share)
@@ -172,9 +172,8 @@ class TinyLfuCache(Generic[K, V]):
         self._probation_bytes += size
 
     def _reject(self, candidate: K, value: V) -> None:
-        self.rejected += 1
         del self._sizes[candidate]
-        self._on_evict(candidate, value)
+        self._on_evict(candidate, value, True)
 
     def _wins(self, candidate_frequency: int, victim_frequency: int) -> bool:
         if candidate_frequency > victim_frequency:
@@ -184,7 +183,7 @@ class TinyLfuCache(Generic[K, V]):
     def _evict_from_main(self) -> None:
         segment = self._probation or self._protected
         key = next(iter(segment))
-        self._on_evict(key, self.pop(key))
+        self._on_evict(key, self.pop(key), False)
 
     def _demote_protected(self) -> None:
         limit = (self.budget - self._window_bytes) * self._protected_share
