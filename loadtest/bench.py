@@ -2,7 +2,8 @@
 
     direct      client -> worker                       (Worker/Predict, version "v1", and the
                 artifact hint a router sends: worker.artifact_hint)
-    router      client -> router -> worker             (the real fleet: etcd, workers, one router)
+    router      client -> router -> worker             (the real fleet: etcd, workers, --routers
+                stateless routers; each caller keeps to one router, as a client's channel would)
     bare_proxy  client -> bare pass-through proxy -> worker   (loadtest.bare_proxy: raw bytes, no
                 parsing, no metadata: the floor for any Python gRPC hop on this stack)
     naive       client -> naive server                 (loadtest.naive_server: one process,
@@ -36,7 +37,7 @@ less, and is the number to read when asking where a path's time goes.
 
     python -m loadtest.bench                      # full: 3 mixes x rows 1,100 x concurrency 1,8,32
     python -m loadtest.bench --quick --json F     # a subset of cells, all four paths, < 90 s on 2 cores
-    python -m loadtest.bench --workers 4 --gen-procs 4 --concurrency 1,8,32,128   # a bigger machine
+    python -m loadtest.bench --workers 4 --routers 2 --gen-procs 4 --concurrency 8,32,128   # a bigger machine
 
 With --workers N > 1, `direct` sends each tenant to the first worker of its shard (what the
 router does while nothing spills) and `router` spreads over the fleet, but `bare_proxy` still
@@ -125,7 +126,7 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
         if address not in channels:
             channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         calls.append(channels[address].unary_unary(spec["method"]))  # bytes in, bytes out
-    route = spec.get("route")  # tenant index -> index into calls (direct path), or None
+    route = spec.get("route")  # tenant index -> index into calls (direct path), or None: caller k uses k % len
     hints = [artifact_metadata(sha256) for sha256 in spec.get("artifacts", ())]  # tenant t: hints[t % len]
     mix, n = spec["mix"], spec["tenants"]
     draws = tenant_draws(mix, n, 1 << 18, spec["seed"])
@@ -153,7 +154,7 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
         perf = time.perf_counter
         while perf() < end:
             t = int(draws[j % len(draws)])
-            call = calls[route[t]] if route is not None else calls[0]
+            call = calls[route[t]] if route is not None else calls[k % len(calls)]
             metadata = hints[t % len(hints)] if hints else None
             request = request_for(t, j)
             j += callers
@@ -337,7 +338,7 @@ class Bench:
     artifacts: list[Artifact] = field(default_factory=list)
     tenant_counts: dict[str, int] = field(default_factory=dict)
     workers: list = field(default_factory=list)
-    router: object = None
+    routers: list = field(default_factory=list)
     naive: tuple = ()
     bare: tuple = ()
     routes: dict[str, np.ndarray] = field(default_factory=dict)
@@ -390,7 +391,8 @@ class Bench:
             [(f"w{i}", "default") for i in range(1, args.workers + 1)],
             cache_bytes=int(self.cache_models * model_bytes * 1.05))
         self.bare = start_bare_proxy(self.workers[0].address, self.root / "bare_proxy.log", env)
-        self.router = self.fleet.start_router(shard_size=min(args.shard_size, args.workers))
+        self.routers = [self.fleet.start_router(shard_size=min(args.shard_size, args.workers))
+                        for _ in range(args.routers)]
         wait_serving(self.naive[1], self.naive[0], "naive_server")
         wait_serving(self.bare[1], self.bare[0], "bare_proxy")
 
@@ -399,7 +401,7 @@ class Bench:
         for mix, n in self.tenant_counts.items():
             names = [tenant_name(mix, i) for i in range(n)]
             self.routes[mix] = fleet_shards(names, members, min(args.shard_size, args.workers))[:, 0].astype(np.int16)
-        log(f"set-up: etcd, {len(self.workers)} worker(s), router, bare_proxy, naive_server up "
+        log(f"set-up: etcd, {len(self.workers)} worker(s), {len(self.routers)} router(s), bare_proxy, naive_server up "
             f"in {time.monotonic() - t0:.1f}s (cache {self.cache_models} models, ~{model_bytes // 1024} KiB each)")
 
     def target(self, path: str, mix: str) -> dict:
@@ -408,7 +410,7 @@ class Bench:
             return {"addresses": [w.address for w in self.workers], "method": WORKER_METHOD, "version": VERSION,
                     "route": self.routes[mix], "artifacts": [a.sha256 for a in self.artifacts]}
         if path == "router":
-            return {"addresses": [self.router.address], "method": PUBLIC_METHOD, "version": ""}
+            return {"addresses": [r.address for r in self.routers], "method": PUBLIC_METHOD, "version": ""}
         if path == "bare_proxy":
             return {"addresses": [self.bare[1]], "method": PUBLIC_METHOD, "version": VERSION}
         return {"addresses": [self.naive[1]], "method": PUBLIC_METHOD, "version": ""}
@@ -417,7 +419,7 @@ class Bench:
         """The processes behind `path`: `hop` (router or proxy) and `server` (workers or naive)."""
         workers = [w.popen.pid for w in self.workers]
         return {"direct": {"hop": [], "server": workers},
-                "router": {"hop": [self.router.popen.pid], "server": workers},
+                "router": {"hop": [r.popen.pid for r in self.routers], "server": workers},
                 "bare_proxy": {"hop": [self.bare[0].pid], "server": workers[:1]},
                 "naive": {"hop": [], "server": [self.naive[0].pid]}}[path]
 
@@ -493,7 +495,7 @@ def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=prin
             "server_cpu_us": per_request_us("server"),
             "models_held": after["models"],
             "server_rss_mb": None if after["rss"] is None else after["rss"] / 2**20,
-            "response_bytes": nbytes, "cores": os.cpu_count(), "workers": args.workers,
+            "response_bytes": nbytes, "cores": os.cpu_count(), "workers": args.workers, "routers": args.routers,
             "gen_procs": args.gen_procs, "cache_models": bench.cache_models, "duration_s": args.duration,
             "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
         }
@@ -512,7 +514,7 @@ def print_table(records: list[dict], args: argparse.Namespace) -> None:
 
     direct = {(r["mix"], r["rows"], r["concurrency"]): r["rps"] for r in records if r["path"] == "direct"}
     table = Table(title=f"Predict paths, closed loop: {os.cpu_count()} cores (os.cpu_count()), "
-                        f"{args.workers} worker(s), {args.gen_procs} generator process(es), "
+                        f"{args.workers} worker(s), {args.routers} router(s), {args.gen_procs} generator process(es), "
                         f"{args.duration:g}s per cell, model {args.trees}x{args.leaves}")
     for column in ("path", "mix", "tenants", "rows", "conc", "rps", "vs direct", "p50 ms", "p99 ms", "miss %",
                    "models held", "server RSS MB", "CPU µs/req client|hop|server", "errors/requests"):
@@ -604,6 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tenants", "--tenants", dest="max_tenants", type=int, default=100_000,
                         help="cap on the Zipf mixes' tenant counts (smoke tests); records say what ran")
     parser.add_argument("--workers", type=int, default=1, help="fleet workers (more on a bigger machine)")
+    parser.add_argument("--routers", type=int, default=1,
+                        help="stateless routers side by side on the one etcd (the router path's callers spread over them)")
     parser.add_argument("--shard-size", type=int, default=2)
     parser.add_argument("--gen-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                         help="load generator processes (default cores/4, at least 1)")
@@ -630,8 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.paths:
         if path not in PATHS:
             parser.error(f"unknown path {path!r}: choose from {', '.join(PATHS)}")
-    if args.workers < 1 or args.gen_procs < 1 or args.artifacts < 1 or args.max_tenants < 1:
-        parser.error("--workers, --gen-procs, --artifacts and --max-tenants must be at least 1")
+    if min(args.workers, args.routers, args.gen_procs, args.artifacts, args.max_tenants) < 1:
+        parser.error("--workers, --routers, --gen-procs, --artifacts and --max-tenants must be at least 1")
     return args
 
 
@@ -662,7 +666,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
     print_table(records, args)
-    title = (f"modelfleet Predict paths ({os.cpu_count()} cores, {args.workers} worker(s), "
+    title = (f"modelfleet Predict paths ({os.cpu_count()} cores, {args.workers} worker(s), {args.routers} router(s), "
              f"{args.duration:g}s/cell, model {args.trees}x{args.leaves})")
     plot(records, args.out / "bench.png", title)
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}"
