@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from modelfleet.errors import FailedPrecondition, InvalidArgument
+from modelfleet.whole_file import read_whole_file
 
 _ARTIFACT_RE = re.compile(r"sha256/([0-9a-f]{2})/([0-9a-f]{64})\.lgbm")
 
@@ -143,7 +144,7 @@ class LocalStore:
         """The artifact's bytes, or FailedPrecondition naming `what` when missing or corrupt."""
         path = self._path(artifact)
         try:
-            data = path.read_bytes()
+            data, _ = read_whole_file(path)
         except FileNotFoundError:
             raise FailedPrecondition(f"{what}: artifact {artifact} is missing from the model store") from None
         except OSError as exc:

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelfleet.whole_file import read_whole_file
+
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _FILE_RE = re.compile(r"([0-9a-f]{64})\.lgbm")
 _TEMP_PREFIX = ".incoming-"
@@ -70,9 +72,8 @@ class DiskCache:
         """The cached bytes of `sha256`, verified, or None (missing or corrupt, now deleted)."""
         path = self.path_for(sha256)
         try:
-            with open(path, "rb") as fh:
-                identity = _identity(os.fstat(fh.fileno()))
-                data = fh.read()
+            data, stat = read_whole_file(path)
+            identity = _identity(stat)
         except OSError:  # missing, evicted under us, unreadable: all a miss
             with self._lock:
                 self.stats.misses += 1

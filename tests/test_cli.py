@@ -69,6 +69,7 @@ def test_errors_are_one_line_and_nonzero(fleet):
         ("versions", "bad/tenant"),
         ("register", "--tenant", "acme", "--version", "v1", "--model-file", "/nonexistent/model.txt"),
         ("predict", "acme", "--features", "1,2,x", "--router", "127.0.0.1:1"),
+        ("worker", "--load-threads", "0"),
     ]
     for argv in cases:
         done = cli(fleet, *argv)

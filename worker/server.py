@@ -15,7 +15,7 @@ import socket
 import time
 
 from modelfleet import config
-from modelfleet.errors import Unavailable
+from modelfleet.errors import InvalidArgument, Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import open_store
@@ -47,7 +47,9 @@ REGISTER_TIMEOUT_S = 30.0
 
 
 async def serve(args: argparse.Namespace) -> None:
-    memory.limit_arenas()
+    if args.load_threads < 1:
+        raise InvalidArgument(f"--load-threads must be at least 1, got {args.load_threads}")
+    memory.limit_arenas(memory.arenas_for(args.load_threads))
     client = connect_args(args)
     keys = Keys(args.prefix)
     if args.worker_id:
