@@ -37,7 +37,11 @@ less, and is the number to read when asking where a path's time goes.
 
     python -m loadtest.bench                      # full: 3 mixes x rows 1,100 x concurrency 1,8,32
     python -m loadtest.bench --quick --json F     # a subset of cells, all four paths, < 90 s on 2 cores
-    python -m loadtest.bench --workers 4 --routers 2 --gen-procs 4 --concurrency 8,32,128   # a bigger machine
+    python -m loadtest.bench --workers 4 --routers 3 --gen-procs 4 --equal-memory --concurrency 8,32   # 16 cores
+
+--equal-memory gives each worker --cache-models / --workers models, so the fleet holds in all
+what the naive server holds (without it each worker holds --cache-models, and N workers hold N
+times the naive server's models).
 
 With --workers N > 1, `direct` sends each tenant to the first worker of its shard (what the
 router does while nothing spills) and `router` spreads over the fleet, but `bare_proxy` still
@@ -343,6 +347,7 @@ class Bench:
     bare: tuple = ()
     routes: dict[str, np.ndarray] = field(default_factory=dict)
     cache_models: int = 0
+    worker_cache_models: int = 0
 
     def start(self, log=print) -> None:
         from modelfleet.etcd_server import EtcdServer
@@ -384,12 +389,13 @@ class Bench:
 
         smallest_zipf = min((n for m, n in self.tenant_counts.items() if m != "warm"), default=0)
         self.cache_models = args.cache_models or max(16, min(1000, smallest_zipf // 10))
+        self.worker_cache_models = max(1, self.cache_models // args.workers) if args.equal_memory else self.cache_models
         model_bytes = max(a.nbytes for a in self.artifacts)
         env = self.fleet.env()
         self.naive = start_naive(manifest, self.cache_models, self.root / "naive.log", env)
         self.workers = self.fleet.start_workers(
             [(f"w{i}", "default") for i in range(1, args.workers + 1)],
-            cache_bytes=int(self.cache_models * model_bytes * 1.05))
+            cache_bytes=int(self.worker_cache_models * model_bytes * 1.05))
         self.bare = start_bare_proxy(self.workers[0].address, self.root / "bare_proxy.log", env)
         self.routers = [self.fleet.start_router(shard_size=min(args.shard_size, args.workers))
                         for _ in range(args.routers)]
@@ -402,7 +408,8 @@ class Bench:
             names = [tenant_name(mix, i) for i in range(n)]
             self.routes[mix] = fleet_shards(names, members, min(args.shard_size, args.workers))[:, 0].astype(np.int16)
         log(f"set-up: etcd, {len(self.workers)} worker(s), {len(self.routers)} router(s), bare_proxy, naive_server up "
-            f"in {time.monotonic() - t0:.1f}s (cache {self.cache_models} models, ~{model_bytes // 1024} KiB each)")
+            f"in {time.monotonic() - t0:.1f}s (cache {self.cache_models} models in the naive server, "
+            f"{self.worker_cache_models} in each worker, ~{model_bytes // 1024} KiB each)")
 
     def target(self, path: str, mix: str) -> dict:
         """What a generator dials for `path`: addresses, method, version, per-tenant route."""
@@ -496,7 +503,8 @@ def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=prin
             "models_held": after["models"],
             "server_rss_mb": None if after["rss"] is None else after["rss"] / 2**20,
             "response_bytes": nbytes, "cores": os.cpu_count(), "workers": args.workers, "routers": args.routers,
-            "gen_procs": args.gen_procs, "cache_models": bench.cache_models, "duration_s": args.duration,
+            "gen_procs": args.gen_procs, "cache_models": bench.cache_models,
+            "worker_cache_models": bench.worker_cache_models, "duration_s": args.duration,
             "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
         }
         records.append(record)
@@ -613,6 +621,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="load generator processes (default cores/4, at least 1)")
     parser.add_argument("--cache-models", type=int, default=0,
                         help="models a worker / the naive server keep (default: smallest Zipf mix / 10, <= 1000)")
+    parser.add_argument("--equal-memory", action="store_true",
+                        help="the fleet's workers together hold what the naive server holds: each keeps "
+                             "--cache-models / --workers models")
     parser.add_argument("--artifacts", type=int, default=4, help="distinct models the tenants share")
     parser.add_argument("--trees", type=int, default=100)
     parser.add_argument("--leaves", type=int, default=31)

@@ -24,11 +24,12 @@ from tests.fleet import REPO_ROOT
 
 
 def test_quick_bench_measures_all_four_paths(tmp_path):
-    """Two routers side by side: the router path's callers spread over both, with no errors."""
+    """Two routers side by side over two workers that share the naive server's memory: the
+    router path's callers spread over both routers, with no errors."""
     out, records_file = tmp_path / "out", tmp_path / "records.json"
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.5", "--warmup", "0.2",
-         "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--json", str(records_file), "--out", str(out)],
+         "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--workers", "2", "--equal-memory", "--json", str(records_file), "--out", str(out)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -42,6 +43,7 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
         assert r["p99_ms"] >= r["p50_ms"] > 0, r
         assert r["errors"] == 0, r
         assert r["cores"] == os.cpu_count() and r["routers"] == 2
+        assert r["worker_cache_models"] == r["cache_models"] // 2  # --equal-memory: the fleet holds what naive holds
     zipf = [r for r in records if r["mix"] == "zipf10k"]
     assert all(r["tenants"] == 300 for r in zipf)
     assert any(r["miss_ratio"] for r in zipf), "the Zipf mix should miss the caches sometimes"
