@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from modelfleet import config
+from modelfleet import config, heap
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
@@ -128,9 +128,10 @@ async def serve(args: argparse.Namespace) -> None:
         await loop.run_in_executor(None, registration.start)
     except Unavailable as exc:
         event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
+    frozen = heap.freeze_startup_heap()  # the routing cache is loaded: what starting made stays
     await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], True)
     event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", metrics_port=metrics_port,
-          auth=args.auth,
+          auth=args.auth, frozen_objects=frozen,
           tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 

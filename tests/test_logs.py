@@ -36,4 +36,7 @@ def test_json_logs_are_one_event_per_line_and_successes_log_nothing(fleet):
     worker_events = events(worker.log())
     serving = [e for e in worker_events if e["event"] == "worker.serving"]
     assert len(serving) == 1 and serving[0]["worker"] == "w1" and serving[0]["level"] == "info"
+    # the start-up heap is out of the garbage collector's full collections (modelfleet.heap)
+    router_serving = [e for e in events(router.log()) if e["event"] == "router.serving"]
+    assert serving[0]["frozen_objects"] > 10_000 and router_serving[0]["frozen_objects"] > 10_000
     assert all({"ts", "level", "logger", "event"} <= set(e) for e in worker_events + events(router.log()))

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from modelfleet import config
+from modelfleet import config, heap
 from modelfleet.errors import InvalidArgument, Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
@@ -72,6 +72,7 @@ async def serve(args: argparse.Namespace) -> None:
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
     worker_pb2_grpc.add_WorkerServicer_to_server(tracing.traced(servicer, TRACED_METHODS), server)
     await server.start()
+    frozen = heap.freeze_startup_heap()  # before any model is loaded: models come and go
 
     record = WorkerRecord(worker_id=worker_id, address=f"{args.advertise_host}:{port}", zone=args.zone,
                           joining=args.warm_on_join,
@@ -84,7 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
         await loop.run_in_executor(None, membership.update, dataclasses.replace(record, joining=False))
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
-          cache_bytes=args.cache_bytes)
+          cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen)
 
     trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
     await wait_for_signal()
