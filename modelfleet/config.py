@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from modelfleet import procfs
+
 
 def _default_home() -> Path:
     return Path(os.environ.get("MODELFLEET_HOME", Path.home() / ".modelfleet"))
@@ -157,11 +159,11 @@ ADVERTISE_HOST = Option("--advertise-host", "MODELFLEET_ADVERTISE_HOST", "127.0.
 CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_size,
                      "byte budget of the worker's model cache (e.g. 512MiB, 2GiB)")
 def default_load_threads() -> int:
-    """One per core, 4 to 16: a parse releases the GIL, so more loads run at once on more cores,
+    """One per usable core (affinity and container CPU limit, `procfs.usable_cores`), 4 to 16: a parse releases the GIL, so more loads run at once on more cores,
     until the GIL (the event loop plus each load's Python steps) is the limit. On 16 cores, one
     worker on a zipf10k cell with 32 callers: 1,244 rps, p99 60 ms with 16 threads against 1,017
     rps, p99 117 ms with 4 (`python -m loadtest.bench`, one run each, a noisy machine)."""
-    return max(4, min(16, os.cpu_count() or 1))
+    return max(4, min(16, procfs.usable_cores()))
 
 
 LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", default_load_threads, int,

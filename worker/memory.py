@@ -9,7 +9,8 @@ threads that contend for them), and hand free heap pages back to the OS after ev
 from __future__ import annotations
 
 import ctypes
-import os
+
+from modelfleet import procfs
 
 _M_ARENA_MAX = -8
 
@@ -26,7 +27,7 @@ def arenas_for(load_threads: int) -> int:
     least 2. Parsing a model allocates thousands of small blocks, and threads sharing an arena
     queue on its lock: on 16 cores, 16 load threads with 2 arenas spent 7.4 ms of CPU per load
     against 4.3 ms with 16 (`python -m loadtest.bench`, zipf10k cells, instrumented loads)."""
-    return max(2, min(load_threads, os.cpu_count() or 1))
+    return max(2, min(load_threads, procfs.usable_cores()))
 
 
 def limit_arenas(arenas: int = 2) -> bool:
