@@ -19,6 +19,18 @@ def _default_home() -> Path:
     return Path(os.environ.get("MODELFLEET_HOME", Path.home() / ".modelfleet"))
 
 
+def default_load_threads() -> int:
+    """One per usable core (CPU affinity capped by a container's CPU limit), 4 to 16.
+
+    A parse releases the GIL, so more loads run at once on more cores, until the GIL (the event
+    loop plus each load's Python steps) is the limit. On 16 cores, one worker on a zipf10k cell
+    with 32 callers: 1,244 rps, p99 60 ms with 16 threads against 1,017 rps, p99 117 ms with 4
+    (one pair of `python -m loadtest.bench` runs; a second pair came out within that machine's
+    run-to-run noise, so read it as "no worse, often better").
+    """
+    return max(4, min(16, procfs.usable_cores()))
+
+
 @dataclass(frozen=True)
 class Option:
     flag: str
@@ -158,16 +170,8 @@ ADVERTISE_HOST = Option("--advertise-host", "MODELFLEET_ADVERTISE_HOST", "127.0.
                         "host others use to reach this process (routers dial workers, tools dial routers)")
 CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_size,
                      "byte budget of the worker's model cache (e.g. 512MiB, 2GiB)")
-def default_load_threads() -> int:
-    """One per usable core (affinity and container CPU limit, `procfs.usable_cores`), 4 to 16: a parse releases the GIL, so more loads run at once on more cores,
-    until the GIL (the event loop plus each load's Python steps) is the limit. On 16 cores, one
-    worker on a zipf10k cell with 32 callers: 1,244 rps, p99 60 ms with 16 threads against 1,017
-    rps, p99 117 ms with 4 (`python -m loadtest.bench`, one run each, a noisy machine)."""
-    return max(4, min(16, procfs.usable_cores()))
-
-
 LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", default_load_threads, int,
-                      "threads that load models (default: one per core, 4 to 16)")
+                      "threads that load models (default: one per usable core, 4 to 16)")
 LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, int,
                    "seconds a dead worker stays in membership before its etcd lease expires")
 MAX_QUEUED_LOADS = Option("--max-queued-loads", "MODELFLEET_MAX_QUEUED_LOADS", 256, int,
