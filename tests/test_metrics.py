@@ -71,6 +71,38 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     assert value(r, "modelfleet_routing_live_workers") == 1
 
 
+def test_router_counts_calls_the_api_key_check_refuses_beside_those_it_lets_through(fleet):
+    """The metrics interceptor wraps each method's handler once; the API-key check makes a new
+    handler per call, and every call is still counted once, with the code it got."""
+    from version_service import api_keys
+
+    fleet.register("a", "v1", seed=1)
+    fleet.register("b", "v1", seed=2)
+    router_port = processes.free_port()
+    fleet.start_worker("w1")
+    router = fleet.start_router(shard_size=1, extra=("--auth", "1", "--metrics-port", str(router_port)))
+    key_a, _ = api_keys.create(fleet.client, fleet.keys, ["a"])
+    stub = predictor(router.address)
+    x = sample_features(1, 1)[0]
+    fleet.wait_for(lambda: predict(stub, "a", x, metadata=(("x-api-key", key_a),)), timeout=5, what="the key")
+    before = scrape(router_port)  # calls refused while the key was on its way are counted too
+    for _ in range(3):
+        predict(stub, "a", x, metadata=(("x-api-key", key_a),))
+    for metadata in ((("x-api-key", key_a),), (("x-api-key", key_a),), ()):
+        with pytest.raises(grpc.RpcError):
+            predict(stub, "b", x, metadata=metadata)
+
+    after = scrape(router_port)
+
+    def added(name: str, **labels) -> float:
+        return value(after, name, component="router", method="Predict", **labels) - \
+            value(before, name, component="router", method="Predict", **labels)
+    assert added("modelfleet_rpc_requests_total", code="OK") == 3
+    assert added("modelfleet_rpc_requests_total", code="PERMISSION_DENIED") == 2
+    assert added("modelfleet_rpc_requests_total", code="UNAUTHENTICATED") == 1
+    assert added("modelfleet_rpc_seconds_count") == 6
+
+
 def test_worker_exposes_load_latency_shed_and_negative_cache_hits(fleet):
     """The load-latency histogram, misses shed by --max-queued-loads and misses answered from a
     remembered load failure, in the metrics and in the Stats RPC, after real traffic."""
