@@ -26,6 +26,7 @@ from rich.table import Table
 
 from loadtest.bench import Artifact, register_bulk, tenant_name
 from modelfleet import heap
+from modelfleet.demo_models import train_model_text
 from modelfleet.etcd_server import EtcdServer
 from modelfleet.store import LocalStore
 from sharding import Member, ShardCache
@@ -51,7 +52,7 @@ def measure(tenants: int, rounds: int) -> dict:
         try:
             keys = Keys(f"/gc/{uuid.uuid4().hex[:8]}")
             model = root / "model.txt"
-            model.write_text("tree\nversion=v4\nnum_class=1\nmax_feature_idx=7\nobjective=regression\n")
+            model.write_text(train_model_text(seed=1))  # every tenant's record names this artifact
             stored = LocalStore(root / "store").put_file(model)
             artifacts = [Artifact(stored.artifact, stored.sha256, stored.size, 8, 1, "regression", model, 0)]
             client = connect(etcd.endpoint)
