@@ -3,7 +3,7 @@
 A router holds every tenant's route record, a worker its models' bookkeeping, and both the
 modules, servers and channels they started with. A full (generation 2) collection walks every
 one of those objects, and a request that arrives during one waits it out: in a router holding
-100k tenants a full collection takes ~27-33 ms (`python -m loadtest.bench_gc_pause`, 2 cores),
+100k tenants a full collection takes ~27-37 ms (`python -m loadtest.bench_gc_pause`, 2 cores),
 and under load up to 55 ms in a live router and 26 ms in a worker (timed with `gc.callbacks`
 during `python -m loadtest.bench` cells). Those objects are made at start and live as long as
 the process, so once it is ready they are moved out of the collector's sight (`gc.freeze`):
