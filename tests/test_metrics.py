@@ -92,15 +92,20 @@ def test_router_counts_calls_the_api_key_check_refuses_beside_those_it_lets_thro
         with pytest.raises(grpc.RpcError):
             predict(stub, "b", x, metadata=metadata)
 
-    after = scrape(router_port)
+    def added() -> dict[str, float]:
+        """Calls counted since `before`, by code, and latencies observed. A refused call's status
+        reaches the client as the server aborts, a moment before the count is taken: wait for it."""
+        after = scrape(router_port)
+        got = {code: value(after, "modelfleet_rpc_requests_total", component="router", method="Predict", code=code)
+               - value(before, "modelfleet_rpc_requests_total", component="router", method="Predict", code=code)
+               for code in ("OK", "PERMISSION_DENIED", "UNAUTHENTICATED")}
+        got["observed"] = value(after, "modelfleet_rpc_seconds_count", component="router", method="Predict") - \
+            value(before, "modelfleet_rpc_seconds_count", component="router", method="Predict")
+        return got
 
-    def added(name: str, **labels) -> float:
-        return value(after, name, component="router", method="Predict", **labels) - \
-            value(before, name, component="router", method="Predict", **labels)
-    assert added("modelfleet_rpc_requests_total", code="OK") == 3
-    assert added("modelfleet_rpc_requests_total", code="PERMISSION_DENIED") == 2
-    assert added("modelfleet_rpc_requests_total", code="UNAUTHENTICATED") == 1
-    assert added("modelfleet_rpc_seconds_count") == 6
+    expected = {"OK": 3, "PERMISSION_DENIED": 2, "UNAUTHENTICATED": 1, "observed": 6}
+    fleet.wait_for(lambda: added() == expected, timeout=5, what=f"the router's counts to reach {expected}")
+    assert added() == expected  # and no more
 
 
 def test_worker_exposes_load_latency_shed_and_negative_cache_hits(fleet):

@@ -45,7 +45,9 @@ def test_hot_models_survive_a_scan_of_one_off_tenants_within_the_byte_budget(fle
 
 
 def test_64_concurrent_cold_requests_cause_one_load(fleet):
-    fleet.register("acme", "v1", seed=1, num_trees=300)  # a slower load widens the race window
+    # A slow load (1500 trees: ~13 ms of parsing, ~20 ms in all) keeps the window open while all
+    # 64 requests arrive; at 300 trees (~4 ms) the last ones could come after it and just hit.
+    fleet.register("acme", "v1", seed=1, num_trees=1500)
     fleet.start_worker("w1")
     router = fleet.start_router(shard_size=1)
     stub = predictor(router.address)
