@@ -615,7 +615,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on the Zipf mixes' tenant counts (smoke tests); records say what ran")
     parser.add_argument("--workers", type=int, default=1, help="fleet workers (more on a bigger machine)")
     parser.add_argument("--routers", type=int, default=1,
-                        help="stateless routers side by side on the one etcd (the router path's callers spread over them)")
+                        help="stateless routers side by side on the one etcd (the router path's callers "
+                             "spread over them)")
     parser.add_argument("--shard-size", type=int, default=2)
     parser.add_argument("--gen-procs", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                         help="load generator processes (default cores/4, at least 1)")

@@ -29,7 +29,8 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
     out, records_file = tmp_path / "out", tmp_path / "records.json"
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.5", "--warmup", "0.2",
-         "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--workers", "2", "--equal-memory", "--json", str(records_file), "--out", str(out)],
+         "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--workers", "2", "--equal-memory",
+         "--json", str(records_file), "--out", str(out)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

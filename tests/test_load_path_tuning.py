@@ -1,5 +1,6 @@
 """How a worker's loads scale on a bigger machine: load threads and malloc arenas follow the
-cores it may use (affinity and container CPU limit), and an artifact is read in a handful of system calls (each one hands the GIL back)."""
+cores it may use (affinity and container CPU limit), and an artifact is read in a handful of
+system calls (each one hands the GIL back)."""
 from __future__ import annotations
 
 import os
