@@ -1,8 +1,9 @@
 """Prometheus metrics for routers and workers, on their own HTTP port (`--metrics-port`).
 
 Two kinds, so the request path pays almost nothing:
-- an interceptor times every RPC and counts it by method and status, and counts requests per
-  tenant in a plain dict (exported only for the top-K busiest tenants: bounded cardinality);
+- a wrapper registered around each servicer times every RPC and counts it by method and
+  status, and counts requests per tenant in a plain dict (exported only for the top-K busiest
+  tenants: bounded cardinality);
 - collectors read counters the components already keep (cache, failover, routing cache) at
   scrape time, so those cost nothing per request.
 """
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from modelfleet.servicer_wrap import UnaryMethod, unary_methods, wrap_methods
 
 TOP_TENANTS = 20
 _TENANT_TABLE_LIMIT = 50_000  # beyond this many distinct tenants, keep only the busiest
@@ -23,8 +27,12 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class RpcMetrics(grpc.aio.ServerInterceptor):
-    """modelfleet_rpc_requests_total{method,code}, modelfleet_rpc_seconds{method}, top-K tenants."""
+class RpcMetrics:
+    """modelfleet_rpc_requests_total{method,code}, modelfleet_rpc_seconds{method}, top-K tenants.
+
+    Installed per servicer at registration (`measured`), not as a server interceptor
+    (modelfleet.servicer_wrap says why). Register the measured stand-in outermost, around any
+    other wrapper (the router's API-key check), so refused calls are counted too."""
 
     def __init__(self, registry: CollectorRegistry, component: str) -> None:
         self.counts: Counter = Counter()  # (method, code) -> n
@@ -32,25 +40,15 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         self.seconds = Histogram("modelfleet_rpc_seconds", "RPC latency in seconds", ["component", "method"],
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.component = component
-        self._wrapped: dict[str, tuple] = {}  # method -> (the inner handler, its measured wrapper)
         registry.register(_Collector(self._collect))
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or details.method.startswith("/grpc."):
-            return handler
-        # A servicer's handler is the same object on every call (unless an inner interceptor, such
-        # as the router's API-key check, makes one per call): wrap it once, not per request
-        # (~7-11 µs of each hop's CPU per request, `python -m loadtest.bench` warm cells).
-        last = self._wrapped.get(details.method)
-        if last is not None and last[0] is handler:
-            return last[1]
-        wrapped = self._measured_handler(details.method.rsplit("/", 1)[-1], handler)
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
+    def measured(self, servicer: Any, service: ServiceDescriptor) -> Any:
+        """What to register in place of `servicer`: every unary method of `service` timed and
+        counted."""
+        return wrap_methods(servicer, unary_methods(service), self._measured)
 
-    def _measured_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        inner, counts, tenants = handler.unary_unary, self.counts, self.tenants
+    def _measured(self, method: str, inner: UnaryMethod) -> UnaryMethod:
+        counts, tenants = self.counts, self.tenants
         observe = self.seconds.labels(self.component, method).observe
 
         async def measured(request, context: grpc.aio.ServicerContext):
@@ -73,8 +71,7 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                         tenants.clear()
                         tenants.update(dict(keep))
 
-        return grpc.unary_unary_rpc_method_handler(measured, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return measured
 
     def _collect(self):
         requests = CounterMetricFamily("modelfleet_rpc_requests", "RPCs by method and status code",

@@ -56,10 +56,12 @@ def translate_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitabl
     return wrapper
 
 
-def build_server(service_names: Iterable[str], interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
-                 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    """An aio server with grpc.health.v1 (starting NOT_SERVING) and server reflection."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
+def build_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    """An aio server with grpc.health.v1 (starting NOT_SERVING) and server reflection.
+
+    No interceptors: what wraps every call is registered around each servicer instead
+    (modelfleet.servicer_wrap)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

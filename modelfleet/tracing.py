@@ -29,6 +29,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import grpc
 
+from modelfleet.servicer_wrap import wrap_methods
+
 _tracer = None  # opentelemetry Tracer while tracing is on, else None
 _provider = None
 _api = None  # the OpenTelemetry names the hooks use, imported by setup() (never while off)
@@ -211,27 +213,15 @@ def current_span():
 
 def traced(servicer: Any, spans: Mapping[str, str]) -> Any:
     """What to register in place of `servicer`: the same object while tracing is off; else a
-    stand-in whose methods named in `spans` ({"Predict": "predict"}) each run in a server span
-    that continues the caller's traceparent. Every other attribute is the servicer's own.
+    stand-in (modelfleet.servicer_wrap) whose methods named in `spans` ({"Predict": "predict"})
+    each run in a server span that continues the caller's traceparent.
 
-    A wrapper at registration rather than a server interceptor: nothing at all is installed
-    while tracing is off, only the named methods are touched (health, reflection and admin RPCs
-    never), and calls a servicer makes to another (the OIP ModelInfer calling Predict) stay
-    unwrapped, so each RPC is one server span.
+    Nothing at all is installed while tracing is off, and only the named methods are touched
+    (health, reflection and admin RPCs never), so each RPC is one server span.
     """
     if _tracer is None:
         return servicer
-    return _TracedServicer(servicer, {method: _server_span(getattr(servicer, method), name)
-                                      for method, name in spans.items()})
-
-
-class _TracedServicer:
-    def __init__(self, servicer: Any, methods: Mapping[str, Any]) -> None:
-        self._servicer = servicer
-        self.__dict__.update(methods)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._servicer, name)
+    return wrap_methods(servicer, spans, lambda method, inner: _server_span(inner, spans[method]))
 
 
 def _server_span(inner: Any, name: str) -> Any:

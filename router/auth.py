@@ -1,17 +1,20 @@
 """Caller authentication for the router: API keys in request metadata, checked per tenant.
 
-An interceptor, so the servicers stay free of it and it costs nothing when auth is off (it is
-not installed). It wraps each unary handler: the check needs the tenant, which is in the request
-body. Predict-style calls are checked against the request's tenant; RouterAdmin needs an admin
-key; health and reflection stay open (probes and tooling must work without a key).
+A wrapper registered around each servicer (modelfleet.servicer_wrap), so the servicers stay
+free of it and it costs nothing when auth is off (it is not installed). It needs the tenant,
+which is in the request body. Predict-style calls are checked against the request's tenant;
+RouterAdmin needs an admin key; health and reflection stay open (probes and tooling must work
+without a key).
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
 from modelfleet.errors import ModelfleetError
+from modelfleet.servicer_wrap import UnaryMethod, unary_methods, wrap_methods
 from version_service.api_keys import authorize
 from version_service.schema import ApiKeyRecord
 
@@ -40,20 +43,26 @@ def _token(metadata) -> str | None:
     return None
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyCheck:
     def __init__(self, records: Callable[[], Mapping[str, ApiKeyRecord]]) -> None:
         self._records = records
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
-        rule = next((r for prefix, r in _RULES.items() if details.method.startswith(prefix)), None)
-        if handler is None or rule is None or handler.unary_unary is None:
-            return handler
-        token = _token(details.invocation_metadata)
-        inner = handler.unary_unary
+    def checked(self, servicer: Any, service: ServiceDescriptor) -> Any:
+        """What to register in place of `servicer`: every unary method of `service` that a rule
+        covers refuses a call without a fitting key."""
+        rules = {}
+        for method in unary_methods(service):
+            path = f"/{service.full_name}/{method}"
+            rule = next((r for prefix, r in _RULES.items() if path.startswith(prefix)), None)
+            if rule is not None:
+                rules[method] = rule
+        return wrap_methods(servicer, rules, lambda method, inner: self._check(rules[method], inner))
+
+    def _check(self, rule: object, inner: UnaryMethod) -> UnaryMethod:
         records = self._records
 
         async def checked(request, context: grpc.aio.ServicerContext):
+            token = _token(context.invocation_metadata())
             try:
                 if rule == _ADMIN:
                     authorize(token, records(), None)
@@ -67,5 +76,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(exc.code, str(exc))
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(checked, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return checked

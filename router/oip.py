@@ -33,7 +33,7 @@ from router.servicer import PredictorServicer
 from version_service.routing_cache import RoutingCache
 from version_service.schema import RouteRecord, VersionRecord, validate_id
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 PLATFORM = "lightgbm"
 INPUT_NAME = "features"  # what ModelMetadata advertises; ModelInfer accepts any name
 OUTPUT_NAME = "predict"

@@ -21,16 +21,17 @@ from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, r
 from modelfleet.errors import Unavailable
 from modelfleet.oip import grpc_service_pb2_grpc
 from router.admin import RouterAdminServicer
-from router.oip import SERVICE_NAME as OIP_SERVICE_NAME, InferenceServicer
+from router.oip import SERVICE as OIP_SERVICE, InferenceServicer
 from router.rollout import Rollouts
 from router.servicer import PredictorServicer
 from router.settings import ResilienceSettings
 from router.worker_pool import WorkerPool
 from sharding import ShardCache
 from prometheus_client import CollectorRegistry
+from google.protobuf.descriptor import ServiceDescriptor
 
 from modelfleet import metrics, tls, tracing
-from router.auth import ApiKeyInterceptor
+from router.auth import ApiKeyCheck
 from version_service.etcd_client import connect_args, etcd_credentials
 from version_service.membership import LeasedRegistration
 from version_service.registry import Registry
@@ -43,8 +44,9 @@ OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.R
            config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
            config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT,
            *config.ROUTER_RESILIENCE_OPTIONS, *config.TRACING_OPTIONS)
-SERVICE_NAME = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
-ADMIN_SERVICE_NAME = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name
+SERVICE = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"]
+ADMIN_SERVICE = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"]
+SERVICE_NAMES = [service.full_name for service in (SERVICE, ADMIN_SERVICE, OIP_SERVICE)]
 
 
 class Membership:
@@ -99,10 +101,16 @@ async def serve(args: argparse.Namespace) -> None:
     membership.apply()
 
     registry = CollectorRegistry()
-    interceptors = [metrics.RpcMetrics(registry, "router")]  # outermost: counts refused calls too
-    if args.auth:
-        interceptors.append(ApiKeyInterceptor(lambda: routes.api_keys))
-    server, health = build_server([SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], interceptors)
+    rpc_metrics = metrics.RpcMetrics(registry, "router")
+    key_check = ApiKeyCheck(lambda: routes.api_keys) if args.auth else None
+
+    def guarded(servicer, service: ServiceDescriptor):
+        """Metrics outermost, so calls the key check refuses are counted too."""
+        if key_check is not None:
+            servicer = key_check.checked(servicer, service)
+        return rpc_metrics.measured(servicer, service)
+
+    server, health = build_server(SERVICE_NAMES)
     port = tls.listen(server, f"{args.host}:{args.port}", server_credentials)
     router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
     validate_id("router id", router_id)
@@ -110,16 +118,18 @@ async def serve(args: argparse.Namespace) -> None:
     rollouts = Rollouts(args.shadow_budget)
     servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline,
                                  rollouts, settings=ResilienceSettings.from_args(args))
-    predictor_pb2_grpc.add_PredictorServicer_to_server(tracing.traced(servicer, {"Predict": "Predict"}), server)
+    predictor_pb2_grpc.add_PredictorServicer_to_server(
+        guarded(tracing.traced(servicer, {"Predict": "Predict"}), SERVICE), server)
     _export_router_metrics(registry, routes, shards, servicer)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
     router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
-        RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), server)
+        guarded(RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), ADMIN_SERVICE), server)
     client = connect_args(args)
     keys = Keys(args.prefix)
     registry = Registry(client, keys)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(tracing.traced(
-        InferenceServicer(servicer, routes, registry.version, registry.versions), {"ModelInfer": "ModelInfer"}), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(guarded(tracing.traced(
+        InferenceServicer(servicer, routes, registry.version, registry.versions), {"ModelInfer": "ModelInfer"}),
+        OIP_SERVICE), server)
     await server.start()
     record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
                           started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -129,14 +139,14 @@ async def serve(args: argparse.Namespace) -> None:
     except Unavailable as exc:
         event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
     frozen = heap.freeze_startup_heap()  # the routing cache is loaded: what starting made stays
-    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], True)
+    await set_serving(health, SERVICE_NAMES, True)
     event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", metrics_port=metrics_port,
           auth=args.auth, frozen_objects=frozen,
           tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 
     await wait_for_signal()
-    await set_serving(health, [SERVICE_NAME, ADMIN_SERVICE_NAME, OIP_SERVICE_NAME], False)
+    await set_serving(health, SERVICE_NAMES, False)
     await loop.run_in_executor(None, registration.stop)
     await server.stop(grace=10)
     await rollouts.close()

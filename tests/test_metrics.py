@@ -72,8 +72,8 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
 
 
 def test_router_counts_calls_the_api_key_check_refuses_beside_those_it_lets_through(fleet):
-    """The metrics interceptor wraps each method's handler once; the API-key check makes a new
-    handler per call, and every call is still counted once, with the code it got."""
+    """The metrics wrapper is registered around the API-key check, so every call is counted
+    once, with the code it got, refused ones included."""
     from version_service import api_keys
 
     fleet.register("a", "v1", seed=1)

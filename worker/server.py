@@ -41,7 +41,8 @@ OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, con
            config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
            config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT, *config.WORKER_RESILIENCE_OPTIONS,
            *config.TRACING_OPTIONS)
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
+SERVICE_NAME = SERVICE.full_name
 TRACED_METHODS = {"Predict": "predict", "Warm": "warm"}  # method -> server span name
 REGISTER_TIMEOUT_S = 30.0
 
@@ -62,7 +63,8 @@ async def serve(args: argparse.Namespace) -> None:
                        record_digest=loader.record_sha256)
 
     registry = CollectorRegistry()
-    server, health = build_server([SERVICE_NAME], [metrics.RpcMetrics(registry, "worker")])
+    rpc_metrics = metrics.RpcMetrics(registry, "worker")
+    server, health = build_server([SERVICE_NAME])
     port = tls.listen(server, f"{args.host}:{args.port}",
                       tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
     worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
@@ -70,7 +72,8 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = WorkerServicer(worker_id, cache)
     _export_cache_metrics(registry, cache, servicer)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
-    worker_pb2_grpc.add_WorkerServicer_to_server(tracing.traced(servicer, TRACED_METHODS), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        rpc_metrics.measured(tracing.traced(servicer, TRACED_METHODS), SERVICE), server)
     await server.start()
     frozen = heap.freeze_startup_heap()  # before any model is loaded: models come and go
 
