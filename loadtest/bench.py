@@ -5,7 +5,8 @@
     router      client -> router -> worker             (the real fleet: etcd, workers, --routers
                 stateless routers; each caller keeps to one router, as a client's channel would)
     bare_proxy  client -> bare pass-through proxy -> worker   (loadtest.bare_proxy: raw bytes, no
-                parsing, no metadata: the floor for any Python gRPC hop on this stack)
+                parsing: the floor for any Python gRPC hop on this stack; callers send the
+                version and artifact hint a router would add, so the worker's work is the same)
     naive       client -> naive server                 (loadtest.naive_server: one process,
                 Booster(model_str=...) on first use, cachetools LRU by count, Booster.predict)
 
@@ -123,7 +124,6 @@ def feature_blocks(rows: int, num_features: int, seed: int) -> list[bytes]:
 async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
     from modelfleet.rpc import CHANNEL_OPTIONS
     from modelfleet.v1 import predictor_pb2
-    from worker.artifact_hint import artifact_metadata
 
     calls = []
     for address in spec["addresses"]:
@@ -131,7 +131,7 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
             channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         calls.append(channels[address].unary_unary(spec["method"]))  # bytes in, bytes out
     route = spec.get("route")  # tenant index -> index into calls (direct path), or None: caller k uses k % len
-    hints = [artifact_metadata(sha256) for sha256 in spec.get("artifacts", ())]  # tenant t: hints[t % len]
+    hints = spec.get("artifacts") or [""]  # tenant t's artifact hint: hints[t % len] ("": none)
     mix, n = spec["mix"], spec["tenants"]
     draws = tenant_draws(mix, n, 1 << 18, spec["seed"])
     blocks = feature_blocks(spec["rows"], spec["num_features"], spec["seed"])
@@ -141,7 +141,8 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
     def request_for(t: int, j: int) -> bytes:
         head = prefix_cache.get(t)
         if head is None:
-            head = prefix_cache[t] = predictor_pb2.PredictRequest(tenant_id=tenant_name(mix, t)).SerializeToString()
+            head = prefix_cache[t] = predictor_pb2.PredictRequest(
+                tenant_id=tenant_name(mix, t), artifact_sha256=hints[t % len(hints)]).SerializeToString()
         return head + blocks[j % FEATURE_BLOCKS] + version  # concatenated messages merge into one
 
     await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
@@ -159,13 +160,12 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
         while perf() < end:
             t = int(draws[j % len(draws)])
             call = calls[route[t]] if route is not None else calls[k % len(calls)]
-            metadata = hints[t % len(hints)] if hints else None
             request = request_for(t, j)
             j += callers
             started = perf()
             code = None
             try:
-                response = await call(request, timeout=REQUEST_TIMEOUT_S, metadata=metadata)
+                response = await call(request, timeout=REQUEST_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             done = perf()
@@ -413,13 +413,14 @@ class Bench:
 
     def target(self, path: str, mix: str) -> dict:
         """What a generator dials for `path`: addresses, method, version, per-tenant route."""
-        if path == "direct":  # with the artifact hint a router sends (worker.artifact_hint)
+        hints = [a.sha256 for a in self.artifacts]  # what a router puts in each request (worker.artifact_hint)
+        if path == "direct":
             return {"addresses": [w.address for w in self.workers], "method": WORKER_METHOD, "version": VERSION,
-                    "route": self.routes[mix], "artifacts": [a.sha256 for a in self.artifacts]}
+                    "route": self.routes[mix], "artifacts": hints}
         if path == "router":
             return {"addresses": [r.address for r in self.routers], "method": PUBLIC_METHOD, "version": ""}
-        if path == "bare_proxy":
-            return {"addresses": [self.bare[1]], "method": PUBLIC_METHOD, "version": VERSION}
+        if path == "bare_proxy":  # the version and hint a router would add, so the worker does the same work
+            return {"addresses": [self.bare[1]], "method": PUBLIC_METHOD, "version": VERSION, "artifacts": hints}
         return {"addresses": [self.naive[1]], "method": PUBLIC_METHOD, "version": ""}
 
     def pids(self, path: str) -> dict[str, list[int]]:

@@ -7,9 +7,11 @@ The router -> worker hop is a unary call per Predict. On a 2-core box that hop, 
 router's own logic, is what keeps the routed path behind a single-process server on miss-heavy
 mixes (see loadtest.bench's CPU µs/req columns), so this measures the floor a different wire
 design could reach: a server in its own process echoes 120-byte messages (a single-row
-Predict's size) through a generic handler (no protobuf), once as `unary_unary` with
-`--concurrency` callers, once as one `stream_stream` call with that many messages in flight.
-Rounds alternate the two so that a noisy machine hurts both alike. Loopback only; ~20 s.
+Predict's size) through a generic handler (no protobuf), as `unary_unary` with
+`--concurrency` callers, as the same with one 64-character metadata entry that the server
+reads (what the artifact hint cost while it travelled as metadata: worker.artifact_hint), and
+as one `stream_stream` call with that many messages in flight. Rounds alternate the three so
+that a noisy machine hurts them alike. Loopback only; ~30 s.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ async def _unary(request: bytes, context) -> bytes:
     return request
 
 
+async def _unary_reading_metadata(request: bytes, context) -> bytes:
+    dict(context.invocation_metadata() or ())
+    return request
+
+
 async def _stream(requests, context):
     async for message in requests:
         yield message
@@ -42,6 +49,7 @@ async def serve(port_file: str) -> None:
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+        "UnaryMetadata": grpc.unary_unary_rpc_method_handler(_unary_reading_metadata),
         "Stream": grpc.stream_stream_rpc_method_handler(_stream)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -55,13 +63,14 @@ async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurr
                    server_pid: int) -> tuple[float, float, float]:
     """(messages/s, client µs/message, server µs/message) after a 0.5 s warm-up."""
     done = 0
-    if mode == "unary":
-        call = channel.unary_unary(f"/{SERVICE}/Unary")
+    if mode != "stream":
+        call = channel.unary_unary(f"/{SERVICE}/Unary" if mode == "unary" else f"/{SERVICE}/UnaryMetadata")
+        metadata = (("x-modelfleet-artifact", "0" * 64),) if mode == "unary+md" else None
 
         async def caller(until: float) -> None:
             nonlocal done
             while time.monotonic() < until:
-                await call(PAYLOAD, timeout=10)
+                await call(PAYLOAD, timeout=10, metadata=metadata)
                 done += 1
 
         await asyncio.gather(*(caller(time.monotonic() + 0.5) for _ in range(concurrency)))
@@ -91,7 +100,7 @@ async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurr
     elapsed = time.monotonic() - started
     n = max(1, done)
     client_cpu, server_cpu = cpu_seconds(["self"]) - before[0], cpu_seconds([server_pid]) - before[1]
-    if mode != "unary":
+    if mode == "stream":
         stream.cancel()
         for task in tasks:
             task.cancel()
@@ -102,9 +111,9 @@ async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurr
 async def _run(args: argparse.Namespace, port: int, server_pid: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         for r in range(args.rounds):
-            for mode in ("unary", "stream"):
+            for mode in ("unary", "unary+md", "stream"):
                 rate, client_us, server_us = await _measure(channel, mode, args.seconds, args.concurrency, server_pid)
-                print(f"round {r + 1}  {mode:<7} {rate:>8,.0f} msg/s   client {client_us:>5.0f} µs/msg   "
+                print(f"round {r + 1}  {mode:<8} {rate:>8,.0f} msg/s   client {client_us:>5.0f} µs/msg   "
                       f"server {server_us:>5.0f} µs/msg", flush=True)
 
 

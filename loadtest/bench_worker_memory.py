@@ -41,7 +41,6 @@ from modelfleet.local_fleet import LocalFleet
 from modelfleet.procfs import rss_bytes
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import RouteRecord
-from worker.artifact_hint import artifact_metadata
 from worker.predictor import LoadedModel
 
 
@@ -94,17 +93,17 @@ def main() -> None:
         hints = {}
         if args.hints:  # what a router knows from the routes it watches
             for raw, meta in fleet.client.get_prefix(fleet.keys.routes):
-                hints[fleet.keys.tenant_of_route(meta.key.decode())] = artifact_metadata(
-                    RouteRecord.from_json(raw).serving_sha256)
+                hints[fleet.keys.tenant_of_route(meta.key.decode())] = RouteRecord.from_json(raw).serving_sha256
         baseline = {name: rss_mb(w.popen.pid) for name, w in workers.items()}
         samples: list[tuple[int, dict[str, float]]] = []
         total = args.models * args.rounds
         started = time.monotonic()
         for n in range(total):
-            request = predictor_pb2.PredictRequest(tenant_id=tenants[n % args.models], version="v1", features=x)
-            metadata = hints.get(request.tenant_id)
+            tenant = tenants[n % args.models]
+            request = predictor_pb2.PredictRequest(tenant_id=tenant, version="v1", features=x,
+                                                   artifact_sha256=hints.get(tenant) or "")
             for each in (order if n % 2 == 0 else order[::-1]):  # neither worker always goes first
-                each.Predict(request, timeout=30, metadata=metadata)
+                each.Predict(request, timeout=30)
             if n % max(1, total // 20) == 0 or n == total - 1:
                 samples.append((n + 1, {name: rss_mb(w.popen.pid) for name, w in workers.items()}))
         elapsed = time.monotonic() - started
@@ -112,10 +111,12 @@ def main() -> None:
 
         cold, warm = [], []
         for i in range(args.models + 1, args.models + args.cold + 1):
-            request = predictor_pb2.PredictRequest(tenant_id=f"tenant-{i:06d}", version="v1", features=x)
+            tenant = f"tenant-{i:06d}"
+            request = predictor_pb2.PredictRequest(tenant_id=tenant, version="v1", features=x,
+                                                   artifact_sha256=hints.get(tenant) or "")
             for bucket in (cold, warm):
                 t0 = time.perf_counter()
-                stub.Predict(request, timeout=30, metadata=hints.get(request.tenant_id))
+                stub.Predict(request, timeout=30)
                 bucket.append((time.perf_counter() - t0) * 1000)
         texts = [p.read_text() for p in sorted((root / "synthetic" / "models").rglob("*.txt"))[:args.cold]]
         parse = []

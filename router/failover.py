@@ -42,7 +42,6 @@ from modelfleet.v1 import predictor_pb2
 from router.counters import RouterCounters
 from router.hedging import HedgePolicy
 from router.worker_pool import WorkerPool
-from worker.artifact_hint import artifact_metadata
 from worker.overload import RetryLater, retry_hint
 
 ATTEMPT_FLOOR_S = 0.1  # no attempt timeout shorter than this: short deadlines go to one member
@@ -92,14 +91,15 @@ class Failover:
                    hedge: bool = True, artifact: str | None = None) -> predictor_pb2.PredictResponse:
         """The first answer from the shard's members, or the error that explains why none came.
 
-        `artifact`: the requested version's artifact digest, when the route names it; sent as
-        metadata (worker.artifact_hint) so a worker that misses loads it without etcd."""
+        `artifact`: the requested version's artifact digest, when the route names it; sent in
+        the request (worker.artifact_hint) so a worker that misses loads it without etcd. The
+        router owns that field: whatever a caller put there is replaced."""
         pool, ejector, counters, tracer = self.pool, self.pool.ejector, self.counters, self.tracer
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + budget_s
         order = ejector.order(pool.choose_order(shard, self.spill_inflight))
-        digest_md = artifact_metadata(artifact)  # () without a digest
+        request.artifact_sha256 = artifact or ""
         hedge_delay = self.hedging.delay() if hedge and len(order) > 1 else None
         hedge_at = None if hedge_delay is None else now + hedge_delay
         outstanding: list[_Attempt] = []
@@ -123,10 +123,10 @@ class Failover:
                 soft = now + share if share < remaining - _TIME_LEFT_S else None
                 if tracer is None:
                     span = None
-                    call = stub.Predict(request, timeout=remaining, metadata=digest_md)
+                    call = stub.Predict(request, timeout=remaining)
                 else:  # a `forward` span per attempt; the worker continues it from `traceparent`
                     span, metadata = tracing.start_forward(tracer, worker_id, next_index, as_hedge)
-                    call = stub.Predict(request, timeout=remaining, metadata=metadata + digest_md)
+                    call = stub.Predict(request, timeout=remaining, metadata=metadata)
                 call.add_done_callback(wake)
                 pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
                 outstanding.append(_Attempt(worker_id, call, now, soft, as_hedge, span))

@@ -15,9 +15,9 @@ def worker_stub(address: str) -> worker_pb2_grpc.WorkerStub:
     return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(address))
 
 
-def predict(stub, tenant: str, features, version: str = "", timeout: float = 10.0, metadata=None):
-    return stub.Predict(predictor_pb2.PredictRequest(tenant_id=tenant, features=list(features), version=version),
-                        timeout=timeout, metadata=metadata)
+def predict(stub, tenant: str, features, version: str = "", timeout: float = 10.0, metadata=None, artifact: str = ""):
+    return stub.Predict(predictor_pb2.PredictRequest(tenant_id=tenant, features=list(features), version=version,
+                                                     artifact_sha256=artifact), timeout=timeout, metadata=metadata)
 
 
 def stats(address: str, include_models: bool = False) -> worker_pb2.StatsResponse:

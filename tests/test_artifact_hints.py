@@ -8,7 +8,7 @@ import pytest
 
 from modelfleet.demo_models import sample_features
 from version_service.schema import RouteRecord
-from worker.artifact_hint import ARTIFACT_KEY
+from worker.artifact_hint import FIELD
 from worker.predictor import LoadedModel
 from tests.fleet import predict, predictor, stats, worker_stub
 
@@ -21,10 +21,6 @@ def expected(path) -> list[float]:
         return model.predict(X)
     finally:
         model.close()
-
-
-def hinted(sha256: str) -> tuple[tuple[str, str], ...]:
-    return ((ARTIFACT_KEY, sha256),)
 
 
 def test_with_changes_never_keeps_another_versions_digest():
@@ -85,22 +81,23 @@ def test_a_worker_loads_a_model_it_never_saw_while_etcd_is_down(own_etcd_fleet):
 def test_a_wrong_artifact_hint_is_never_served_to_anyone_else(fleet):
     a_path, b_path = fleet.register("a", "v1", seed=1), fleet.register("b", "v1", seed=2)
     fleet.register("c", "v1", seed=3)
+    d_paths = {v: fleet.register("d", v, seed=s) for v, s in (("v1", 4), ("v2", 5))}  # serving v2
     sha = {t: fleet.registry.version(t, "v1").sha256 for t in "ab"}
     worker = fleet.start_worker("w1")
     router = predictor(fleet.start_router(shard_size=1).address)
     direct = worker_stub(worker.address)
 
     # A direct caller names b's artifact for a cold a: its own request gets what it named...
-    assert list(predict(direct, "a", X, version="v1", metadata=hinted(sha["b"])).predictions) == expected(b_path)
+    assert list(predict(direct, "a", X, version="v1", artifact=sha["b"]).predictions) == expected(b_path)
     # ...and the router's request (a's digest, from the route) finds the cached model is not a's
     # registered artifact: it is settled against the record, evicted and a's artifact loaded.
     assert list(predict(router, "a", X).predictions) == expected(a_path)
     assert stats(worker.address).artifact_mismatches_total == 1
     # Now a is cached as registered: the wrong hint is settled against the record and loses.
-    assert list(predict(direct, "a", X, version="v1", metadata=hinted(sha["b"])).predictions) == expected(a_path)
+    assert list(predict(direct, "a", X, version="v1", artifact=sha["b"]).predictions) == expected(a_path)
 
     # A model loaded from a hint is checked before a caller without a hint gets it.
-    assert list(predict(direct, "b", X, version="v1", metadata=hinted(sha["a"])).predictions) == expected(a_path)
+    assert list(predict(direct, "b", X, version="v1", artifact=sha["a"]).predictions) == expected(a_path)
     assert list(predict(direct, "b", X, version="v1").predictions) == expected(b_path)
     s = stats(worker.address)
     assert s.artifact_mismatches_total == 2 and s.loads_total == 4
@@ -108,11 +105,16 @@ def test_a_wrong_artifact_hint_is_never_served_to_anyone_else(fleet):
     # A hint naming an artifact the store lacks fails that caller, and its remembered failure
     # is not handed to the router's requests for the same tenant.
     with pytest.raises(grpc.RpcError) as missing:
-        predict(direct, "c", X, version="v1", metadata=hinted("0" * 64))
+        predict(direct, "c", X, version="v1", artifact="0" * 64)
     assert missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert len(predict(router, "c", X).predictions) == 1
 
     with pytest.raises(grpc.RpcError) as malformed:
-        predict(direct, "c", X, version="v1", metadata=hinted("not-a-digest"))
+        predict(direct, "c", X, version="v1", artifact="not-a-digest")
     assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert ARTIFACT_KEY in malformed.value.details()
+    assert FIELD in malformed.value.details()
+
+    # The router owns the field: a caller's digest for a cold tenant is replaced by the route's,
+    # or dropped for a version the route does not name.
+    assert list(predict(router, "d", X, version="v1", artifact=sha["a"]).predictions) == expected(d_paths["v1"])
+    assert list(predict(router, "d", X, artifact=sha["a"]).predictions) == expected(d_paths["v2"])

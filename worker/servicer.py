@@ -47,7 +47,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tenant = validate_id("tenant id", request.tenant_id)
         version = validate_id("version", request.version)
         try:
-            model, loaded = await self.cache.get(tenant, version, artifact_hint(context))
+            model, loaded = await self.cache.get(tenant, version, artifact_hint(request))
         except RetryLater as exc:
             set_retry_hint(context, exc)
             raise
@@ -77,7 +77,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         version = validate_id("version", request.version)
         started = time.perf_counter()
         try:
-            _, loaded = await self.cache.get(tenant, version, artifact_hint(context), warm=True)
+            _, loaded = await self.cache.get(tenant, version, artifact_hint(request), warm=True)
         except RetryLater as exc:
             set_retry_hint(context, exc)
             raise

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WarmRequest(_message.Message):
-    __slots__ = ("tenant_id", "version")
+    __slots__ = ("tenant_id", "version", "artifact_sha256")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     version: str
-    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    artifact_sha256: str
+    def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
 
 class WarmResponse(_message.Message):
     __slots__ = ("loaded", "load_ms")
