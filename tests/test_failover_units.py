@@ -184,3 +184,29 @@ def test_a_call_cancelled_under_the_request_by_its_closing_channel_fails_over():
         assert (await task).worker_id == "b" and balanced(pool)
         await fleet.until(lambda: cancelled(workers["a"]), "a's call to be cancelled by its closing channel")
     run(go)
+
+
+def test_a_lone_member_is_awaited_alone_with_the_same_outcomes_and_books():
+    """One member (or too little time to share): send() awaits the call itself, no timer."""
+    async def go(setup, fleet):
+        failover, pool, workers, counters = await setup({"a": [ok(0, "a"), err(0, grpc.StatusCode.UNAVAILABLE),
+                                                               HANG, HANG, HANG]})
+        assert (await failover.send(REQUEST, ("a",), 1.0)).worker_id == "a"
+        with pytest.raises(Unavailable, match="a: UNAVAILABLE"):
+            await failover.send(REQUEST, ("a",), 1.0)
+        with pytest.raises(DeadlineExceeded, match="acme"):
+            await failover.send(REQUEST, ("a",), 0.2)
+        task = asyncio.ensure_future(failover.send(REQUEST, ("a",), 5.0))
+        await fleet.until(lambda: len(workers["a"].calls) == 4, "the fourth call to arrive")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await fleet.until(lambda: workers["a"].calls[3].cancelled_early(), "the caller's cancel to reach a")
+        task = asyncio.ensure_future(failover.send(REQUEST, ("a",), 5.0))
+        await fleet.until(lambda: len(workers["a"].calls) == 5, "the fifth call to arrive")
+        (stale,) = pool.update({})  # a left the fleet: its closing channel cancels the call
+        await stale.close()
+        with pytest.raises(Unavailable, match="a: channel closed"):
+            await task
+        assert balanced(pool) and counters.attempts == 5 and counters.retries == 0
+    run(go)
