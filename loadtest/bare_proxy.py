@@ -6,10 +6,11 @@ routing, no validation, no retries. The caller must set `version` itself (the wo
 it; this proxy cannot fill it in without parsing). Status codes and details from the worker are
 passed back as they are.
 
-Same stack as the router: grpc.aio on asyncio, the same server and channel options
-(`modelfleet.rpc`), one persistent HTTP/2 channel to the worker. So `router - bare_proxy` in
-`loadtest.bench` is what the router's own work costs (parse, route, shard, choose, re-serialise),
-and `bare_proxy - direct` is what one extra Python gRPC hop costs at all.
+Same stack as the router: grpc.aio on the same event loop (`--event-loop`,
+MODELFLEET_EVENT_LOOP), the same server and channel options (`modelfleet.rpc`), one persistent
+HTTP/2 channel to the worker. So `router - bare_proxy` in `loadtest.bench` is what the router's
+own work costs (parse, route, shard, choose, re-serialise), and `bare_proxy - direct` is what
+one extra Python gRPC hop costs at all.
 
     python -m loadtest.bare_proxy --port 50070 --worker 127.0.0.1:50061
 
@@ -24,6 +25,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from modelfleet import config, event_loop
 from modelfleet.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 
 PUBLIC_METHOD = "/modelfleet.v1.Predictor/Predict"
@@ -74,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--worker", required=True, help="HOST:PORT of the one worker to forward to")
+    config.add_options(parser, config.EVENT_LOOP)  # the router's loop, so the floor is the same stack
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.worker))
+    event_loop.run(serve(args.host, args.port, args.worker), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from modelfleet import config, heap
+from modelfleet import config, event_loop, heap
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
@@ -40,8 +40,8 @@ from version_service.schema import Keys, RouterRecord, validate_id
 
 log = logging.getLogger("modelfleet.router")
 
-OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.ROUTER_PORT, config.ROUTER_ID, config.ADVERTISE_HOST,
-           config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
+OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.EVENT_LOOP, config.ROUTER_PORT, config.ROUTER_ID,
+           config.ADVERTISE_HOST, config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE, config.SHADOW_BUDGET, config.LEASE_TTL,
            config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT,
            *config.ROUTER_RESILIENCE_OPTIONS, *config.TRACING_OPTIONS)
 SERVICE = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"]
@@ -141,7 +141,7 @@ async def serve(args: argparse.Namespace) -> None:
     frozen = heap.freeze_startup_heap()  # the routing cache is loaded: what starting made stays
     await set_serving(health, SERVICE_NAMES, True)
     event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", metrics_port=metrics_port,
-          auth=args.auth, frozen_objects=frozen,
+          auth=args.auth, frozen_objects=frozen, event_loop=event_loop.running_loop_name(),
           tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 

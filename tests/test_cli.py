@@ -76,6 +76,8 @@ def test_errors_are_one_line_and_nonzero(fleet):
         assert done.returncode != 0, argv
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (argv, done.stderr)
+    bad_loop = cli(fleet, "router", "--event-loop", "tokio")  # a usage error, before anything starts
+    assert bad_loop.returncode == 2 and "expected 'uvloop' or 'asyncio', got 'tokio'" in bad_loop.stderr
 
 
 def test_unreachable_etcd_is_a_clear_error(fleet):

@@ -21,7 +21,7 @@ def events(log_text: str) -> list[dict]:
 
 def test_json_logs_are_one_event_per_line_and_successes_log_nothing(fleet):
     fleet.register("a", "v1", seed=1)
-    worker = fleet.start_worker("w1", extra=JSON_LOGS)
+    worker = fleet.start_worker("w1", extra=(*JSON_LOGS, "--event-loop", "asyncio"))  # the router: uvloop
     router = fleet.start_router(shard_size=1, extra=JSON_LOGS)
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
@@ -39,4 +39,5 @@ def test_json_logs_are_one_event_per_line_and_successes_log_nothing(fleet):
     # the start-up heap is out of the garbage collector's full collections (modelfleet.heap)
     router_serving = [e for e in events(router.log()) if e["event"] == "router.serving"]
     assert serving[0]["frozen_objects"] > 10_000 and router_serving[0]["frozen_objects"] > 10_000
+    assert (serving[0]["event_loop"], router_serving[0]["event_loop"]) == ("asyncio", "uvloop")
     assert all({"ts", "level", "logger", "event"} <= set(e) for e in worker_events + events(router.log()))

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from modelfleet import config, heap
+from modelfleet import config, event_loop, heap
 from modelfleet.errors import InvalidArgument, Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
@@ -36,7 +36,7 @@ from worker.servicer import WorkerServicer
 log = logging.getLogger("modelfleet.worker")
 
 OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, config.STORE_CACHE_BYTES,
-           config.S3_ENDPOINT, config.HOST, config.WORKER_PORT, config.WORKER_ID,
+           config.S3_ENDPOINT, config.HOST, config.EVENT_LOOP, config.WORKER_PORT, config.WORKER_ID,
            config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
            config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
            config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT, *config.WORKER_RESILIENCE_OPTIONS,
@@ -88,7 +88,8 @@ async def serve(args: argparse.Namespace) -> None:
         await loop.run_in_executor(None, membership.update, dataclasses.replace(record, joining=False))
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
-          cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen)
+          cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen,
+          event_loop=event_loop.running_loop_name())
 
     trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
     await wait_for_signal()

@@ -7,7 +7,6 @@ never as a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import Callable, Sequence
@@ -18,7 +17,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads once
 
-from modelfleet import config, log  # noqa: E402
+from modelfleet import config, event_loop, log  # noqa: E402
 from modelfleet.errors import ModelfleetError
 
 Command = Callable[[argparse.Namespace], int | None]
@@ -32,13 +31,13 @@ EXIT_USAGE = 2
 def _run_worker(args: argparse.Namespace) -> None:
     from worker.server import serve
 
-    asyncio.run(serve(args))
+    event_loop.run(serve(args), args.event_loop)
 
 
 def _run_router(args: argparse.Namespace) -> None:
     from router.server import serve
 
-    asyncio.run(serve(args))
+    event_loop.run(serve(args), args.event_loop)
 
 
 def build_parser() -> argparse.ArgumentParser:
