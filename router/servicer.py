@@ -129,8 +129,3 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             self.quotas.release(tenant)
             raise
         return route, stats, shard
-
-    async def forward(self, request: predictor_pb2.PredictRequest, shard: tuple[str, ...],
-                      budget_s: float) -> predictor_pb2.PredictResponse:
-        """Sends to the shard's members until one answers or the budget runs out (router.failover)."""
-        return await self.failover.send(request, shard, budget_s)
