@@ -3,20 +3,22 @@ bidirectional stream, side by side, client and server CPU per message.
 
     python -m loadtest.bench_transport [--seconds 4] [--concurrency 8] [--rounds 2]
 
-The router -> worker hop is a unary call per Predict. On a 2-core box that hop, not the
-router's own logic, is what keeps the routed path behind a single-process server on miss-heavy
-mixes (see loadtest.bench's CPU µs/req columns), so this measures the floor a different wire
-design could reach: a server in its own process echoes 120-byte messages (a single-row
-Predict's size) through a generic handler (no protobuf), as `unary_unary` with
+On a 2-core box the router -> worker hop, not the router's own logic, is what a router costs
+(see loadtest.bench's CPU µs/req columns); this measures what each wire design costs there. A
+server in its own process echoes 120-byte messages (a single-row Predict's size) through a
+generic handler (no protobuf), as `unary_unary` with
 `--concurrency` callers, as the same with one 64-character metadata entry that the server
-reads (what the artifact hint cost while it travelled as metadata: worker.artifact_hint), and
-as one `stream_stream` call with that many messages in flight. Rounds alternate the three so
-that a noisy machine hurts them alike. Loopback only; ~30 s.
+reads (what the artifact hint cost while it travelled as metadata: worker.artifact_hint), as
+one `stream_stream` call with that many messages in flight, and as that stream with every
+payload that is ready written as one message (what router.worker_stream and
+worker.predict_stream do with frames; the echo answers a message of k payloads with one).
+Rounds alternate the four so that a noisy machine hurts them alike. Loopback only; ~40 s.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import sys
 import tempfile
@@ -63,7 +65,7 @@ async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurr
                    server_pid: int) -> tuple[float, float, float]:
     """(messages/s, client µs/message, server µs/message) after a 0.5 s warm-up."""
     done = 0
-    if mode != "stream":
+    if mode.startswith("unary"):
         call = channel.unary_unary(f"/{SERVICE}/Unary" if mode == "unary" else f"/{SERVICE}/UnaryMetadata")
         metadata = (("x-modelfleet-artifact", "0" * 64),) if mode == "unary+md" else None
 
@@ -77,30 +79,42 @@ async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurr
         done, started = 0, time.monotonic()
         before = cpu_seconds(["self"]), cpu_seconds([server_pid])
         await asyncio.gather(*(caller(started + seconds) for _ in range(concurrency)))
-    else:
+    else:  # callers await futures that one reader resolves, as router.worker_stream's callers do
         stream = channel.stream_stream(f"/{SERVICE}/Stream")()
-        in_flight = asyncio.Semaphore(concurrency)
+        ready: asyncio.Queue = asyncio.Queue()
+        waiting: collections.deque = collections.deque()  # the echo keeps the order: first in, first out
+        batched = mode == "stream+batch"
 
         async def writer() -> None:
             while True:
-                await in_flight.acquire()
-                await stream.write(PAYLOAD)
+                payloads = [await ready.get()]
+                while batched and ready.qsize():
+                    payloads.append(ready.get_nowait())
+                await stream.write(b"".join(payloads))
 
         async def reader() -> None:
+            while (message := await stream.read()) is not grpc.aio.EOF:
+                for _ in range(len(message) // len(PAYLOAD)):
+                    waiting.popleft().set_result(None)
+
+        async def caller(until: float) -> None:
             nonlocal done
-            while await stream.read() is not grpc.aio.EOF:
+            loop = asyncio.get_running_loop()
+            while time.monotonic() < until:
+                waiting.append(answered := loop.create_future())
+                ready.put_nowait(PAYLOAD)
+                await answered
                 done += 1
-                in_flight.release()
 
         tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
-        await asyncio.sleep(0.5)
+        await asyncio.gather(*(caller(time.monotonic() + 0.5) for _ in range(concurrency)))
         done, started = 0, time.monotonic()
         before = cpu_seconds(["self"]), cpu_seconds([server_pid])
-        await asyncio.sleep(seconds)
+        await asyncio.gather(*(caller(started + seconds) for _ in range(concurrency)))
     elapsed = time.monotonic() - started
     n = max(1, done)
     client_cpu, server_cpu = cpu_seconds(["self"]) - before[0], cpu_seconds([server_pid]) - before[1]
-    if mode == "stream":
+    if mode.startswith("stream"):
         stream.cancel()
         for task in tasks:
             task.cancel()
@@ -111,9 +125,9 @@ async def _measure(channel: grpc.aio.Channel, mode: str, seconds: float, concurr
 async def _run(args: argparse.Namespace, port: int, server_pid: int) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         for r in range(args.rounds):
-            for mode in ("unary", "unary+md", "stream"):
+            for mode in ("unary", "unary+md", "stream", "stream+batch"):
                 rate, client_us, server_us = await _measure(channel, mode, args.seconds, args.concurrency, server_pid)
-                print(f"round {r + 1}  {mode:<8} {rate:>8,.0f} msg/s   client {client_us:>5.0f} µs/msg   "
+                print(f"round {r + 1}  {mode:<12} {rate:>8,.0f} msg/s   client {client_us:>5.0f} µs/msg   "
                       f"server {server_us:>5.0f} µs/msg", flush=True)
 
 

@@ -140,6 +140,19 @@ ROUTER_ID = Option("--router-id", "MODELFLEET_ROUTER_ID", "", str,
                    "stable router identity (default: router-<host>-<port>)")
 SHADOW_BUDGET = Option("--shadow-budget", "MODELFLEET_SHADOW_BUDGET", 16, int,
                        "shadow copies in flight per router; more are dropped (and counted), never queued")
+
+
+def worker_transport(text: str) -> str:
+    """'stream' or 'unary' (router.worker_stream)."""
+    lowered = str(text).strip().lower()
+    if lowered not in ("stream", "unary"):
+        raise argparse.ArgumentTypeError(f"expected 'stream' or 'unary', got {text!r}")
+    return lowered
+
+
+WORKER_TRANSPORT = Option("--worker-transport", "MODELFLEET_WORKER_TRANSPORT", "stream", worker_transport,
+                          "how a router's Predicts reach workers: 'stream' (frames on one long-lived call per "
+                          "worker, batched per message: ~150-250 µs less CPU per request) or 'unary' (a call each)")
 DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, float,
                           "seconds a Predict may take when the caller sets no deadline")
 
@@ -206,7 +219,7 @@ ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str,
 
 ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, EVENT_LOOP,
-    ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT,
+    ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
     ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,

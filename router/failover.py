@@ -114,8 +114,8 @@ class Failover:
             while next_index < len(order):
                 worker_id = order[next_index]
                 next_index += 1
-                stub = pool.stubs.get(worker_id)
-                if stub is None:
+                predictor = pool.predictors.get(worker_id)
+                if predictor is None:
                     failures.append(f"{worker_id}: left the fleet")
                     continue
                 remaining = deadline - now
@@ -123,10 +123,10 @@ class Failover:
                 soft = now + share if share < remaining - _TIME_LEFT_S else None
                 if tracer is None:
                     span = None
-                    call = stub.Predict(request, timeout=remaining)
+                    call = predictor.Predict(request, timeout=remaining)
                 else:  # a `forward` span per attempt; the worker continues it from `traceparent`
                     span, metadata = tracing.start_forward(tracer, worker_id, next_index, as_hedge)
-                    call = stub.Predict(request, timeout=remaining, metadata=metadata)
+                    call = predictor.Predict(request, timeout=remaining, metadata=metadata)
                 call.add_done_callback(wake)
                 pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
                 outstanding.append(_Attempt(worker_id, call, now, soft, as_hedge, span))

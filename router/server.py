@@ -41,7 +41,8 @@ from version_service.schema import Keys, RouterRecord, validate_id
 log = logging.getLogger("modelfleet.router")
 
 OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.EVENT_LOOP, config.ROUTER_PORT, config.ROUTER_ID,
-           config.ADVERTISE_HOST, config.SHARD_SIZE, config.SPILL_INFLIGHT, config.DEFAULT_DEADLINE,
+           config.ADVERTISE_HOST, config.SHARD_SIZE, config.SPILL_INFLIGHT, config.WORKER_TRANSPORT,
+           config.DEFAULT_DEADLINE,
            config.SHADOW_BUDGET, config.LEASE_TTL,
            config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT,
            *config.ROUTER_RESILIENCE_OPTIONS, *config.TRACING_OPTIONS)
@@ -96,7 +97,8 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, routes.start)
     shards = ShardCache()
-    pool = WorkerPool(credentials=tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key))
+    pool = WorkerPool(credentials=tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
+                      transport=args.worker_transport)
     membership = Membership(routes, shards, pool)
     routes.add_listener(membership.on_change)
     membership.apply()

@@ -1,7 +1,8 @@
 """One persistent gRPC channel per live worker, and the requests in flight on each.
 
 Channels are opened when a worker joins and closed when it leaves (membership watch), so the
-request path never dials. In-flight counts drive the spill decision in `choose_order`; the
+request path never dials. Predicts travel as frames on one stream per channel
+(router.worker_stream), half-closed when the worker leaves so that what is in flight finishes. In-flight counts drive the spill decision in `choose_order`; the
 outlier ejector (router.ejection) keeps each worker's recent failures and is told when a
 worker leaves, so its state never outlives the worker.
 """
@@ -13,14 +14,18 @@ from modelfleet import tls
 from modelfleet.rpc import CHANNEL_OPTIONS
 from modelfleet.v1 import worker_pb2_grpc
 from router.ejection import OutlierEjector
+from router.worker_stream import WorkerPredict
 from version_service.schema import WorkerRecord
 
 
 class WorkerPool:
     def __init__(self, ejector: OutlierEjector | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        """credentials: TLS (or mutual TLS) to the workers; None = plaintext."""
+                 credentials: grpc.ChannelCredentials | None = None, transport: str = "stream") -> None:
+        """credentials: TLS (or mutual TLS) to the workers; None = plaintext. transport: how
+        Predicts travel, "stream" or "unary" (router.worker_stream)."""
         self.stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self.predictors: dict[str, WorkerPredict] = {}
+        self._transport = transport
         self.inflight: dict[str, int] = {}
         self.ejector = ejector if ejector is not None else OutlierEjector()
         self._credentials = credentials
@@ -34,13 +39,15 @@ class WorkerPool:
             if record is None or record.address != address:
                 del self._channels[worker_id]
                 self.stubs.pop(worker_id, None)
+                self.predictors.pop(worker_id).close()
                 self.ejector.forget(worker_id)  # a restarted worker (new address) starts clean
                 stale.append(channel)
         for worker_id, record in workers.items():
             if worker_id not in self._channels:
                 channel = tls.channel(record.address, self._credentials, options=CHANNEL_OPTIONS)
                 self._channels[worker_id] = (record.address, channel)
-                self.stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
+                stub = self.stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
+                self.predictors[worker_id] = WorkerPredict(stub, self._transport)
                 self.inflight.setdefault(worker_id, 0)
         for worker_id in list(self.inflight):
             if worker_id not in workers and self.inflight[worker_id] == 0:
@@ -66,3 +73,4 @@ class WorkerPool:
             await channel.close()
         self._channels.clear()
         self.stubs.clear()
+        self.predictors.clear()

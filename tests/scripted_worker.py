@@ -4,8 +4,8 @@ router.failover's race (attempt timeouts, hedges, ejection, overload hints, canc
 worker behaviours that a real worker only shows by accident: answer after exactly 0.3 s, fail with
 UNAVAILABLE, shed with RESOURCE_EXHAUSTED and a `retry-after-ms` trailer, hang until cancelled.
 A ScriptedWorker is a real gRPC server on 127.0.0.1 (port 0) implementing the worker's Predict
-service (modelfleet.v1.Worker), and the router reaches it through a real WorkerPool, channels and
-stubs; only the behaviour is scripted, so every behaviour is deterministic and every timing a
+service (modelfleet.v1.Worker; PredictStream runs the script per frame), and the router reaches
+it through a real WorkerPool, channels and stubs; only the behaviour is scripted, so every behaviour is deterministic and every timing a
 few tens of milliseconds. It runs in the test's own event loop, so it lives and dies with it.
 
 Scripts, one per Predict call (the last repeats):
@@ -31,6 +31,7 @@ from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from router.ejection import OutlierEjector
 from router.worker_pool import WorkerPool
 from version_service.schema import WorkerRecord
+from worker.predict_stream import FrameContext, PredictStreams
 
 REQUEST = predictor_pb2.PredictRequest(tenant_id="acme", version="v1", features=[0.0] * 8)
 
@@ -51,6 +52,7 @@ class ServedCall:
     """One Predict as the scripted worker saw it."""
 
     metadata: dict[str, str]
+    streamed: bool = False  # arrived as a PredictStream frame, not as a unary call
     cancelled: bool = False  # the call went away (cancel, deadline, closed channel) before it finished
     left_s: float | None = None  # when cancelled: the seconds its deadline still had (~0: the deadline did it)
     finished: bool = False  # its handler is over: answered, aborted or cancelled
@@ -76,9 +78,12 @@ class _Changes:
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     """One scripted worker: a grpc.aio server of modelfleet.v1.Worker on 127.0.0.1, port 0."""
 
-    def __init__(self, worker_id: str, scripts: list[tuple], changes: _Changes) -> None:
+    def __init__(self, worker_id: str, scripts: list[tuple], changes: _Changes, streams: bool = True) -> None:
         self.worker_id = worker_id
         self.scripts = scripts
+        # PredictStream runs the scripted Predict per frame, as a real worker runs its own; without
+        # it the worker answers PredictStream UNIMPLEMENTED, as one older than streams does
+        self.streams = PredictStreams(self.Predict) if streams else None
         self.calls: list[ServedCall] = []
         self.address = ""
         self._changes = changes
@@ -86,7 +91,15 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
 
     async def start(self) -> str:
         self._server = grpc.aio.server()
-        worker_pb2_grpc.add_WorkerServicer_to_server(self, self._server)
+        if self.streams is not None:
+            worker_pb2_grpc.add_WorkerServicer_to_server(self.streams.serving(self), self._server)
+        else:  # what a worker built before PredictStream serves: no such method at all
+            unary = {name: grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=request.FromString, response_serializer=lambda r: r.SerializeToString())
+                for name, method, request in (("Predict", self.Predict, predictor_pb2.PredictRequest),
+                                              ("Stats", self.Stats, worker_pb2.StatsRequest))}
+            self._server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("modelfleet.v1.Worker", unary),))
         port = self._server.add_insecure_port("127.0.0.1:0")
         assert port, "cannot listen on 127.0.0.1"
         await self._server.start()
@@ -99,7 +112,8 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
             self._server = None
 
     async def Predict(self, request, context):
-        call = ServedCall(metadata={k: v for k, v in context.invocation_metadata() or ()})
+        call = ServedCall(metadata={k: v for k, v in context.invocation_metadata() or ()},
+                          streamed=isinstance(context, FrameContext))
         script = self.scripts[min(len(self.calls), len(self.scripts) - 1)]
         self.calls.append(call)
         self._changes.notify()
@@ -133,7 +147,8 @@ class ScriptedFleet:
     the test starts, so timings measure the scripts, not TCP and HTTP/2 handshakes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, transport: str = "stream") -> None:
+        self.transport = transport  # how the pools' Predicts travel (router.worker_stream)
         self.workers: list[ScriptedWorker] = []
         self.pools: list[WorkerPool] = []
         self._channels: list[grpc.aio.Channel] = []
@@ -145,12 +160,14 @@ class ScriptedFleet:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def start(self, scripts: dict[str, list[tuple]],
-                    ejector: OutlierEjector | None = None) -> tuple[WorkerPool, dict[str, ScriptedWorker]]:
-        workers = {w: ScriptedWorker(w, s, self._changes) for w, s in scripts.items()}
+    async def start(self, scripts: dict[str, list[tuple]], ejector: OutlierEjector | None = None,
+                    without_streams: tuple[str, ...] = ()) -> tuple[WorkerPool, dict[str, ScriptedWorker]]:
+        """`without_streams`: workers that answer PredictStream UNIMPLEMENTED (older ones)."""
+        workers = {w: ScriptedWorker(w, s, self._changes, streams=w not in without_streams)
+                   for w, s in scripts.items()}
         self.workers.extend(workers.values())
         records = {w: WorkerRecord(worker_id=w, address=await worker.start()) for w, worker in workers.items()}
-        pool = WorkerPool(ejector)
+        pool = WorkerPool(ejector, transport=self.transport)
         self.pools.append(pool)
         self.close_later(pool.update(records))
         for worker_id in workers:

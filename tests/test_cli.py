@@ -78,6 +78,8 @@ def test_errors_are_one_line_and_nonzero(fleet):
         assert len(lines) == 1 and lines[0].startswith("error: "), (argv, done.stderr)
     bad_loop = cli(fleet, "router", "--event-loop", "tokio")  # a usage error, before anything starts
     assert bad_loop.returncode == 2 and "expected 'uvloop' or 'asyncio', got 'tokio'" in bad_loop.stderr
+    bad_transport = cli(fleet, "router", "--worker-transport", "pigeon")
+    assert bad_transport.returncode == 2 and "expected 'stream' or 'unary', got 'pigeon'" in bad_transport.stderr
 
 
 def test_unreachable_etcd_is_a_clear_error(fleet):

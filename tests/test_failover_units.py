@@ -25,10 +25,18 @@ from version_service.schema import WorkerRecord
 from worker.overload import RETRY_AFTER_KEY, RetryLater
 
 
-def run(test):
-    """Runs `test(setup, fleet)` in a fresh event loop; every scripted worker and channel closes after."""
+@pytest.fixture(params=["stream", "unary"])
+def run(request):
+    """Runs `test(setup, fleet)` in a fresh event loop; every scripted worker and channel closes after.
+
+    Every test runs twice: with Predicts as frames on a stream per worker (router.worker_stream),
+    and as unary calls (big batches, older workers, --worker-transport unary)."""
+    return lambda test: _run(test, request.param)
+
+
+def _run(test, transport: str) -> None:
     async def main():
-        async with ScriptedFleet() as fleet:
+        async with ScriptedFleet(transport) as fleet:
             async def setup(scripts: dict[str, list[tuple]], hedge: float | str = 0.0, eject_after: int = 3):
                 counters = RouterCounters()
                 pool, workers = await fleet.start(scripts, OutlierEjector(eject_after, 1.0, 30.0, counters))
@@ -47,7 +55,7 @@ def cancelled(worker) -> bool:
     return bool(worker.calls) and all(c.cancelled_early() for c in worker.calls)
 
 
-def test_unavailable_fails_over_at_once():
+def test_unavailable_fails_over_at_once(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [err(0, grpc.StatusCode.UNAVAILABLE)],
                                                          "b": [ok(0, "b")]})
@@ -57,7 +65,7 @@ def test_unavailable_fails_over_at_once():
     run(go)
 
 
-def test_a_hung_member_costs_its_share_of_the_deadline_then_the_next_answers_and_it_is_cancelled():
+def test_a_hung_member_costs_its_share_of_the_deadline_then_the_next_answers_and_it_is_cancelled(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [HANG], "b": [ok(0, "b")]})
         started = time.monotonic()
@@ -68,7 +76,7 @@ def test_a_hung_member_costs_its_share_of_the_deadline_then_the_next_answers_and
     run(go)
 
 
-def test_three_attempt_timeouts_eject_then_requests_go_straight_to_the_healthy_member():
+def test_three_attempt_timeouts_eject_then_requests_go_straight_to_the_healthy_member(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [HANG], "b": [ok(0, "b")]})
         for _ in range(3):
@@ -81,7 +89,7 @@ def test_three_attempt_timeouts_eject_then_requests_go_straight_to_the_healthy_m
     run(go)
 
 
-def test_a_slow_member_past_its_attempt_timeout_can_still_win():
+def test_a_slow_member_past_its_attempt_timeout_can_still_win(run):
     async def go(setup, fleet):
         # a times out at 0.3 s
         failover, pool, workers, counters = await setup({"a": [ok(0.4, "a")], "b": [ok(0.5, "b")]})
@@ -92,7 +100,7 @@ def test_a_slow_member_past_its_attempt_timeout_can_still_win():
     run(go)
 
 
-def test_a_hedge_wins_over_a_slow_first_member_and_the_loser_is_cancelled_not_blamed():
+def test_a_hedge_wins_over_a_slow_first_member_and_the_loser_is_cancelled_not_blamed(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [ok(0.3, "a")], "b": [ok(0.01, "b")]}, hedge=20.0)
         started = time.monotonic()
@@ -104,7 +112,7 @@ def test_a_hedge_wins_over_a_slow_first_member_and_the_loser_is_cancelled_not_bl
     run(go)
 
 
-def test_no_hedge_when_the_first_answers_in_time_or_hedging_is_off():
+def test_no_hedge_when_the_first_answers_in_time_or_hedging_is_off(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [ok(0.0, "a")], "b": [ok(0.0, "b")]}, hedge=50.0)
         for _ in range(10):
@@ -116,7 +124,7 @@ def test_no_hedge_when_the_first_answers_in_time_or_hedging_is_off():
     run(go)
 
 
-def test_errors_about_the_request_are_returned_as_they_are_without_trying_another_member():
+def test_errors_about_the_request_are_returned_as_they_are_without_trying_another_member(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [err(0, grpc.StatusCode.NOT_FOUND)],
                                                          "b": [ok(0, "b")]})
@@ -126,7 +134,7 @@ def test_errors_about_the_request_are_returned_as_they_are_without_trying_anothe
     run(go)
 
 
-def test_overloaded_members_are_skipped_and_all_overloaded_is_retry_later_with_the_largest_hint():
+def test_overloaded_members_are_skipped_and_all_overloaded_is_retry_later_with_the_largest_hint(run):
     async def go(setup, fleet):
         busy = lambda ms: err(0, grpc.StatusCode.RESOURCE_EXHAUSTED, ((RETRY_AFTER_KEY, str(ms)),))  # noqa: E731
         failover, pool, workers, counters = await setup({"a": [busy(30)], "b": [ok(0, "b")]})
@@ -143,7 +151,7 @@ def test_overloaded_members_are_skipped_and_all_overloaded_is_retry_later_with_t
     run(go)
 
 
-def test_every_member_hung_is_deadline_exceeded_and_every_member_down_is_unavailable():
+def test_every_member_hung_is_deadline_exceeded_and_every_member_down_is_unavailable(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [HANG], "b": [HANG]})
         with pytest.raises(DeadlineExceeded, match="acme"):
@@ -160,7 +168,7 @@ def test_every_member_hung_is_deadline_exceeded_and_every_member_down_is_unavail
     run(go)
 
 
-def test_a_caller_that_gives_up_cancels_every_attempt_and_keeps_the_books_balanced():
+def test_a_caller_that_gives_up_cancels_every_attempt_and_keeps_the_books_balanced(run):
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [HANG], "b": [HANG]}, hedge=10.0)
         task = asyncio.ensure_future(failover.send(REQUEST, ("a", "b"), 5.0))
@@ -173,7 +181,7 @@ def test_a_caller_that_gives_up_cancels_every_attempt_and_keeps_the_books_balanc
     run(go)
 
 
-def test_a_call_cancelled_under_the_request_by_its_closing_channel_fails_over():
+def test_a_call_cancelled_under_the_request_by_its_closing_channel_fails_over(run):
     """The worker left the fleet: the pool closed its channel, which cancels the calls on it."""
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [HANG], "b": [ok(0, "b")]})
@@ -186,7 +194,7 @@ def test_a_call_cancelled_under_the_request_by_its_closing_channel_fails_over():
     run(go)
 
 
-def test_a_lone_member_is_awaited_alone_with_the_same_outcomes_and_books():
+def test_a_lone_member_is_awaited_alone_with_the_same_outcomes_and_books(run):
     """One member (or too little time to share): send() awaits the call itself, no timer."""
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [ok(0, "a"), err(0, grpc.StatusCode.UNAVAILABLE),

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from modelfleet.demo_models import sample_features
-from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
+from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc, worker_pb2
 from sharding import Member, shard_for
 from tests.conftest import new_prefix
-from tests.fleet import Fleet, predict, predictor
+from tests.fleet import Fleet, predict, predictor, worker_stub
+from version_service.membership import list_workers
 
 TENANTS = {"reg": "regression", "bin": "binary", "multi": "multiclass"}
 
@@ -108,6 +109,41 @@ def test_unknown_version_is_not_found(running):
     _, stub = running
     err = _error(stub, "reg", [1.0] * 8, version="v999")
     assert err.code() == grpc.StatusCode.NOT_FOUND and "v999" in err.details()
+
+
+def test_a_worker_stream_answers_each_frame_as_a_unary_call_would(running):
+    """Frames to a real worker, as a router sends them: each gets the status a unary Predict would,
+    a bad one does not end the stream, and the stream ends cleanly once the sender half-closes."""
+    fleet, _ = running
+    address = next(w.address for w in list_workers(fleet.client, fleet.keys) if w.worker_id == "w1")
+    stub = worker_stub(address)
+    row = list(sample_features(5, 1).reshape(-1))
+    cases = {  # frame id -> (tenant, version, features, the code a unary Predict gets)
+        1: ("reg", "v1", row, grpc.StatusCode.OK),
+        2: ("reg", "v1", row[:5], grpc.StatusCode.INVALID_ARGUMENT),
+        3: ("a/b", "v1", row, grpc.StatusCode.INVALID_ARGUMENT),
+        4: ("no-such-tenant", "v1", row, grpc.StatusCode.NOT_FOUND),
+        5: ("reg", "v999", row, grpc.StatusCode.NOT_FOUND),
+        6: ("reg", "", row, grpc.StatusCode.INVALID_ARGUMENT),  # a worker needs the version resolved
+        7: ("bin", "v1", row, grpc.StatusCode.OK),
+    }
+    frames = [worker_pb2.PredictFrame(id=i, timeout_ms=10_000, request=predictor_pb2.PredictRequest(
+        tenant_id=tenant, version=version, features=features)) for i, (tenant, version, features, _) in cases.items()]
+    frames.append(worker_pb2.PredictFrame(id=99, cancel=True))  # cancelling what is not in flight: ignored
+    messages = [worker_pb2.PredictFrames(frames=frames[:3]), worker_pb2.PredictFrames(frames=frames[3:])]
+    outcomes = {o.id: o for batch in stub.PredictStream(iter(messages), timeout=30) for o in batch.outcomes}
+    assert set(outcomes) == set(cases)
+    for frame_id, (tenant, version, features, code) in cases.items():
+        outcome = outcomes[frame_id]
+        assert outcome.code == code.value[0], (frame_id, outcome)
+        if code == grpc.StatusCode.OK:
+            unary = stub.Predict(frames[frame_id - 1].request, timeout=10)
+            assert list(outcome.response.predictions) == list(unary.predictions) and outcome.response.worker_id == "w1"
+        else:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Predict(frames[frame_id - 1].request, timeout=10)
+            assert raised.value.code() == code  # the same message (a remembered load failure adds a note)
+            assert outcome.details and raised.value.details().startswith(outcome.details)
 
 
 @pytest.mark.parametrize("tenant,version", [("../etc", ""), ("a/b", ""), ("x" * 200, ""), ("reg", "../v1"),

@@ -2,7 +2,8 @@
 
 Start: listen (port 0 picks a free one), join the fleet under an etcd lease as `joining`, load
 the active tenants this worker is about to own (make-before-break), go live, report SERVING. SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new
-requests), finish in-flight requests, free every model, exit 0.
+requests), answer what still arrives on a router's stream UNAVAILABLE (it fails over), finish
+in-flight requests, free every model, exit 0.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from modelfleet import metrics, tls, tracing
 from worker import memory
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
+from worker.predict_stream import PredictStreams
 from worker.servicer import WorkerServicer
 
 log = logging.getLogger("modelfleet.worker")
@@ -70,10 +72,11 @@ async def serve(args: argparse.Namespace) -> None:
     worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
     tracing.setup_from_args(args, "modelfleet-worker", worker_id)  # before the servicer reads tracing.tracer()
     servicer = WorkerServicer(worker_id, cache)
-    _export_cache_metrics(registry, cache, servicer)
+    measured = rpc_metrics.measured(tracing.traced(servicer, TRACED_METHODS), SERVICE)
+    streams = PredictStreams(measured.Predict)  # each frame runs the measured, traced Predict
+    _export_cache_metrics(registry, cache, servicer, streams)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
-    worker_pb2_grpc.add_WorkerServicer_to_server(
-        rpc_metrics.measured(tracing.traced(servicer, TRACED_METHODS), SERVICE), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(streams.serving(measured), server)
     await server.start()
     frozen = heap.freeze_startup_heap()  # before any model is loaded: models come and go
 
@@ -96,6 +99,7 @@ async def serve(args: argparse.Namespace) -> None:
     trimmer.cancel()
     await set_serving(health, [SERVICE_NAME], False)
     await asyncio.get_running_loop().run_in_executor(None, membership.stop)
+    streams.drain()  # streamed frames now fail over at once, as new calls to a stopping server do
     await server.stop(grace=10)
     servicer.close()
     cache.close()
@@ -104,7 +108,8 @@ async def serve(args: argparse.Namespace) -> None:
     event(log, "worker.stopped", worker=worker_id)
 
 
-def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servicer: WorkerServicer) -> None:
+def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servicer: WorkerServicer,
+                          streams: PredictStreams) -> None:
     """The model cache's own counters, read at scrape time (nothing added to the request path),
     and the load-latency histogram, observed once per load (never on a hit)."""
     metrics.counters(registry, "modelfleet_worker_cache_events",
@@ -124,6 +129,7 @@ def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servic
         "modelfleet_worker_cache_bytes_budget": ("the cache's byte budget", cache.budget),
         "modelfleet_worker_models_loaded": ("models in the cache", len(cache)),
         "modelfleet_worker_predictions": ("predictions answered since start", servicer.predictions),
+        "modelfleet_worker_predict_streams": ("PredictStreams open (routers keep one each)", streams.open_streams),
     })
 
 

@@ -25,23 +25,39 @@ _sym_db = _symbol_database.Default()
 from modelfleet.v1 import predictor_pb2 as modelfleet_dot_v1_dot_predictor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amodelfleet/v1/worker.proto\x12\rmodelfleet.v1\x1a\x1dmodelfleet/v1/predictor.proto\"J\n\x0bWarmRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\"/\n\x0cWarmResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"?\n\x0cStatsRequest\x12\x16\n\x0einclude_models\x18\x01 \x01(\x08\x12\x17\n\x0f\x61\x63tive_within_s\x18\x02 \x01(\x01\"^\n\nModelStats\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\r\n\x05loads\x18\x04 \x01(\x03\x12\x0e\n\x06idle_s\x18\x05 \x01(\x01\"\x9c\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbytes_used\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_budget\x18\x03 \x01(\x03\x12\x15\n\rmodels_loaded\x18\x04 \x01(\x03\x12\x13\n\x0bloads_total\x18\x05 \x01(\x03\x12\x1b\n\x13load_failures_total\x18\x06 \x01(\x03\x12\x17\n\x0f\x65victions_total\x18\x07 \x01(\x03\x12\x12\n\nhits_total\x18\x08 \x01(\x03\x12\x14\n\x0cmisses_total\x18\t \x01(\x03\x12\x19\n\x11predictions_total\x18\n \x01(\x03\x12)\n\x06models\x18\x0b \x03(\x0b\x32\x19.modelfleet.v1.ModelStats\x12\x12\n\nshed_total\x18\x0c \x01(\x03\x12!\n\x19negative_cache_hits_total\x18\r \x01(\x03\x12!\n\x19\x61rtifact_mismatches_total\x18\x0e \x01(\x03\x12\"\n\x1a\x61\x64mission_rejections_total\x18\x0f \x01(\x03\x32\xd7\x01\n\x06Worker\x12H\n\x07Predict\x12\x1d.modelfleet.v1.PredictRequest\x1a\x1e.modelfleet.v1.PredictResponse\x12?\n\x04Warm\x12\x1a.modelfleet.v1.WarmRequest\x1a\x1b.modelfleet.v1.WarmResponse\x12\x42\n\x05Stats\x12\x1b.modelfleet.v1.StatsRequest\x1a\x1c.modelfleet.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amodelfleet/v1/worker.proto\x12\rmodelfleet.v1\x1a\x1dmodelfleet/v1/predictor.proto\"<\n\rPredictFrames\x12+\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1b.modelfleet.v1.PredictFrame\"B\n\x0fPredictOutcomes\x12/\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1d.modelfleet.v1.PredictOutcome\"\xdc\x01\n\x0cPredictFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.modelfleet.v1.PredictRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x01\x12;\n\x08metadata\x18\x04 \x03(\x0b\x32).modelfleet.v1.PredictFrame.MetadataEntry\x12\x0e\n\x06\x63\x61ncel\x18\x05 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf6\x01\n\x0ePredictOutcome\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1e.modelfleet.v1.PredictResponse\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\t\x12N\n\x11trailing_metadata\x18\x05 \x03(\x0b\x32\x33.modelfleet.v1.PredictOutcome.TrailingMetadataEntry\x1a\x37\n\x15TrailingMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x0bWarmRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x03 \x01(\t\"/\n\x0cWarmResponse\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\"?\n\x0cStatsRequest\x12\x16\n\x0einclude_models\x18\x01 \x01(\x08\x12\x17\n\x0f\x61\x63tive_within_s\x18\x02 \x01(\x01\"^\n\nModelStats\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\r\n\x05loads\x18\x04 \x01(\x03\x12\x0e\n\x06idle_s\x18\x05 \x01(\x01\"\x9c\x03\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nbytes_used\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_budget\x18\x03 \x01(\x03\x12\x15\n\rmodels_loaded\x18\x04 \x01(\x03\x12\x13\n\x0bloads_total\x18\x05 \x01(\x03\x12\x1b\n\x13load_failures_total\x18\x06 \x01(\x03\x12\x17\n\x0f\x65victions_total\x18\x07 \x01(\x03\x12\x12\n\nhits_total\x18\x08 \x01(\x03\x12\x14\n\x0cmisses_total\x18\t \x01(\x03\x12\x19\n\x11predictions_total\x18\n \x01(\x03\x12)\n\x06models\x18\x0b \x03(\x0b\x32\x19.modelfleet.v1.ModelStats\x12\x12\n\nshed_total\x18\x0c \x01(\x03\x12!\n\x19negative_cache_hits_total\x18\r \x01(\x03\x12!\n\x19\x61rtifact_mismatches_total\x18\x0e \x01(\x03\x12\"\n\x1a\x61\x64mission_rejections_total\x18\x0f \x01(\x03\x32\xaa\x02\n\x06Worker\x12H\n\x07Predict\x12\x1d.modelfleet.v1.PredictRequest\x1a\x1e.modelfleet.v1.PredictResponse\x12Q\n\rPredictStream\x12\x1c.modelfleet.v1.PredictFrames\x1a\x1e.modelfleet.v1.PredictOutcomes(\x01\x30\x01\x12?\n\x04Warm\x12\x1a.modelfleet.v1.WarmRequest\x1a\x1b.modelfleet.v1.WarmResponse\x12\x42\n\x05Stats\x12\x1b.modelfleet.v1.StatsRequest\x1a\x1c.modelfleet.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelfleet.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WARMREQUEST']._serialized_start=76
-  _globals['_WARMREQUEST']._serialized_end=150
-  _globals['_WARMRESPONSE']._serialized_start=152
-  _globals['_WARMRESPONSE']._serialized_end=199
-  _globals['_STATSREQUEST']._serialized_start=201
-  _globals['_STATSREQUEST']._serialized_end=264
-  _globals['_MODELSTATS']._serialized_start=266
-  _globals['_MODELSTATS']._serialized_end=360
-  _globals['_STATSRESPONSE']._serialized_start=363
-  _globals['_STATSRESPONSE']._serialized_end=775
-  _globals['_WORKER']._serialized_start=778
-  _globals['_WORKER']._serialized_end=993
+  _globals['_PREDICTFRAME_METADATAENTRY']._loaded_options = None
+  _globals['_PREDICTFRAME_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTOUTCOME_TRAILINGMETADATAENTRY']._loaded_options = None
+  _globals['_PREDICTOUTCOME_TRAILINGMETADATAENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTFRAMES']._serialized_start=76
+  _globals['_PREDICTFRAMES']._serialized_end=136
+  _globals['_PREDICTOUTCOMES']._serialized_start=138
+  _globals['_PREDICTOUTCOMES']._serialized_end=204
+  _globals['_PREDICTFRAME']._serialized_start=207
+  _globals['_PREDICTFRAME']._serialized_end=427
+  _globals['_PREDICTFRAME_METADATAENTRY']._serialized_start=380
+  _globals['_PREDICTFRAME_METADATAENTRY']._serialized_end=427
+  _globals['_PREDICTOUTCOME']._serialized_start=430
+  _globals['_PREDICTOUTCOME']._serialized_end=676
+  _globals['_PREDICTOUTCOME_TRAILINGMETADATAENTRY']._serialized_start=621
+  _globals['_PREDICTOUTCOME_TRAILINGMETADATAENTRY']._serialized_end=676
+  _globals['_WARMREQUEST']._serialized_start=678
+  _globals['_WARMREQUEST']._serialized_end=752
+  _globals['_WARMRESPONSE']._serialized_start=754
+  _globals['_WARMRESPONSE']._serialized_end=801
+  _globals['_STATSREQUEST']._serialized_start=803
+  _globals['_STATSREQUEST']._serialized_end=866
+  _globals['_MODELSTATS']._serialized_start=868
+  _globals['_MODELSTATS']._serialized_end=962
+  _globals['_STATSRESPONSE']._serialized_start=965
+  _globals['_STATSRESPONSE']._serialized_end=1377
+  _globals['_WORKER']._serialized_start=1380
+  _globals['_WORKER']._serialized_end=1678
 # @@protoc_insertion_point(module_scope)

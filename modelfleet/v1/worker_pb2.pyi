@@ -7,6 +7,60 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PredictFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[PredictFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[PredictFrame, _Mapping]]] = ...) -> None: ...
+
+class PredictOutcomes(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[PredictOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[PredictOutcome, _Mapping]]] = ...) -> None: ...
+
+class PredictFrame(_message.Message):
+    __slots__ = ("id", "request", "timeout_ms", "metadata", "cancel")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: _predictor_pb2.PredictRequest
+    timeout_ms: float
+    metadata: _containers.ScalarMap[str, str]
+    cancel: bool
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[_predictor_pb2.PredictRequest, _Mapping]] = ..., timeout_ms: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class PredictOutcome(_message.Message):
+    __slots__ = ("id", "response", "code", "details", "trailing_metadata")
+    class TrailingMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    TRAILING_METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: _predictor_pb2.PredictResponse
+    code: int
+    details: str
+    trailing_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[_predictor_pb2.PredictResponse, _Mapping]] = ..., code: _Optional[int] = ..., details: _Optional[str] = ..., trailing_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class WarmRequest(_message.Message):
     __slots__ = ("tenant_id", "version", "artifact_sha256")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class WorkerStub:
                 request_serializer=modelfleet_dot_v1_dot_predictor__pb2.PredictRequest.SerializeToString,
                 response_deserializer=modelfleet_dot_v1_dot_predictor__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/modelfleet.v1.Worker/PredictStream',
+                request_serializer=modelfleet_dot_v1_dot_worker__pb2.PredictFrames.SerializeToString,
+                response_deserializer=modelfleet_dot_v1_dot_worker__pb2.PredictOutcomes.FromString,
+                _registered_method=True)
         self.Warm = channel.unary_unary(
                 '/modelfleet.v1.Worker/Warm',
                 request_serializer=modelfleet_dot_v1_dot_worker__pb2.WarmRequest.SerializeToString,
@@ -59,6 +64,16 @@ class WorkerServicer:
 
     def Predict(self, request, context):
         """Predict with an explicit, resolved version (PredictRequest.version must be set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictStream(self, request_iterator, context):
+        """PredictStream carries many Predicts, each a frame, on one long-lived call, so a router keeps
+        one per worker (router.worker_stream): grpc.aio's CPU cost is per message, ~190 µs less on an
+        open stream than for a unary call, and each side puts every frame it has ready into one
+        message. Outcomes come back as the frames finish, not in the order sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +100,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=modelfleet_dot_v1_dot_predictor__pb2.PredictRequest.FromString,
                     response_serializer=modelfleet_dot_v1_dot_predictor__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
+                    request_deserializer=modelfleet_dot_v1_dot_worker__pb2.PredictFrames.FromString,
+                    response_serializer=modelfleet_dot_v1_dot_worker__pb2.PredictOutcomes.SerializeToString,
             ),
             'Warm': grpc.unary_unary_rpc_method_handler(
                     servicer.Warm,
@@ -125,6 +145,33 @@ class Worker:
             '/modelfleet.v1.Worker/Predict',
             modelfleet_dot_v1_dot_predictor__pb2.PredictRequest.SerializeToString,
             modelfleet_dot_v1_dot_predictor__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/modelfleet.v1.Worker/PredictStream',
+            modelfleet_dot_v1_dot_worker__pb2.PredictFrames.SerializeToString,
+            modelfleet_dot_v1_dot_worker__pb2.PredictOutcomes.FromString,
             options,
             channel_credentials,
             insecure,
