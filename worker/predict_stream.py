@@ -2,12 +2,11 @@
 by the same handler a unary Predict runs (metrics, tracing, validation, cache), with a context
 of its own.
 
-Why: grpc.aio's CPU cost is per message: ~190 µs less for a message on an open stream than
-for a unary call (client and server together), and a message carrying every frame that was
-ready costs little more than one carrying one (`python -m loadtest.bench_transport`, 2 cores).
-On a small box that hop, not anyone's logic, is what a router costs. The router keeps one
-stream per worker (router.worker_stream); this end writes every outcome that is ready as one
-message, up to MAX_BATCH_VALUES predictions.
+Why: grpc.aio's CPU cost is per message, ~190 µs less for a message on an open stream than for
+a unary call (client and server together; `python -m loadtest.bench_transport`, 2 cores), and on
+a small box that hop, not anyone's logic, is what a router costs. The router keeps one stream per
+worker (router.worker_stream); this end writes every outcome that is ready as one message, up to
+MAX_BATCH_VALUES predictions.
 
 What a unary call gives a Predict, a frame keeps:
 - its deadline: `timeout_ms`, which `time_remaining()` counts down; the router cancels the frame
