@@ -78,14 +78,20 @@ LOG_LEVEL = Option("--log-level", "MODELFLEET_LOG_LEVEL", "info", str, "debug, i
 HOST = Option("--host", "MODELFLEET_HOST", "127.0.0.1", str, "address to listen on")
 
 
-def event_loop_name(text: str) -> str:
-    """'uvloop' or 'asyncio'."""
-    lowered = text.strip().lower()
-    if lowered not in ("uvloop", "asyncio"):
-        raise argparse.ArgumentTypeError(f"expected 'uvloop' or 'asyncio', got {text!r}")
-    return lowered
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A flag type that takes one of `choices`, in any case; anything else is a usage error."""
+    expected = " or ".join(repr(choice) for choice in choices)
+
+    def parse(text: str) -> str:
+        lowered = str(text).strip().lower()
+        if lowered not in choices:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return lowered
+
+    return parse
 
 
+event_loop_name = one_of("uvloop", "asyncio")
 EVENT_LOOP = Option("--event-loop", "MODELFLEET_EVENT_LOOP", "uvloop", event_loop_name,
                     "event loop of a router or worker: 'uvloop' (libuv; ~50 µs less CPU per request in each "
                     "process) or 'asyncio' (the standard library's)")
@@ -140,19 +146,11 @@ ROUTER_ID = Option("--router-id", "MODELFLEET_ROUTER_ID", "", str,
                    "stable router identity (default: router-<host>-<port>)")
 SHADOW_BUDGET = Option("--shadow-budget", "MODELFLEET_SHADOW_BUDGET", 16, int,
                        "shadow copies in flight per router; more are dropped (and counted), never queued")
-
-
-def worker_transport(text: str) -> str:
-    """'stream' or 'unary' (router.worker_stream)."""
-    lowered = str(text).strip().lower()
-    if lowered not in ("stream", "unary"):
-        raise argparse.ArgumentTypeError(f"expected 'stream' or 'unary', got {text!r}")
-    return lowered
-
-
+worker_transport = one_of("stream", "unary")  # router.worker_stream
 WORKER_TRANSPORT = Option("--worker-transport", "MODELFLEET_WORKER_TRANSPORT", "stream", worker_transport,
                           "how a router's Predicts reach workers: 'stream' (frames on one long-lived call per "
-                          "worker, batched per message: ~150-250 µs less CPU per request) or 'unary' (a call each)")
+                          "worker: ~200-300 µs less CPU per request, router and worker together) or 'unary' "
+                          "(a call each)")
 DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, float,
                           "seconds a Predict may take when the caller sets no deadline")
 
