@@ -72,8 +72,8 @@ class Membership:
 
 
 def _export_router_metrics(registry: CollectorRegistry, routes: RoutingCache, shards: ShardCache,
-                           servicer: PredictorServicer) -> None:
-    """Failover, shedding and routing-cache state, read at scrape time."""
+                           servicer: PredictorServicer, pool: WorkerPool) -> None:
+    """Failover, shedding, routing-cache and worker-stream state, read at scrape time."""
     counters = getattr(servicer, "counters", None)
     if counters is not None:
         metrics.counters(registry, "modelfleet_router_events", "retries, hedges, ejections, shed requests, ...",
@@ -85,6 +85,11 @@ def _export_router_metrics(registry: CollectorRegistry, routes: RoutingCache, sh
         "modelfleet_routing_etcd_connected": ("1 while the etcd watch is connected", int(routes.connected)),
         "modelfleet_routing_tenants": ("tenants in the routing cache", len(routes.routes)),
         "modelfleet_routing_live_workers": ("workers shards are computed over", len(shards.members)),
+        "modelfleet_router_worker_streams": ("workers this router has a PredictStream open to",
+                                             sum(p.streaming for p in list(pool.predictors.values()))),
+        "modelfleet_router_workers_without_streams": (
+            "workers sent unary Predicts because they answered PredictStream UNIMPLEMENTED (older ones)",
+            sum(p.without_streams for p in list(pool.predictors.values()))),
     })
 
 
@@ -123,7 +128,7 @@ async def serve(args: argparse.Namespace) -> None:
                                  rollouts, settings=ResilienceSettings.from_args(args))
     predictor_pb2_grpc.add_PredictorServicer_to_server(
         guarded(tracing.traced(servicer, {"Predict": "Predict"}), SERVICE), server)
-    _export_router_metrics(registry, routes, shards, servicer)
+    _export_router_metrics(registry, routes, shards, servicer, pool)
     metrics_port = metrics.serve(registry, args.host, args.metrics_port)
     router_admin_pb2_grpc.add_RouterAdminServicer_to_server(
         guarded(RouterAdminServicer(router_id, routes, shards, args.shard_size, rollouts), ADMIN_SERVICE), server)

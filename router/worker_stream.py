@@ -253,8 +253,10 @@ class WorkerPredict:
         stream = self._stream
         if stream is None or not stream.open:
             loop = asyncio.get_running_loop()
-            if self._unary_until and loop.time() < self._unary_until:
-                return self._stub.Predict(request, timeout=timeout, metadata=metadata)
+            if self._unary_until:
+                if loop.time() < self._unary_until:
+                    return self._stub.Predict(request, timeout=timeout, metadata=metadata)
+                self._unary_until = 0.0  # time to ask again: perhaps it was upgraded
             stream = self._stream = _Stream(self._stub, self, loop)
         return stream.send(request, timeout, metadata)
 
@@ -268,6 +270,11 @@ class WorkerPredict:
     def streaming(self) -> bool:
         """Whether a stream is open to this worker now."""
         return self._stream is not None and self._stream.open
+
+    @property
+    def without_streams(self) -> bool:
+        """Whether this worker gets unary calls because it answered PredictStream UNIMPLEMENTED."""
+        return self._unary_until > 0.0
 
     def close(self) -> None:
         """The worker left: no more frames; it answers those in flight, then ends the stream."""

@@ -58,6 +58,7 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     assert 0 < value(w, "modelfleet_worker_model_load_seconds_sum") < 20
     assert value(w, "modelfleet_worker_cache_events_total", kind="shed") == 0
     assert ("modelfleet_worker_cache_events_total", (("kind", "negative_hit"),)) in w
+    assert value(w, "modelfleet_worker_predict_streams") == 1  # the router's Predicts came as frames
 
     r = scrape(router_port)
     assert value(r, "modelfleet_rpc_requests_total", component="router", method="Predict", code="OK") == 6
@@ -69,6 +70,8 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     _, meta = fleet.client.get(fleet.keys.route("b"))
     assert value(r, "modelfleet_routing_revision") >= meta.mod_revision
     assert value(r, "modelfleet_routing_live_workers") == 1
+    assert value(r, "modelfleet_router_worker_streams") == 1
+    assert value(r, "modelfleet_router_workers_without_streams") == 0
 
 
 def test_router_counts_calls_the_api_key_check_refuses_beside_those_it_lets_through(fleet):

@@ -73,7 +73,7 @@ def test_an_older_worker_without_streams_gets_the_frames_again_as_calls_then_onl
         answers = await asyncio.gather(*(asyncio.ensure_future(a.Predict(REQUEST, timeout=2.0)) for _ in range(3)))
         assert [r.worker_id for r in answers] == ["a"] * 3  # sent as frames; PredictStream was UNIMPLEMENTED
         assert (await a.Predict(REQUEST, timeout=2.0)).worker_id == "a"
-        assert not a.streaming
+        assert not a.streaming and a.without_streams
         assert [c.streamed for c in workers["a"].calls] == [False] * 4
     run(go)
 
