@@ -146,20 +146,27 @@ class _Stream:
         stream; one round trip per stream, not per frame) before it writes; frames queue meanwhile.
         Initial metadata without it is the end of a call that never started (UNIMPLEMENTED comes
         as trailers only)."""
-        queue, call = self._queue, self._call
+        queue, call, pending = self._queue, self._call, self.pending
         try:
             if STREAM_READY not in tuple(await call.initial_metadata()):
                 await call.code()  # the reader settles the frames by how it ended
             else:
                 while not call.done() and (frame := await queue.get()) is not None:
-                    ready, values = [frame], len(frame.request.features)
-                    while queue.qsize() and values < MAX_BATCH_VALUES:
+                    ready, values = [], 0
+                    while True:
+                        # A frame nobody waits for any more (its deadline passed, or it was cancelled,
+                        # while it queued behind a stalled worker) is not sent: after a SIGSTOP's
+                        # SIGCONT the worker would otherwise start every expired frame's load.
+                        if frame.cancel or frame.id in pending:
+                            ready.append(frame)
+                            values += len(frame.request.features)
+                        if not queue.qsize() or values >= MAX_BATCH_VALUES:
+                            break
                         if (frame := queue.get_nowait()) is None:
                             queue.put_nowait(None)  # half-close after this batch
                             break
-                        ready.append(frame)
-                        values += len(frame.request.features)
-                    await call.write(worker_pb2.PredictFrames(frames=ready))
+                    if ready:
+                        await call.write(worker_pb2.PredictFrames(frames=ready))
             await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the call is over; the reader learns why and settles the frames in flight

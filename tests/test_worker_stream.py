@@ -126,3 +126,17 @@ def test_a_leaving_workers_stream_is_half_closed_so_its_frames_finish():
         assert (await in_flight).worker_id == "a"
         await eventually(lambda: workers["a"].streams.open_streams == 0, "a to end the half-closed stream")
     run(go)
+
+
+def test_a_frame_nobody_waits_for_any_more_is_not_written():
+    """Frames queued behind a stalled worker that expire or are cancelled meanwhile are dropped
+    by the writer, so a worker that resumes (SIGCONT) does not start their loads."""
+    async def go(fleet):
+        pool, workers = await fleet.start({"a": [ok(0.0, "a")]})
+        a = pool.predictors["a"]
+        assert (await a.Predict(REQUEST, timeout=2.0)).worker_id == "a"  # the stream is open and ready
+        given_up = a.Predict(REQUEST, timeout=2.0)
+        given_up.cancel()  # before the writer ran: still in its queue
+        assert (await a.Predict(REQUEST, timeout=2.0)).worker_id == "a"
+        assert len(workers["a"].calls) == 2 and workers["a"].streams.frames_received == 2
+    run(go)

@@ -95,6 +95,7 @@ class PredictStreams:
         self._predict = predict
         self._draining = False
         self._open: set[asyncio.Queue] = set()  # each open stream's outcome queue
+        self.frames_received = 0  # Predict frames read, cancels not counted
 
     def serving(self, servicer: Any) -> ServicerStandIn:
         """What to register in place of `servicer`: the same, with PredictStream served here."""
@@ -152,7 +153,9 @@ class PredictStreams:
                     entry[1]._code = _CANCELLED
                     entry[0].cancel()
                     outcomes.put_nowait(_CANCELLED_ONE)
-            elif self._draining:
+                return
+            self.frames_received += 1
+            if self._draining:
                 outcomes.put_nowait(worker_pb2.PredictOutcome(
                     id=frame_id, code=grpc.StatusCode.UNAVAILABLE.value[0],
                     details="worker is leaving the fleet"))
