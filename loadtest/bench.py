@@ -4,9 +4,10 @@
                 artifact hint a router sends: worker.artifact_hint)
     router      client -> router -> worker             (the real fleet: etcd, workers, --routers
                 stateless routers; each caller keeps to one router, as a client's channel would)
-    bare_proxy  client -> bare pass-through proxy -> worker   (loadtest.bare_proxy: raw bytes, no
-                parsing: the floor for any Python gRPC hop on this stack; callers send the
-                version and artifact hint a router would add, so the worker's work is the same)
+    bare_proxy  client -> bare pass-through proxy -> worker   (loadtest.bare_proxy: no routing,
+                on the router's wire to the worker (MODELFLEET_WORKER_TRANSPORT): the floor for
+                any Python gRPC hop on this stack; callers send the version and artifact hint a
+                router would add, so the worker's work is the same)
     naive       client -> naive server                 (loadtest.naive_server: one process,
                 Booster(model_str=...) on first use, cachetools LRU by count, Booster.predict)
 
@@ -46,7 +47,7 @@ times the naive server's models).
 
 With --workers N > 1, `direct` sends each tenant to the first worker of its shard (what the
 router does while nothing spills) and `router` spreads over the fleet, but `bare_proxy` still
-forwards to ONE worker (it cannot route without parsing): compare router with bare_proxy on
+forwards to ONE worker (it does not route): compare router with bare_proxy on
 --workers 1, where both hop to the same single worker.
 
 Writes OUT/bench.json (a list of records: path, mix, rows, concurrency, rps, p50_ms, p99_ms,

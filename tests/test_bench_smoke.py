@@ -64,24 +64,28 @@ def test_naive_server_and_bare_proxy_answer_what_lightgbm_answers(fleet, tmp_pat
     worker, = fleet.start_workers([("w1", "default")])
     naive_proc, naive_address = bench.start_naive(manifest, 2, tmp_path / "naive.log", fleet.env())
     bare_proc, bare_address = bench.start_bare_proxy(worker.address, tmp_path / "bare.log", fleet.env())
+    unary_proc, unary_address = bench.start_bare_proxy(  # forwarding raw bytes as unary calls
+        worker.address, tmp_path / "bare-unary.log", dict(fleet.env(), MODELFLEET_WORKER_TRANSPORT="unary"))
     try:
         bench.wait_serving(naive_address, naive_proc, "naive_server")
         bench.wait_serving(bare_address, bare_proc, "bare_proxy")
+        bench.wait_serving(unary_address, unary_proc, "bare_proxy, unary")
         naive = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(naive_address))
         bare = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(bare_address))
+        bare_unary = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(unary_address))
         for tenant, path in models.items():
             booster = lightgbm.Booster(model_file=str(path))
             for rows in (1, 7):
                 x = sample_features(rows, rows, 8)
                 expected = np.ravel(booster.predict(x))
-                for stub, version in ((naive, ""), (bare, "v1")):  # the bare proxy forwards: version set by caller
+                for stub, version in ((naive, ""), (bare, "v1"), (bare_unary, "v1")):  # proxies: caller's version
                     answer = stub.Predict(predictor_pb2.PredictRequest(tenant_id=tenant, features=x.ravel().tolist(),
                                                                        version=version), timeout=10)
                     np.testing.assert_allclose(answer.predictions, expected, rtol=0, atol=1e-9)
                     assert answer.model_version == "v1"
 
         # Statuses pass through the proxy unchanged; the naive server has its own, same codes.
-        for stub in (naive, bare):
+        for stub in (naive, bare, bare_unary):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.Predict(predictor_pb2.PredictRequest(tenant_id="nobody", features=[1.0] * 8, version="v1"),
                              timeout=10)
@@ -93,6 +97,7 @@ def test_naive_server_and_bare_proxy_answer_what_lightgbm_answers(fleet, tmp_pat
     finally:
         processes.stop(naive_proc)
         processes.stop(bare_proc)
+        processes.stop(unary_proc)
 
 
 def test_locust_headless_run_against_a_real_fleet(fleet, tmp_path):
