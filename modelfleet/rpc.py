@@ -56,12 +56,39 @@ def translate_errors(method: Callable[..., Awaitable]) -> Callable[..., Awaitabl
     return wrapper
 
 
-def build_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    """An aio server with grpc.health.v1 (starting NOT_SERVING) and server reflection.
+class HotMethodsServer:
+    """A grpc.aio server that registers only its hot methods as "registered methods"; every
+    other method is served through the generic handlers that the generated
+    `add_*Servicer_to_server` adds as well.
+
+    Why: for every call it accepts, grpc.aio's server main loop waits (asyncio.wait) on one
+    pending request per registered method, adding and removing a callback on each, and the
+    generated code registers every method of every service. The router had 15 (Predictor,
+    RouterAdmin, Open Inference, health, reflection): one asyncio.wait over 15 tasks per Predict.
+    A generic method is looked up by name when it is called, which is nothing for admin, health
+    and reflection calls. Everything else is the server's own (`__getattr__`)."""
+
+    def __init__(self, server: grpc.aio.Server, hot_methods: Iterable[str]) -> None:
+        self._server = server
+        self._hot = frozenset(hot_methods)  # "/package.Service/Method"
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        hot = {name: handler for name, handler in handlers.items() if f"/{service}/{name}" in self._hot}
+        if hot:
+            self._server.add_registered_method_handlers(service, hot)
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)
+
+
+def build_server(service_names: Iterable[str], hot_methods: Iterable[str]) -> tuple[grpc.aio.Server,
+                                                                                     health.HealthServicer]:
+    """An aio server with grpc.health.v1 (starting NOT_SERVING) and server reflection, where
+    only `hot_methods` ("/package.Service/Method") are registered methods (HotMethodsServer).
 
     No interceptors: what wraps every call is registered around each servicer instead
     (modelfleet.servicer_wrap)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = HotMethodsServer(grpc.aio.server(options=SERVER_OPTIONS), hot_methods)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)

@@ -49,6 +49,7 @@ OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.EVENT_LOOP, config.RO
 SERVICE = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"]
 ADMIN_SERVICE = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"]
 SERVICE_NAMES = [service.full_name for service in (SERVICE, ADMIN_SERVICE, OIP_SERVICE)]
+HOT_METHODS = (f"/{SERVICE.full_name}/Predict", f"/{OIP_SERVICE.full_name}/ModelInfer")  # rpc.HotMethodsServer
 
 
 class Membership:
@@ -118,7 +119,7 @@ async def serve(args: argparse.Namespace) -> None:
             servicer = key_check.checked(servicer, service)
         return rpc_metrics.measured(servicer, service)
 
-    server, health = build_server(SERVICE_NAMES)
+    server, health = build_server(SERVICE_NAMES, HOT_METHODS)
     port = tls.listen(server, f"{args.host}:{args.port}", server_credentials)
     router_id = args.router_id or f"router-{socket.gethostname()}-{port}"
     validate_id("router id", router_id)

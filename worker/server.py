@@ -45,6 +45,7 @@ OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, con
            *config.TRACING_OPTIONS)
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 SERVICE_NAME = SERVICE.full_name
+HOT_METHODS = (f"/{SERVICE_NAME}/Predict", f"/{SERVICE_NAME}/PredictStream")  # rpc.HotMethodsServer
 TRACED_METHODS = {"Predict": "predict", "Warm": "warm"}  # method -> server span name
 REGISTER_TIMEOUT_S = 30.0
 
@@ -66,7 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     registry = CollectorRegistry()
     rpc_metrics = metrics.RpcMetrics(registry, "worker")
-    server, health = build_server([SERVICE_NAME])
+    server, health = build_server([SERVICE_NAME], HOT_METHODS)
     port = tls.listen(server, f"{args.host}:{args.port}",
                       tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca))
     worker_id = args.worker_id or f"worker-{socket.gethostname()}-{port}"
