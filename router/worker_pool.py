@@ -2,9 +2,10 @@
 
 Channels are opened when a worker joins and closed when it leaves (membership watch), so the
 request path never dials. Predicts travel as frames on one stream per channel
-(router.worker_stream), half-closed when the worker leaves so that what is in flight finishes. In-flight counts drive the spill decision in `choose_order`; the
-outlier ejector (router.ejection) keeps each worker's recent failures and is told when a
-worker leaves, so its state never outlives the worker.
+(router.worker_stream), half-closed when the worker leaves so that what is in flight finishes.
+In-flight counts drive the spill decision in `choose_order`; the outlier ejector
+(router.ejection) keeps each worker's recent failures and is told when a worker leaves, so its
+state never outlives the worker.
 """
 from __future__ import annotations
 

@@ -82,18 +82,25 @@ class StreamedCall:
 
     def cancel(self) -> bool:
         """Also when the future is cancelled already (a task awaiting it was): the worker must hear."""
-        self._stream.forget(self, cancel=True)
-        if self._relay is not None:
-            self._relay.cancel()
+        self._abandon()
         return self._future.cancel()
 
     def _expire(self) -> None:  # its deadline: the worker is told to stop, the caller gets DEADLINE_EXCEEDED
         self._timer = None
         if not self._future.done():
-            self._stream.forget(self, cancel=True)
-            if self._relay is not None:
-                self._relay.cancel()
+            self._abandon()
             self._future.set_exception(_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+    def _abandon(self) -> None:
+        """Nobody waits for this Predict any more: the worker is told to stop on it."""
+        self._stream.forget(self, cancel=True)
+        if self._relay is not None:
+            self._relay.cancel()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class _Stream:
@@ -127,15 +134,10 @@ class _Stream:
         """`call` is over on the router's side; with `cancel`, the worker is told to stop on it."""
         if self.pending.pop(call._id, None) is not None and cancel and self.open:
             self._queue.put_nowait(worker_pb2.PredictFrame(id=call._id, cancel=True))
-        if call._timer is not None:
-            call._timer.cancel()
-            call._timer = None
+        call._stop_timer()
 
     def half_close(self) -> None:
         self._queue.put_nowait(None)
-
-    def cancel(self) -> None:
-        self._call.cancel()
 
     async def _write(self) -> None:
         """Writes frames in order, once the worker has accepted the stream.
@@ -183,9 +185,7 @@ class _Stream:
                     call = pending.pop(outcome.id, None)
                     if call is None:
                         continue  # cancelled or past its deadline meanwhile
-                    if call._timer is not None:
-                        call._timer.cancel()
-                        call._timer = None
+                    call._stop_timer()
                     if call._future.done():
                         continue  # the task awaiting it was cancelled (its canceller sends the cancel frame)
                     if outcome.code == 0:
@@ -215,9 +215,7 @@ class _Stream:
                         call._future))
             return
         for call in calls:
-            if call._timer is not None:
-                call._timer.cancel()
-                call._timer = None
+            call._stop_timer()
             if call._future.done():
                 continue
             if ended is not None and ended.code() == grpc.StatusCode.CANCELLED:
@@ -256,13 +254,13 @@ class WorkerPredict:
     def Predict(self, request: predictor_pb2.PredictRequest, timeout: float, metadata=None):
         """A unary call or a StreamedCall; either way, race it as a call."""
         if not self._streaming or len(request.features) > STREAM_MAX_FEATURES:
-            return self._stub.Predict(request, timeout=timeout, metadata=metadata)
+            return self.unary(request, timeout, metadata)
         stream = self._stream
         if stream is None or not stream.open:
             loop = asyncio.get_running_loop()
             if self._unary_until:
                 if loop.time() < self._unary_until:
-                    return self._stub.Predict(request, timeout=timeout, metadata=metadata)
+                    return self.unary(request, timeout, metadata)
                 self._unary_until = 0.0  # time to ask again: perhaps it was upgraded
             stream = self._stream = _Stream(self._stub, self, loop)
         return stream.send(request, timeout, metadata)

@@ -66,15 +66,6 @@ class FrameContext:
     def set_trailing_metadata(self, metadata) -> None:
         self._trailing = tuple(metadata)
 
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._trailing
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
@@ -86,6 +77,20 @@ class FrameContext:
         if trailing_metadata:
             self._trailing = tuple(trailing_metadata)
         raise grpc.aio.AbortError()
+
+    def outcome(self, frame_id: int) -> worker_pb2.PredictOutcome:
+        """The outcome of the frame whose handler aborted: its code, message and trailers."""
+        return _failed(frame_id, self._code or grpc.StatusCode.UNKNOWN, self._details, dict(self._trailing))
+
+    def cancel(self, task: asyncio.Task) -> None:
+        """Cancels the frame's `task`, so that what counts its calls (metrics) sees CANCELLED."""
+        self._code = _CANCELLED
+        task.cancel()
+
+
+def _failed(frame_id: int, code: grpc.StatusCode, details: str,
+            trailing: dict | None = None) -> worker_pb2.PredictOutcome:
+    return worker_pb2.PredictOutcome(id=frame_id, code=code.value[0], details=details, trailing_metadata=trailing)
 
 
 class PredictStreams:
@@ -124,13 +129,10 @@ class PredictStreams:
             except asyncio.CancelledError:
                 return  # cancelled by the router or by the stream's end: nobody waits for an outcome
             except grpc.aio.AbortError:
-                code = frame_context._code or grpc.StatusCode.UNKNOWN
-                outcome = worker_pb2.PredictOutcome(id=frame_id, code=code.value[0], details=frame_context._details,
-                                                    trailing_metadata=dict(frame_context._trailing))
+                outcome = frame_context.outcome(frame_id)
             except Exception as exc:  # noqa: BLE001 - a handler without translate_errors: never kill the stream
                 event(log, "worker.stream_frame_error", level=logging.ERROR, error=repr(exc))
-                outcome = worker_pb2.PredictOutcome(id=frame_id, code=grpc.StatusCode.INTERNAL.value[0],
-                                                    details="internal error in Predict (logged)")
+                outcome = _failed(frame_id, grpc.StatusCode.INTERNAL, "internal error in Predict (logged)")
             else:
                 outcome = worker_pb2.PredictOutcome(id=frame_id, response=response)
             finally:
@@ -150,19 +152,15 @@ class PredictStreams:
             if frame.cancel:
                 entry = running.pop(frame_id, None)
                 if entry is not None:
-                    entry[1]._code = _CANCELLED
-                    entry[0].cancel()
+                    entry[1].cancel(entry[0])
                     outcomes.put_nowait(_CANCELLED_ONE)
                 return
             self.frames_received += 1
             if self._draining:
-                outcomes.put_nowait(worker_pb2.PredictOutcome(
-                    id=frame_id, code=grpc.StatusCode.UNAVAILABLE.value[0],
-                    details="worker is leaving the fleet"))
+                outcomes.put_nowait(_failed(frame_id, grpc.StatusCode.UNAVAILABLE, "worker is leaving the fleet"))
             elif frame_id in running:
-                outcomes.put_nowait(worker_pb2.PredictOutcome(
-                    id=frame_id, code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                    details=f"frame id {frame_id} is already in flight on this stream"))
+                outcomes.put_nowait(_failed(frame_id, grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"frame id {frame_id} is already in flight on this stream"))
             else:
                 timeout_ms = frame.timeout_ms
                 frame_context = FrameContext(tuple(frame.metadata.items()),
@@ -193,6 +191,5 @@ class PredictStreams:
             self._open.discard(outcomes)
             reader.cancel()
             for task, frame_context in list(running.values()):  # the router is gone: stop its work
-                frame_context._code = _CANCELLED
-                task.cancel()
+                frame_context.cancel(task)
             running.clear()

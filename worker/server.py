@@ -1,9 +1,10 @@
 """`modelfleet worker`: one multi-model worker process.
 
 Start: listen (port 0 picks a free one), join the fleet under an etcd lease as `joining`, load
-the active tenants this worker is about to own (make-before-break), go live, report SERVING. SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new
-requests), answer what still arrives on a router's stream UNAVAILABLE (it fails over), finish
-in-flight requests, free every model, exit 0.
+the active tenants this worker is about to own (make-before-break), go live, report SERVING.
+SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new requests),
+answer what still arrives on a router's stream UNAVAILABLE (it fails over), finish in-flight
+requests, free every model, exit 0.
 """
 from __future__ import annotations
 
