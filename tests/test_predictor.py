@@ -248,6 +248,67 @@ def test_leaves_are_counted_from_the_tree_index_as_a_scan_counts_them(shape):
     assert predictor._parseable_bytes(bad_index).leaves == scanned  # headers not where it says: scanned
 
 
+TRAINING_ONLY_KEYS = (b"split_gain=", b"leaf_weight=", b"leaf_count=", b"internal_value=", b"internal_weight=",
+                      b"internal_count=", b"tree_sizes=")
+
+
+def categorical_and_linear_models() -> list[tuple[str, str]]:
+    """Model texts whose trees carry lines the demo objectives never write: categorical splits
+    (cat_boundaries, cat_threshold) and linear leaves (leaf_const, leaf_features, leaf_coeff)."""
+    rng = np.random.default_rng(9)
+    x = sample_features(seed=9, rows=2000, num_features=NUM_FEATURES)
+    x[:, 0] = rng.integers(0, 12, len(x))  # a categorical column
+    y = np.where(x[:, 0] % 3 == 0, 2.0, -1.0) + np.nan_to_num(x[:, 1]) * 0.5 + rng.normal(0, 0.1, len(x))
+    texts = []
+    for name, params, categorical in (("categorical", {}, [0]), ("linear", {"linear_tree": True}, "auto")):
+        data = lightgbm.Dataset(x, y, categorical_feature=categorical, free_raw_data=False)
+        booster = lightgbm.train({"objective": "regression", "num_leaves": 15, "verbose": -1, "seed": 9,
+                                  "min_data_per_group": 5, "cat_smooth": 1, **params}, data, num_boost_round=15)
+        texts.append((name, booster.model_to_string()))
+    return texts
+
+
+def test_training_only_lines_are_cut_and_values_stay_identical():
+    x = rows_with_edge_values()
+    x[4:, 0] = np.arange(len(x) - 4) % 14  # categories seen in training and two that were not
+    texts = [(objective, train_model_text(seed=11, num_features=NUM_FEATURES, objective=objective))
+             for objective in demo_models.OBJECTIVES] + categorical_and_linear_models()
+    for name, text in texts:
+        data = text.encode()
+        kept = predictor._parseable_bytes(data).data
+        cut = sum(len(line) + 1 for line in data.split(b"\n") if line.startswith(TRAINING_ONLY_KEYS))
+        assert len(kept) == len(data) - cut + len(predictor._SENTINEL), name  # those lines, nothing else
+        for key in TRAINING_ONLY_KEYS:
+            assert b"\n" + key in data and b"\n" + key not in kept, (name, key)
+        for key in (b"\nsplit_feature=", b"\nthreshold=", b"\nleaf_value=", b"\ndecision_type=", b"\nshrinkage="):
+            assert kept.count(key) == data.count(key), (name, key)
+        assert (b"\ncat_threshold=" in kept) == (name == "categorical")
+        assert (b"\nleaf_coeff=" in kept) == (name == "linear")
+        model = LoadedModel.from_model_text(data)
+        try:
+            expected = reference(text, x)
+            np.testing.assert_array_equal(model.predict(x), expected, err_msg=name)
+            width = model.num_classes
+            for i in range(0, len(x), 7):
+                np.testing.assert_array_equal(model.predict(x[i]), expected[i * width:(i + 1) * width], err_msg=name)
+        finally:
+            model.close()
+
+
+def test_training_only_lines_laid_out_otherwise_are_kept():
+    text = train_model_text(seed=3, num_trees=5)
+    moved = re.sub(r"\n(leaf_count=[^\n]*)\n(internal_value=[^\n]*)", r"\n\2\n\1", text)  # not LightGBM's order
+    assert moved != text
+    kept = predictor._parseable_bytes(moved).data
+    assert kept.count(b"\nleaf_count=") == 5 and kept.count(b"\nsplit_gain=") == 0
+    x = rows_with_edge_values(20)
+    model = LoadedModel.from_model_text(moved)
+    try:
+        np.testing.assert_array_equal(model.predict(x), reference(text, x))
+    finally:
+        model.close()
+
+
 def test_truncated_model_text_is_a_failed_precondition():
     text = train_model_text(seed=3, num_trees=5)
     trees_end = text.index("end of trees")
@@ -389,6 +450,7 @@ def fresh_sizing(monkeypatch) -> CountedSizing:
     """A sizing state of its own (no calibration from earlier tests) that counts mallinfo2 reads."""
     fresh = CountedSizing()
     monkeypatch.setattr(predictor, "sizing", fresh)
+    monkeypatch.setattr(predictor, "_loads_started", 0)  # the every-Nth sample counts from here
     real = predictor._heap_bytes_in_use
 
     def counting() -> int:

@@ -202,7 +202,7 @@ def _count_leaves(data: bytes, trees_at: int, tree_sizes: list[int] | None) -> i
 
 @dataclass
 class _ModelText:
-    data: bytes  # what LightGBM parses: the text without its tree index, then a sentinel
+    data: bytes  # what LightGBM parses: the text without its index and training-only lines, a sentinel
     declared_trees: int | None  # how many trees the index declares (None without an index)
     leaves: int  # over all trees
 
@@ -222,6 +222,9 @@ def _parseable_bytes(text: str | bytes) -> _ModelText:
     parses but is internally inconsistent (bit flips, hand edits) can still crash, so artifacts
     must come from a trusted writer and be checked against their digest.
 
+    Lines only training tools read are cut too (`_TRAINING_ONLY_LINES`): they are ~45% of a
+    model text, and parsing is a load's main cost (see `_TRAINING_ONLY_LINES`).
+
     Bytes (an artifact as read from the store) are taken as they are once they are known to be
     UTF-8 (ASCII, for every model LightGBM writes without non-ASCII feature names: a check of
     ~4 µs per 100 KB), and copied once, into the buffer with the sentinel: decoding them to a
@@ -240,7 +243,7 @@ def _parseable_bytes(text: str | bytes) -> _ModelText:
         raise FailedPrecondition("cannot load LightGBM model: model text contains a NUL byte")
     index_at = data.find(b"\ntree_sizes=")
     if index_at < 0:
-        return _ModelText(data + _SENTINEL, None, _count_leaves(data, 0, None))
+        return _ModelText(_serving_lines(data) + _SENTINEL, None, _count_leaves(data, 0, None))
     index_end = data.find(b"\n", index_at + 1)
     index_end = len(data) if index_end < 0 else index_end
     try:
@@ -251,12 +254,28 @@ def _parseable_bytes(text: str | bytes) -> _ModelText:
     if trees_at == 0 or len(data) < trees_at + sum(sizes):
         raise FailedPrecondition(f"cannot load LightGBM model: the text is truncated (its "
                                  f"{len(sizes)} trees need {sum(sizes)} bytes)")
-    view = memoryview(data)
-    parseable = b"".join((view[:index_at], view[index_end:], _SENTINEL))
+    parseable = _serving_lines(data) + _SENTINEL  # the index is one of the lines cut
     return _ModelText(parseable, len(sizes), _count_leaves(data, trees_at, sizes))
 
 
 _SENTINEL = b"\n=\n\n"
+# What LightGBM's tree parser reads only to keep for training tools (split gain importance,
+# SHAP, refit) and fills with zeros when it is missing: each tree's split_gain line and its
+# leaf_weight .. internal_count lines, which LightGBM writes as one run in this order; and
+# the `tree_sizes=` index (see `_parseable_bytes`). Prediction never reads them, so values stay
+# bit-identical to `Booster.predict` on the whole text (tested on every objective, categorical
+# splits and linear trees). They are ~45% of the text, and a parse costs in proportion to the
+# text: a 100-tree x 31-leaf model (318 KB) parses in ~0.82 ms instead of ~1.35 ms, for ~0.24 ms
+# of cutting (one C scan of the text; measured on this project's 2-core box). Lines are cut
+# only where they match whole, in LightGBM's order; a text laid out otherwise keeps them.
+_TRAINING_ONLY_LINES = re.compile(
+    rb"\ntree_sizes=[^\n]*|\nsplit_gain=[^\n]*"
+    rb"|\nleaf_weight=[^\n]*\nleaf_count=[^\n]*\ninternal_value=[^\n]*\ninternal_weight=[^\n]*\ninternal_count=[^\n]*")
+
+
+def _serving_lines(data: bytes) -> bytes:
+    """The model text without `_TRAINING_ONLY_LINES`."""
+    return _TRAINING_ONLY_LINES.sub(b"", data)
 
 
 def _get_int(fn: Callable[..., int], booster: int) -> int:
