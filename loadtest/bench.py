@@ -28,7 +28,9 @@ per server, with requests prebuilt as bytes (a serialised tenant field + one of 
 blocks + version), so client CPU per request is small and the same for every path. Every cell
 first runs a short warm-up that is not measured (longer for the first cell of a mix on a
 server); caches carry over between cells. rps counts requests completed inside the measured
-window; p50/p99 are over their individual latencies.
+window; p50/p99 are over their individual latencies. --rounds R measures each cell in R segments
+with the paths taking turns, so that a machine whose speed drifts during a run (a shared 2-core
+box does) hurts every path alike (see run_cells).
 
 Also per cell: the cache miss ratio and the models held at its end (worker Stats / the naive
 server's Stats), the server processes' RSS at its end, and CPU time per request (µs, from
@@ -39,6 +41,8 @@ less, and is the number to read when asking where a path's time goes.
 
     python -m loadtest.bench                      # full: 3 mixes x rows 1,100 x concurrency 1,8,32
     python -m loadtest.bench --quick --json F     # a subset of cells, all four paths, < 90 s on 2 cores
+    python -m loadtest.bench --mixes zipf10k,zipf100k --rows 1 --concurrency 8,32 --paths router,naive \
+        --duration 6 --rounds 3                   # two paths compared in alternating 2 s segments
     python -m loadtest.bench --workers 4 --routers 3 --gen-procs 4 --equal-memory --concurrency 8,32   # 16 cores
 
 --equal-memory gives each worker --cache-models / --workers models, so the fleet holds in all
@@ -464,56 +468,106 @@ class Bench:
 # --- running the cells ------------------------------------------------------------------------
 
 def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=print) -> list[dict]:
+    """One record per cell (mix, rows, concurrency, path), in that order.
+
+    With --rounds R, a cell's --duration is measured in R segments, and the paths of a
+    (mix, rows, concurrency) group take turns segment by segment, each round in a rotated order
+    (R = 2 with two paths: A B, B A). A machine that slows down or speeds up during a group then
+    hits every path alike instead of whichever ran last. A record pools its segments: rps over
+    their summed time, p50 and p99 over all their latencies, CPU and misses per request over all
+    their requests; `segments` keeps each one's rps and p99."""
     records = []
     warmed: set[tuple[str, str]] = set()
-    cells = [(mix, rows, conc, path) for mix in args.mixes for rows in args.rows
-             for conc in args.concurrency for path in args.paths]
-    for n, (mix, rows, conc, path) in enumerate(cells, 1):
-        server = "naive" if path == "naive" else "worker"
-        warmup = args.warmup + (0.0 if (server, mix) in warmed else args.mix_warmup)
-        warmed.add((server, mix))
-        spec = dict(bench.target(path, mix), mix=mix, tenants=bench.tenant_counts[mix], rows=rows,
-                    num_features=args.features, warmup=warmup, duration=args.duration, seed=n)
-        pids = dict(bench.pids(path), client=[p.pid for p in gens.procs])
-
-        def snapshot() -> dict:
-            misses, models = bench.cache_stats(path)
-            return {"misses": misses, "models": models, "rss": rss_bytes(pids["server"]),
-                    **{k: cpu_seconds(v) for k, v in pids.items()}}
-
-        before: dict = {}
-        lat, errors, nbytes = gens.run(spec, conc, on_measuring=lambda: before.update(snapshot()))
-        after = snapshot()
-        ok = len(lat)
-        n_err = sum(errors.values())
-
-        def per_request_us(kind: str) -> float | None:
-            if not pids[kind] or before.get(kind) is None or after[kind] is None or not ok + n_err:
-                return None
-            return (after[kind] - before[kind]) / (ok + n_err) * 1e6
-        record = {
-            "path": path, "mix": mix, "tenants": bench.tenant_counts[mix], "rows": rows, "concurrency": conc,
-            "rps": ok / args.duration,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3) if ok else float("nan"),
-            "p99_ms": float(np.percentile(lat, 99) * 1e3) if ok else float("nan"),
-            "mean_ms": float(lat.mean() * 1e3) if ok else float("nan"),
-            "errors": n_err, "error_codes": dict(errors), "requests": ok + n_err,
-            "miss_ratio": ((after["misses"] - before["misses"]) / max(1, ok + n_err)
-                           if after["misses"] is not None and before.get("misses") is not None else None),
-            "client_cpu_us": per_request_us("client"), "hop_cpu_us": per_request_us("hop"),
-            "server_cpu_us": per_request_us("server"),
-            "models_held": after["models"],
-            "server_rss_mb": None if after["rss"] is None else after["rss"] / 2**20,
-            "response_bytes": nbytes, "cores": os.cpu_count(), "workers": args.workers, "routers": args.routers,
-            "gen_procs": args.gen_procs, "cache_models": bench.cache_models,
-            "worker_cache_models": bench.worker_cache_models, "duration_s": args.duration,
-            "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
-        }
-        records.append(record)
-        log(f"[{n}/{len(cells)}] {path:<10} {mix:<8} rows={rows:<3} c={conc:<3} "
-            f"{record['rps']:8.0f} rps  p50 {record['p50_ms']:7.2f} ms  p99 {record['p99_ms']:7.2f} ms"
-            + (f"  errors {n_err} {dict(errors)}" if n_err else ""))
+    groups = [(mix, rows, conc) for mix in args.mixes for rows in args.rows for conc in args.concurrency]
+    total, n = len(groups) * len(args.paths) * args.rounds, 0
+    segment_s = args.duration / args.rounds
+    for mix, rows, conc in groups:
+        measured: dict[str, list[dict]] = {path: [] for path in args.paths}
+        for round_ in range(args.rounds):
+            shift = round_ % len(args.paths)
+            for path in args.paths[shift:] + args.paths[:shift]:
+                n += 1
+                server = "naive" if path == "naive" else "worker"
+                warmup = args.warmup + (0.0 if (server, mix) in warmed else args.mix_warmup)
+                warmed.add((server, mix))
+                spec = dict(bench.target(path, mix), mix=mix, tenants=bench.tenant_counts[mix], rows=rows,
+                            num_features=args.features, warmup=warmup, duration=segment_s, seed=n)
+                segment = _measure_segment(bench, gens, spec, path, conc)
+                measured[path].append(segment)
+                ok = len(segment["latencies"])
+                log(f"[{n}/{total}] {path:<10} {mix:<8} rows={rows:<3} c={conc:<3} "
+                    + (f"round {round_ + 1}/{args.rounds} " if args.rounds > 1 else "")
+                    + f"{ok / segment_s:8.0f} rps  p50 {_percentile_ms(segment['latencies'], 50):7.2f} ms  "
+                    f"p99 {_percentile_ms(segment['latencies'], 99):7.2f} ms"
+                    + (f"  errors {sum(segment['errors'].values())} {dict(segment['errors'])}"
+                       if segment["errors"] else ""))
+        for path in args.paths:
+            records.append(_record(bench, args, path, mix, rows, conc, measured[path], segment_s))
     return records
+
+
+def _percentile_ms(latencies: np.ndarray, q: float) -> float:
+    return float(np.percentile(latencies, q) * 1e3) if len(latencies) else float("nan")
+
+
+def _measure_segment(bench: Bench, gens: Generators, spec: dict, path: str, conc: int) -> dict:
+    """One measured stretch of one path: its latencies and errors, and the cache, RSS and CPU
+    readings of its processes at the start and the end of the measured window."""
+    pids = dict(bench.pids(path), client=[p.pid for p in gens.procs])
+
+    def snapshot() -> dict:
+        misses, models = bench.cache_stats(path)
+        return {"misses": misses, "models": models, "rss": rss_bytes(pids["server"]),
+                **{k: cpu_seconds(v) for k, v in pids.items()}}
+
+    before: dict = {}
+    latencies, errors, nbytes = gens.run(spec, conc, on_measuring=lambda: before.update(snapshot()))
+    return {"latencies": latencies, "errors": errors, "response_bytes": nbytes, "before": before,
+            "after": snapshot(), "kinds": [kind for kind, found in pids.items() if found]}
+
+
+def _record(bench: Bench, args: argparse.Namespace, path: str, mix: str, rows: int, conc: int,
+            segments: list[dict], segment_s: float) -> dict:
+    lat = np.concatenate([s["latencies"] for s in segments])
+    errors: Counter = Counter()
+    for s in segments:
+        errors.update(s["errors"])
+    ok, n_err = len(lat), sum(errors.values())
+    requests = ok + n_err
+    last = segments[-1]["after"]
+
+    def delta_per_request(kind: str) -> float | None:
+        """kind's growth from the start to the end of each segment, summed, per request."""
+        growth = 0.0
+        for s in segments:
+            start, end = s["before"].get(kind), s["after"].get(kind)
+            if start is None or end is None or not requests:
+                return None
+            growth += end - start
+        return growth / requests
+
+    def cpu_us(kind: str) -> float | None:  # kind: client, hop or server
+        per_request = delta_per_request(kind) if kind in segments[0]["kinds"] else None
+        return None if per_request is None else per_request * 1e6
+
+    return {
+        "path": path, "mix": mix, "tenants": bench.tenant_counts[mix], "rows": rows, "concurrency": conc,
+        "rps": ok / (segment_s * len(segments)),
+        "p50_ms": _percentile_ms(lat, 50), "p99_ms": _percentile_ms(lat, 99),
+        "mean_ms": float(lat.mean() * 1e3) if ok else float("nan"),
+        "errors": n_err, "error_codes": dict(errors), "requests": requests,
+        "miss_ratio": delta_per_request("misses"),
+        "client_cpu_us": cpu_us("client"), "hop_cpu_us": cpu_us("hop"), "server_cpu_us": cpu_us("server"),
+        "models_held": last["models"],
+        "server_rss_mb": None if last["rss"] is None else last["rss"] / 2**20,
+        "response_bytes": sum(s["response_bytes"] for s in segments), "cores": os.cpu_count(),
+        "workers": args.workers, "routers": args.routers, "gen_procs": args.gen_procs,
+        "cache_models": bench.cache_models, "worker_cache_models": bench.worker_cache_models,
+        "duration_s": args.duration, "rounds": len(segments),
+        "segments": [{"rps": len(s["latencies"]) / segment_s, "p99_ms": _percentile_ms(s["latencies"], 99)}
+                     for s in segments],
+        "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
+    }
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -606,6 +660,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="short cells, mixes warm,zipf10k, concurrency 8 (all four paths; < 90 s on 2 cores)")
     parser.add_argument("--duration", type=float, help="measured seconds per cell (default 2, quick 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each cell in this many segments, the paths taking turns (see run_cells)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.5, quick 0.3)")
     parser.add_argument("--mix-warmup", type=float,
                         help="extra warm-up for the first cell of a mix on a server (default 2, quick 1)")
@@ -648,8 +704,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.paths:
         if path not in PATHS:
             parser.error(f"unknown path {path!r}: choose from {', '.join(PATHS)}")
-    if min(args.workers, args.routers, args.gen_procs, args.artifacts, args.max_tenants) < 1:
-        parser.error("--workers, --routers, --gen-procs, --artifacts and --max-tenants must be at least 1")
+    if min(args.workers, args.routers, args.gen_procs, args.artifacts, args.max_tenants, args.rounds) < 1:
+        parser.error("--workers, --routers, --gen-procs, --artifacts, --max-tenants and --rounds must be at least 1")
     return args
 
 

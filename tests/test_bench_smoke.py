@@ -25,10 +25,11 @@ from tests.fleet import REPO_ROOT
 
 def test_quick_bench_measures_all_four_paths(tmp_path):
     """Two routers side by side over two workers that share the naive server's memory: the
-    router path's callers spread over both routers, with no errors."""
+    router path's callers spread over both routers, with no errors; each cell measured in two
+    segments, the paths taking turns."""
     out, records_file = tmp_path / "out", tmp_path / "records.json"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.5", "--warmup", "0.2",
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.6", "--rounds", "2", "--warmup", "0.2",
          "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--workers", "2", "--equal-memory",
          "--json", str(records_file), "--out", str(out)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=150)
@@ -45,12 +46,17 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
         assert r["errors"] == 0, r
         assert r["cores"] == os.cpu_count() and r["routers"] == 2
         assert r["worker_cache_models"] == r["cache_models"] // 2  # --equal-memory: the fleet holds what naive holds
+        assert r["rounds"] == len(r["segments"]) == 2 and all(s["rps"] > 0 for s in r["segments"])
+        assert r["rps"] == pytest.approx(sum(s["rps"] for s in r["segments"]) / 2)
     zipf = [r for r in records if r["mix"] == "zipf10k"]
     assert all(r["tenants"] == 300 for r in zipf)
     assert any(r["miss_ratio"] for r in zipf), "the Zipf mix should miss the caches sometimes"
     assert json.loads((out / "bench.json").read_text()) == records
     assert (out / "bench.png").stat().st_size > 0
     assert "os.cpu_count" in done.stdout and "bare_proxy" in done.stdout
+    turns = [line.split()[1] for line in done.stderr.splitlines()
+             if "round 2/2" in line and " warm " in line and "rows=1 " in line]
+    assert turns == ["router", "bare_proxy", "naive", "direct"]  # round 2 starts where round 1's order shifts to
 
 
 def test_naive_server_and_bare_proxy_answer_what_lightgbm_answers(fleet, tmp_path):
