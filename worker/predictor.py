@@ -222,8 +222,8 @@ def _parseable_bytes(text: str | bytes) -> _ModelText:
     parses but is internally inconsistent (bit flips, hand edits) can still crash, so artifacts
     must come from a trusted writer and be checked against their digest.
 
-    Lines only training tools read are cut too (`_TRAINING_ONLY_LINES`): they are ~45% of a
-    model text, and parsing is a load's main cost (see `_TRAINING_ONLY_LINES`).
+    Lines only training tools read are cut too: they are ~45% of a model text, and the parse, a
+    load's main cost, grows with the text (see `_TRAINING_ONLY_LINES`).
 
     Bytes (an artifact as read from the store) are taken as they are once they are known to be
     UTF-8 (ASCII, for every model LightGBM writes without non-ASCII feature names: a check of
