@@ -337,13 +337,14 @@ from worker.predictor import LoadedModel
 text = train_model_text(seed=4, num_trees=3)
 rng = random.Random(0)
 texts = [text[:cut] for cut in range(0, len(text), 3)]
-for _ in range(1000):  # in-bounds damage to the trees: a byte changed, deleted or inserted
+for _ in range(1000):  # in-bounds damage to the trees: 1-3 bytes changed, deleted or inserted
     chars = list(text)
-    pos = rng.randrange(text.index("Tree=0"), text.index("end of trees"))
-    op = rng.randrange(3)
-    if op == 0: chars[pos] = rng.choice("=\\n -.0xT")
-    elif op == 1: del chars[pos]
-    else: chars.insert(pos, rng.choice("=\\n -.0xT"))
+    for _ in range(rng.randrange(1, 4)):
+        pos = rng.randrange(text.index("Tree=0"), text.index("end of trees"))
+        op = rng.randrange(3)
+        if op == 0: chars[pos] = rng.choice("=\\n -.0xT_")
+        elif op == 1: del chars[pos]
+        else: chars.insert(pos, rng.choice("=\\n -.0xT_"))
     texts.append("".join(chars))
 loaded = refused = 0
 for i, t in enumerate(texts):
