@@ -29,7 +29,7 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
     segments, the paths taking turns."""
     out, records_file = tmp_path / "out", tmp_path / "records.json"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.6", "--rounds", "2", "--warmup", "0.2",
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.4", "--rounds", "2", "--warmup", "0.1",
          "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--workers", "2", "--equal-memory",
          "--json", str(records_file), "--out", str(out)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=150)

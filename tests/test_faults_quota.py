@@ -39,7 +39,7 @@ from worker.overload import retry_hint
 OTHERS = [f"o{i}" for i in range(6)]
 QUOTA_RPS = 5.0
 OTHERS_RPS = 300.0
-FLOOD_S = 36.0
+FLOOD_S = 30.0
 PERIOD_S = 0.25
 MAX_CPU_PRESSURE = 0.25
 MAX_P99_RISE = 1.2  # others' p99, flood at the router over flood at the sink
@@ -132,13 +132,17 @@ def _flood_and_compare(fleet, quota_rps: float, seconds: float) -> None:
     seconds, and a quarter-second cycle spreads each burst over every phase alike. The quiet phases
     are printed (on a machine with cores to spare, sink and quiet agree).
 
-    Why a confidence bound, and a second round: a p99 over 3,600 requests is their 36th slowest,
+    Why a confidence bound, and a second round: a p99 over 3,000 requests is their 30th slowest,
     and a few stalls of other work that happen to land in router phases move it by tens of percent
-    (runs here measured -9..+2 %, one CI run +29 %). The pooled p99 of the router phases over that
-    of the sink phases is resampled by whole cycles (_p99_ratio_bounds); a round finds the rise too
-    high when even its lower 95 % bound is above MAX_P99_RISE. Then a second, independent round is
-    measured, and the test fails when it finds so too: a router that really adds 20 % (a refusal
-    made 1 ms dearer measured +26..+42 %) fails both, an unlucky burst seldom lands twice."""
+    (runs here measured -24..+11 %, one CI run +29 %). The pooled p99 of the router phases over
+    that of the sink phases is resampled by whole cycles (_p99_ratio_bounds), and the rise is too
+    high when even its lower 95 % bound is above MAX_P99_RISE. When the first round says so, a
+    second round is measured and the verdict is the bound over both rounds' cycles together: an
+    unlucky burst in one round is diluted by the other, a router that keeps adding is not. What
+    that catches, measured by making each refusal dearer on purpose: 3 ms more (the router ~15 %
+    busy refusing) +85 % and +111 %, bounds over both +80..+110 %: fails; 1 ms more: +34..+46 %
+    and fails on a quiet machine, +10..+25 % and passes on a busy one. A 2-core machine shared
+    with other work cannot tell a few percent of p99 from noise."""
     fleet.register("flooder", "v1", seed=5)
     for i, tenant in enumerate(OTHERS):
         fleet.register(tenant, "v1", seed=i)
@@ -152,23 +156,32 @@ def _flood_and_compare(fleet, quota_rps: float, seconds: float) -> None:
     sink_address = f"127.0.0.1:{processes.free_port()}"
     sink = _child(fleet, "sink", sink_address.rpartition(":")[2])
     flooder = _child(fleet, "flood", "flooder", str(10 * quota_rps), "1")
-    bounds: list[float] = []
+    router_cycles: list[list[float]] = []
+    sink_cycles: list[list[float]] = []
     try:
         _measure(stub, x, 1.0)  # warm connections and caches, not measured
-        while len(bounds) < 2 and (not bounds or bounds[-1] > MAX_P99_RISE):
+        for rounds in (1, 2):
             command = f"cycle {seconds} {PERIOD_S} {router.address} {sink_address}\n"
-            bounds.append(_flood_round(stub, x, flooder, command, quota_rps, seconds))
+            routed, sunk = _flood_round(stub, x, flooder, command, quota_rps, seconds)
+            router_cycles += routed
+            sink_cycles += sunk
+            low, high = _p99_ratio_bounds(router_cycles, sink_cycles)
+            print(f"router phases over sink phases, p99, rounds 1..{rounds}: 95 % bounds {(low - 1) * 100:+.1f}.."
+                  f"{(high - 1) * 100:+.1f} %")
+            if low <= MAX_P99_RISE:
+                break
     finally:
         flooder.stdin.close()
         flooder.wait(10)
         sink.kill()
         sink.wait(10)
-    assert min(bounds) <= MAX_P99_RISE, f"others' p99 rose {(min(bounds) - 1) * 100:.0f} % or more over the sink phases"
+    assert low <= MAX_P99_RISE, f"others' p99 rose {(low - 1) * 100:.0f} % or more over the sink phases"
 
 
-def _flood_round(stub, x, flooder: subprocess.Popen, command: str, quota_rps: float, seconds: float) -> float:
-    """One measured cycle of the flood (see _flood_and_compare): checks the shedding and the others'
-    success, and returns the lower 95 % bound of p99(router phases) / p99(sink phases)."""
+def _flood_round(stub, x, flooder: subprocess.Popen, command: str, quota_rps: float,
+                 seconds: float) -> tuple[list[list[float]], list[list[float]]]:
+    """One measured round of the flood (see _flood_and_compare): checks the shedding and the
+    others' success, and returns the others' latencies of each cycle's router phase and sink phase."""
     pressure = CpuPressure()
     flooder.stdin.write(command)
     flooder.stdin.flush()
@@ -188,7 +201,6 @@ def _flood_round(stub, x, flooder: subprocess.Popen, command: str, quota_rps: fl
             if ok:
                 by_cycle[phase][slot // len(PHASES)].append(latency)
     p99 = {p: _p99_ms([lat for lat, ok in v if ok]) for p, v in by_phase.items()}
-    low, high = _p99_ratio_bounds(by_cycle["router"], by_cycle["sink"])
     flooded = by_phase["router"]
     success = sum(ok for _, ok in flooded) / len(flooded)
     result = cycle["results"][0]
@@ -198,9 +210,8 @@ def _flood_round(stub, x, flooder: subprocess.Popen, command: str, quota_rps: fl
           f"{seconds:g} s: {codes}, retry-after-ms {result['hint_min']}..{result['hint_max']}; the others "
           f"({OTHERS_RPS:g} rps): p99 {p99['quiet']:.2f} ms quiet ({len(by_phase['quiet'])}), {p99['sink']:.2f} ms "
           f"flood at a sink ({len(by_phase['sink'])}), {p99['router']:.2f} ms flood at the router ({len(flooded)}): "
-          f"{(p99['router'] / p99['sink'] - 1) * 100:+.1f} % vs sink (95 % bounds {(low - 1) * 100:+.1f}.."
-          f"{(high - 1) * 100:+.1f} %), {(p99['router'] / p99['quiet'] - 1) * 100:+.1f} % vs quiet; success while "
-          f"flooded {success:.4%}; CPU pressure {stalled:.0%}")
+          f"{(p99['router'] / p99['sink'] - 1) * 100:+.1f} % vs sink, {(p99['router'] / p99['quiet'] - 1) * 100:+.1f} "
+          f"% vs quiet; success while flooded {success:.4%}; CPU pressure {stalled:.0%}")
     assert all(ok for _, ok in by_phase["quiet"]) and success >= 0.999
     # The flooder: 10x its quota while it floods the router; admitted at most burst + rate x time
     # (the bucket refills in the other phases too), the rest refused with a hint.
@@ -212,7 +223,7 @@ def _flood_round(stub, x, flooder: subprocess.Popen, command: str, quota_rps: fl
     if stalled > MAX_CPU_PRESSURE:
         pytest.skip(f"shedding checks passed; the p99 criterion was not judged: runnable tasks waited for a CPU "
                     f"{stalled:.0%} of the time (other work on this machine), more than {MAX_CPU_PRESSURE:.0%}")
-    return low
+    return by_cycle["router"], by_cycle["sink"]
 
 
 def _p99_ratio_bounds(router: list[list[float]], sink: list[list[float]], resamples: int = 2000,
