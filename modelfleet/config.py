@@ -215,6 +215,16 @@ UP_DEMO_TENANTS = Option("--demo-tenants", "MODELFLEET_UP_DEMO_TENANTS", 50, int
 # -- client commands --------------------------------------------------------------------------
 ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str, "router address for `predict`")
 
+# What `modelfleet router` and `modelfleet worker` read. Here, not beside the servers, so the
+# command line can declare them without importing a server (and LightGBM with the worker's).
+ROUTER_OPTIONS = (ETCD, PREFIX, HOST, EVENT_LOOP, ROUTER_PORT, ROUTER_ID, ADVERTISE_HOST, SHARD_SIZE, SPILL_INFLIGHT,
+                  WORKER_TRANSPORT, DEFAULT_DEADLINE, SHADOW_BUDGET, LEASE_TTL, AUTH, TLS_CERT, TLS_KEY,
+                  TLS_CLIENT_CA, TLS_CA, METRICS_PORT, *ROUTER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
+WORKER_OPTIONS = (ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, HOST, EVENT_LOOP, WORKER_PORT,
+                  WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS, LEASE_TTL, SHARD_SIZE, WARM_ON_JOIN,
+                  WARM_ACTIVE_MINUTES, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, METRICS_PORT,
+                  *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
+
 ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, EVENT_LOOP,
     ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,

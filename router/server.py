@@ -40,12 +40,6 @@ from version_service.schema import Keys, RouterRecord, validate_id
 
 log = logging.getLogger("modelfleet.router")
 
-OPTIONS = (config.ETCD, config.PREFIX, config.HOST, config.EVENT_LOOP, config.ROUTER_PORT, config.ROUTER_ID,
-           config.ADVERTISE_HOST, config.SHARD_SIZE, config.SPILL_INFLIGHT, config.WORKER_TRANSPORT,
-           config.DEFAULT_DEADLINE,
-           config.SHADOW_BUDGET, config.LEASE_TTL,
-           config.AUTH, config.TLS_CERT, config.TLS_KEY, config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT,
-           *config.ROUTER_RESILIENCE_OPTIONS, *config.TRACING_OPTIONS)
 SERVICE = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"]
 ADMIN_SERVICE = router_admin_pb2.DESCRIPTOR.services_by_name["RouterAdmin"]
 SERVICE_NAMES = [service.full_name for service in (SERVICE, ADMIN_SERVICE, OIP_SERVICE)]

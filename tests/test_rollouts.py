@@ -97,16 +97,16 @@ def test_a_5_percent_canary_gets_5_percent_and_keys_are_sticky(two_version_fleet
             answers += [f.result().model_version for f in futures]
         return answers
 
-    keyed = versions([f"user-{i}" for i in range(10_000)])
+    keyed = versions([f"user-{i}" for i in range(5_000)])  # keyed shares are fixed by the hash: no sampling noise
     share = keyed.count("v1") / len(keyed)
     assert 0.04 <= share <= 0.06, share
-    again = versions([f"user-{i}" for i in range(2_000)])
-    assert again == keyed[:2_000]  # the same key always lands on the same version
-    unkeyed = versions([None] * 10_000)
+    again = versions([f"user-{i}" for i in range(1_000)])
+    assert again == keyed[:1_000]  # the same key always lands on the same version
+    unkeyed = versions([None] * 10_000)  # random: +-1 point is 4.6 standard deviations at 10k
     assert 0.04 <= unkeyed.count("v1") / len(unkeyed) <= 0.06
     status = json.loads(cli(fleet, "rollout", "acme", "--status", "--json").stdout)
     assert status["canary"] == "v1" and status["routers"] == 1
-    assert status["canary_requests"] + status["serving_requests"] >= 22_000
+    assert status["canary_requests"] + status["serving_requests"] >= 16_000
 
 
 def test_shadow_never_changes_a_response_and_is_measured(two_version_fleet):

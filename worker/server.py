@@ -38,12 +38,6 @@ from worker.servicer import WorkerServicer
 
 log = logging.getLogger("modelfleet.worker")
 
-OPTIONS = (config.ETCD, config.PREFIX, config.STORE, config.STORE_CACHE_DIR, config.STORE_CACHE_BYTES,
-           config.S3_ENDPOINT, config.HOST, config.EVENT_LOOP, config.WORKER_PORT, config.WORKER_ID,
-           config.ZONE, config.ADVERTISE_HOST, config.CACHE_BYTES, config.LOAD_THREADS, config.LEASE_TTL,
-           config.SHARD_SIZE, config.WARM_ON_JOIN, config.WARM_ACTIVE_MINUTES, config.TLS_CERT, config.TLS_KEY,
-           config.TLS_CLIENT_CA, config.TLS_CA, config.METRICS_PORT, *config.WORKER_RESILIENCE_OPTIONS,
-           *config.TRACING_OPTIONS)
 SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"]
 SERVICE_NAME = SERVICE.full_name
 HOT_METHODS = (f"/{SERVICE_NAME}/Predict", f"/{SERVICE_NAME}/PredictStream")  # rpc.HotMethodsServer
