@@ -160,8 +160,8 @@ def _flood_and_compare(fleet, quota_rps: float, seconds: float) -> None:
     sink_cycles: list[list[float]] = []
     try:
         _measure(stub, x, 1.0)  # warm connections and caches, not measured
+        command = f"cycle {seconds} {PERIOD_S} {router.address} {sink_address}\n"
         for rounds in (1, 2):
-            command = f"cycle {seconds} {PERIOD_S} {router.address} {sink_address}\n"
             routed, sunk = _flood_round(stub, x, flooder, command, quota_rps, seconds)
             router_cycles += routed
             sink_cycles += sunk
