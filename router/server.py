@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from modelfleet import config, event_loop, heap
+from modelfleet import event_loop, heap
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc

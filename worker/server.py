@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 
-from modelfleet import config, event_loop, heap
+from modelfleet import event_loop, heap
 from modelfleet.errors import InvalidArgument, Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
