@@ -97,7 +97,7 @@ def test_a_5_percent_canary_gets_5_percent_and_keys_are_sticky(two_version_fleet
             answers += [f.result().model_version for f in futures]
         return answers
 
-    keyed = versions([f"user-{i}" for i in range(5_000)])  # keyed shares are fixed by the hash: no sampling noise
+    keyed = versions([f"user-{i}" for i in range(10_000)])  # with the unkeyed: the 20k requests #4 names
     share = keyed.count("v1") / len(keyed)
     assert 0.04 <= share <= 0.06, share
     again = versions([f"user-{i}" for i in range(1_000)])
@@ -106,7 +106,7 @@ def test_a_5_percent_canary_gets_5_percent_and_keys_are_sticky(two_version_fleet
     assert 0.04 <= unkeyed.count("v1") / len(unkeyed) <= 0.06
     status = json.loads(cli(fleet, "rollout", "acme", "--status", "--json").stdout)
     assert status["canary"] == "v1" and status["routers"] == 1
-    assert status["canary_requests"] + status["serving_requests"] >= 16_000
+    assert status["canary_requests"] + status["serving_requests"] >= 21_000
 
 
 def test_shadow_never_changes_a_response_and_is_measured(two_version_fleet):
