@@ -10,7 +10,7 @@ no input copy, no output copy, no checks.
 Single rows are also timed in a tight loop (`loop µs`: the best of LOOP_REPEATS timeit runs,
 no clock between calls). The two views differ for sub-microsecond calls: reading the clock
 around every call slows the shortest calls most, which flatters ratios over the raw call (on a
-2-core box, 20 trees: LoadedModel 1.54 x the raw call timed per call, 1.67 x in the loop).
+2-core box, 20 trees: LoadedModel 1.62 x the raw call timed per call, 1.73 x in the loop).
 Both are printed.
 """
 from __future__ import annotations

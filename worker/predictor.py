@@ -364,8 +364,11 @@ class LoadedModel:
         self._out = (ctypes.c_double * num_classes)()
         self._out_values = memoryview(self._out).cast("B").cast("d").tolist
         self._out_len = ctypes.c_int64()
-        self._fast_args = (self._fast_config, _p(ctypes.addressof(self._row)),
-                           ctypes.byref(self._out_len), _p(ctypes.addressof(self._out)))
+        # Every argument already in the form ctypes passes to C (what `byref` and `from_param`
+        # return): a c_void_p instead costs a conversion object per argument per call, ~110 ns
+        # of a ~0.8 µs call for a small model.
+        self._fast_args = (_p.from_param(fast_config), ctypes.byref(self._row),
+                           ctypes.byref(self._out_len), ctypes.byref(self._out))
         self._idle = [True]
 
     @classmethod
