@@ -29,15 +29,18 @@ RUN /opt/modelfleet/bin/pip install . \
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM python:3.11-slim
-# LightGBM's wheel links the system OpenMP runtime (libgomp.so.1), which the slim image lacks.
+# LightGBM's wheel links the system OpenMP runtime (libgomp.so.1), which the slim image lacks;
+# routers and workers run on jemalloc where it is installed (modelfleet/allocator.py).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get install -y --no-install-recommends libgomp1 libjemalloc2 \
  && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 modelfleet \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/modelfleet --create-home \
       --shell /usr/sbin/nologin modelfleet
 COPY --from=build /opt/modelfleet /opt/modelfleet
+# jemalloc preloaded from the start, so routers and workers need not re-execute onto it.
 ENV PATH=/opt/modelfleet/bin:$PATH \
+    LD_PRELOAD=libjemalloc.so.2 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODELFLEET_HOST=0.0.0.0 \

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test soak proto setup clean prometheus
+.PHONY: run test soak proto setup clean prometheus jemalloc
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 ## the demo fleet: local etcd, 3 workers, a router on 127.0.0.1:50051, 50 demo tenants
-run: $(STAMP)
+run: $(STAMP) jemalloc
 	$(BIN)/modelfleet up
 
 ## the whole suite (soaks excluded)
@@ -33,6 +33,14 @@ prometheus:
 	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; }
 	@prometheus --version 2>&1 | head -n 1
+
+## jemalloc, which routers and workers run on where the system has it (modelfleet/allocator.py):
+## Debian's libjemalloc2; needs root and apt, best effort (without it they use glibc's malloc)
+jemalloc:
+	@ldconfig -p 2>/dev/null | grep -q libjemalloc || { \
+	  apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null 2>&1; }; }
+	@ldconfig -p 2>/dev/null | grep -q libjemalloc && echo "jemalloc: found" || echo "jemalloc: not found (glibc malloc)"
 
 ## regenerate the gRPC stubs from proto/ (a test fails when they drift)
 proto: $(STAMP)

@@ -29,7 +29,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from modelfleet import config, event_loop
+from modelfleet import allocator, config, event_loop
 from modelfleet.rpc import CHANNEL_OPTIONS, SERVER_OPTIONS
 from modelfleet.v1 import predictor_pb2, worker_pb2_grpc
 from router.worker_stream import WorkerPredict
@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--worker", required=True, help="HOST:PORT of the one worker to forward to")
-    # the router's loop and wire to the workers, so the floor is the same stack
-    config.add_options(parser, config.EVENT_LOOP, config.WORKER_TRANSPORT)
+    # the router's loop, malloc and wire to the workers, so the floor is the same stack
+    config.add_options(parser, config.EVENT_LOOP, config.ALLOCATOR, config.WORKER_TRANSPORT)
     args = parser.parse_args(argv)
+    allocator.ensure(args.allocator)
     event_loop.run(serve(args.host, args.port, args.worker, args.worker_transport), args.event_loop)
 
 

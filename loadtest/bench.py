@@ -45,6 +45,10 @@ less, and is the number to read when asking where a path's time goes.
         --duration 6 --rounds 3                   # two paths compared in alternating 2 s segments
     python -m loadtest.bench --workers 4 --routers 3 --gen-procs 4 --equal-memory --concurrency 8,32   # 16 cores
 
+Every server process of every path (workers, routers, the bare proxy, the naive server) runs on
+one malloc, --allocator (MODELFLEET_ALLOCATOR; default auto: jemalloc where the system has it),
+so that the paths differ by design only; `--allocator system` gives glibc's to all of them.
+
 --equal-memory gives each worker --cache-models / --workers models, so the fleet holds in all
 what the naive server holds (without it each worker holds --cache-models, and N workers hold N
 times the naive server's models).
@@ -77,7 +81,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from modelfleet import processes
+from modelfleet import allocator, config, processes
+from modelfleet.errors import ModelfleetError
 from modelfleet.procfs import cpu_seconds, rss_bytes
 
 PATHS = ("direct", "router", "bare_proxy", "naive")
@@ -567,6 +572,7 @@ def _record(bench: Bench, args: argparse.Namespace, path: str, mix: str, rows: i
         "segments": [{"rps": len(s["latencies"]) / segment_s, "p99_ms": _percentile_ms(s["latencies"], 99)}
                      for s in segments],
         "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
+        "allocator": args.allocator,
     }
 
 
@@ -579,7 +585,7 @@ def print_table(records: list[dict], args: argparse.Namespace) -> None:
     direct = {(r["mix"], r["rows"], r["concurrency"]): r["rps"] for r in records if r["path"] == "direct"}
     table = Table(title=f"Predict paths, closed loop: {os.cpu_count()} cores (os.cpu_count()), "
                         f"{args.workers} worker(s), {args.routers} router(s), {args.gen_procs} generator process(es), "
-                        f"{args.duration:g}s per cell, model {args.trees}x{args.leaves}")
+                        f"{args.duration:g}s per cell, model {args.trees}x{args.leaves}, malloc {args.allocator}")
     for column in ("path", "mix", "tenants", "rows", "conc", "rps", "vs direct", "p50 ms", "p99 ms", "miss %",
                    "models held", "server RSS MB", "CPU µs/req client|hop|server", "errors/requests"):
         table.add_column(column, justify="left" if column in ("path", "mix") else "right")
@@ -690,7 +696,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="writes bench.json and bench.png here")
     parser.add_argument("--json", type=Path, help="also write the records here")
     parser.add_argument("--keep", action="store_true", help="keep the run's temp dir (logs) and print its path")
+    config.add_options(parser, config.ALLOCATOR)  # every server process of every path runs on it
     args = parser.parse_args(argv)
+    try:
+        args.allocator = allocator.resolve(args.allocator)
+    except ModelfleetError as exc:
+        parser.error(str(exc))
     quick = args.quick
     args.duration = args.duration if args.duration is not None else (1.0 if quick else 2.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.5)
@@ -713,6 +724,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="modelfleet-bench-"))
+    os.environ[config.ALLOCATOR.env] = args.allocator  # inherited by workers, routers, naive server, bare proxy
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr
     with ExitStack() as stack:  # callbacks run last-in first-out: servers stop before the dir goes
         stack.callback(lambda: args.keep or shutil.rmtree(root, ignore_errors=True))
@@ -737,7 +749,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.json.write_text(text)
     print_table(records, args)
     title = (f"modelfleet Predict paths ({os.cpu_count()} cores, {args.workers} worker(s), {args.routers} router(s), "
-             f"{args.duration:g}s/cell, model {args.trees}x{args.leaves})")
+             f"{args.duration:g}s/cell, model {args.trees}x{args.leaves}, malloc {args.allocator})")
     plot(records, args.out / "bench.png", title)
     log(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}"
         + (f" and {args.json}" if args.json else "") + f" in {time.monotonic() - started:.0f}s total")

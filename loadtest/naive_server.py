@@ -33,6 +33,7 @@ import numpy as np
 from cachetools import LRUCache
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from modelfleet import allocator, config
 from modelfleet.rpc import SERVER_OPTIONS
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -108,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--manifest", type=Path, required=True, help="JSON: store root, version, tenant -> artifact")
     parser.add_argument("--cache-models", type=int, default=1000, help="boosters kept (LRU by count)")
     parser.add_argument("--threads", type=int, default=16, help="gRPC server thread pool size")
+    # the workers' malloc: the comparison is between designs, not allocators
+    config.add_options(parser, config.ALLOCATOR)
     args = parser.parse_args(argv)
+    allocator.ensure(args.allocator)
     server, bound = build_server(args.manifest, args.cache_models, args.threads, args.host, args.port)
     print(f"naive_server listening on {args.host}:{bound}", flush=True)
     stopped = threading.Event()

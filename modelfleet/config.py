@@ -95,6 +95,10 @@ event_loop_name = one_of("uvloop", "asyncio")
 EVENT_LOOP = Option("--event-loop", "MODELFLEET_EVENT_LOOP", "uvloop", event_loop_name,
                     "event loop of a router or worker: 'uvloop' (libuv; ~50 µs less CPU per request in each "
                     "process) or 'asyncio' (the standard library's)")
+ALLOCATOR = Option("--allocator", "MODELFLEET_ALLOCATOR", "auto", one_of("auto", "jemalloc", "system"),
+                   "malloc of a router or worker: 'auto' (jemalloc where the system has it, e.g. Debian's "
+                   "libjemalloc2; else the C library's), 'jemalloc' (refuse to start without it) or 'system' "
+                   "(modelfleet.allocator)")
 
 # -- security ---------------------------------------------------------------------------------
 TLS_CERT = Option("--tls-cert", "MODELFLEET_TLS_CERT", "", str,
@@ -217,17 +221,17 @@ ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str,
 
 # What `modelfleet router` and `modelfleet worker` read. Here, not beside the servers, so the
 # command line can declare them without importing a server (and LightGBM with the worker's).
-ROUTER_OPTIONS = (ETCD, PREFIX, HOST, EVENT_LOOP, ROUTER_PORT, ROUTER_ID, ADVERTISE_HOST, SHARD_SIZE, SPILL_INFLIGHT,
-                  WORKER_TRANSPORT, DEFAULT_DEADLINE, SHADOW_BUDGET, LEASE_TTL, AUTH, TLS_CERT, TLS_KEY,
+ROUTER_OPTIONS = (ETCD, PREFIX, HOST, EVENT_LOOP, ALLOCATOR, ROUTER_PORT, ROUTER_ID, ADVERTISE_HOST, SHARD_SIZE,
+                  SPILL_INFLIGHT, WORKER_TRANSPORT, DEFAULT_DEADLINE, SHADOW_BUDGET, LEASE_TTL, AUTH, TLS_CERT, TLS_KEY,
                   TLS_CLIENT_CA, TLS_CA, METRICS_PORT, *ROUTER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
-WORKER_OPTIONS = (ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, HOST, EVENT_LOOP, WORKER_PORT,
-                  WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS, LEASE_TTL, SHARD_SIZE, WARM_ON_JOIN,
-                  WARM_ACTIVE_MINUTES, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, METRICS_PORT,
+WORKER_OPTIONS = (ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, HOST, EVENT_LOOP, ALLOCATOR,
+                  WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS, LEASE_TTL, SHARD_SIZE,
+                  WARM_ON_JOIN, WARM_ACTIVE_MINUTES, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, METRICS_PORT,
                   *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
 
 ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, EVENT_LOOP,
-    ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,
+    ALLOCATOR, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
     ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,

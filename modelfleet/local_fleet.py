@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelfleet import processes
+from modelfleet import allocator, processes
 from modelfleet.demo_models import train_model_text
 from modelfleet.store import LocalStore
 from version_service.etcd_client import connect
@@ -75,7 +75,7 @@ class LocalFleet:
         env.update(MODELFLEET_ETCD=self.etcd_endpoint, MODELFLEET_PREFIX=self.prefix,
                    MODELFLEET_STORE=str(self.store_dir), MODELFLEET_HOME=str(self.root / "home"),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-        return env
+        return allocator.preload_env(env)  # children start on their malloc, without re-executing
 
     def spawn(self, name: str, argv: list[str]) -> Proc:
         log_path = self.root / f"{name}.log"

@@ -14,7 +14,7 @@ import logging
 import socket
 import time
 
-from modelfleet import event_loop, heap
+from modelfleet import allocator, event_loop, heap
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
@@ -145,6 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
     await set_serving(health, SERVICE_NAMES, True)
     event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", metrics_port=metrics_port,
           auth=args.auth, frozen_objects=frozen, event_loop=event_loop.running_loop_name(),
+          allocator=allocator.active(),
           tls="mutual" if args.tls_client_ca else bool(server_credentials), tenants=len(routes.routes),
           workers=len(routes.workers), revision=routes.revision)
 

@@ -1,18 +1,22 @@
-"""Keeping a worker's RSS close to its model budget (glibc malloc).
+"""Keeping a worker's RSS close to its model budget.
 
 A worker loads and frees models all day from several threads. glibc gives each thread its own
 arena and keeps freed pages, so RSS drifts well above what the live models hold. Two fixes:
 cap the arenas at start (`limit_arenas`; `arenas_for` says how many: no more than the load
 threads that contend for them), and hand free heap pages back to the OS after evictions
-(`trim`, run from a background task, never on the request path).
+(`trim`, run from a background task, never on the request path). Under jemalloc
+(modelfleet.allocator) `trim` purges every arena's unused dirty pages instead, which jemalloc
+would otherwise hand back only over ~10 s; capping arenas is glibc's alone (a no-op there).
 """
 from __future__ import annotations
 
 import ctypes
 
-from modelfleet import procfs
+from modelfleet import allocator, procfs
 
 _M_ARENA_MAX = -8
+
+_ARENAS_ALL = 4096  # jemalloc's MALLCTL_ARENAS_ALL: "arena.4096.purge" purges every arena
 
 try:
     _libc = ctypes.CDLL(None)
@@ -37,4 +41,7 @@ def limit_arenas(arenas: int = 2) -> bool:
 
 def trim() -> bool:
     """Returns free heap memory to the OS (costs up to a few ms: call off the event loop)."""
+    mallctl = allocator.mallctl()
+    if mallctl is not None:
+        return mallctl(f"arena.{_ARENAS_ALL}.purge".encode(), None, None, None, 0) == 0
     return bool(_malloc_trim is not None and _malloc_trim(0))

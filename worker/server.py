@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 
-from modelfleet import event_loop, heap
+from modelfleet import allocator, event_loop, heap
 from modelfleet.errors import InvalidArgument, Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
@@ -88,7 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
           cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen,
-          event_loop=event_loop.running_loop_name())
+          event_loop=event_loop.running_loop_name(), allocator=allocator.active())
 
     trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
     await wait_for_signal()

@@ -18,7 +18,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads once
 
-from modelfleet import config, event_loop, log  # noqa: E402
+from modelfleet import allocator, config, event_loop, log  # noqa: E402
 from modelfleet.errors import ModelfleetError
 
 Command = Callable[[argparse.Namespace], int | None]
@@ -30,12 +30,14 @@ EXIT_USAGE = 2
 
 
 def _run_worker(args: argparse.Namespace) -> None:
+    allocator.ensure(args.allocator)  # may re-execute this process: before any thread or socket
     from worker.server import serve
 
     event_loop.run(serve(args), args.event_loop)
 
 
 def _run_router(args: argparse.Namespace) -> None:
+    allocator.ensure(args.allocator)
     from router.server import serve
 
     event_loop.run(serve(args), args.event_loop)
