@@ -4,9 +4,8 @@ Why: a worker loads and evicts models all day, and LightGBM's parser makes and f
 strings and vectors per tree; gRPC's C core allocates per message in both servers. Under
 glibc's malloc a worker in a miss-heavy benchmark spent ~25 % of its load threads' CPU in
 malloc and free (`perf`, zipf100k with 8 callers, 2 cores), and glibc's `mallinfo2`, which
-sizes models at load, walks every free chunk under the arena locks. With jemalloc the same
-cells took 15-30 % less worker CPU per request and ~20 % less router CPU (README,
-"Allocator").
+sizes models at load, walks every free chunk under the arena locks. With jemalloc a worker
+took 20-33 % less CPU per request in the zipf100k cells (README, "Allocator").
 
 jemalloc has to be in place before the first allocation, so it is preloaded (LD_PRELOAD) at
 exec time. Launchers that start routers and workers (modelfleet.local_fleet: `modelfleet up`,
