@@ -17,6 +17,7 @@ without it.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import functools
@@ -75,9 +76,9 @@ def preload_env(env: dict[str, str]) -> dict[str, str]:
     """`env` for a child router or worker, preloading what its MODELFLEET_ALLOCATOR asks for, so
     that it starts on it without re-executing. A choice that cannot be met is left to the child
     (which refuses to start, saying why)."""
-    try:
-        want = resolve(env.get(config.ALLOCATOR.env) or config.ALLOCATOR.default)
-    except FailedPrecondition:
+    try:  # read as the child will read it (any case), so the two never disagree
+        want = resolve(config.ALLOCATOR.type(env.get(config.ALLOCATOR.env) or config.ALLOCATOR.default))
+    except (argparse.ArgumentTypeError, FailedPrecondition):
         return env
     return _with_preload(env, want)
 

@@ -119,3 +119,13 @@ def test_loads_under_jemalloc_are_measured_exactly_per_thread():
     for shape, sizes in out["sizes"].items():
         assert len(set(sizes["nbytes"])) == 1, (shape, sizes)  # exact: no other thread's bytes in it
         assert 0.6 <= sizes["nbytes"][0] / sizes["estimate"] <= 1.6, (shape, sizes)
+
+
+@needs_jemalloc
+def test_the_launcher_reads_the_choice_as_the_child_will():
+    """Any case, as the flag's parser takes it; a value the child will refuse is left to it."""
+    assert "jemalloc" in allocator.preload_env({"MODELFLEET_ALLOCATOR": "JEMALLOC"})["LD_PRELOAD"]
+    assert "LD_PRELOAD" not in allocator.preload_env({"MODELFLEET_ALLOCATOR": "System",
+                                                      "LD_PRELOAD": allocator.find_jemalloc()})
+    bogus = {"MODELFLEET_ALLOCATOR": "tcmalloc", "LD_PRELOAD": "libfoo.so"}
+    assert allocator.preload_env(bogus) == bogus
