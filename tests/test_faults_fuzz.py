@@ -117,6 +117,7 @@ _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 @example(tenant="canny", version="", values=[0.0] * 8, meta=[("x-modelfleet-key", "\x7e" * 200)])
 @example(tenant="fragile", version="", values=[0.0] * 8, meta=[])
 @example(tenant="tight", version="", values=[0.0] * 8, meta=[])
+@example(tenant="acme", version="v999", values=[0.0] * 8, meta=[])  # NOT_FOUND, whatever the draws
 @example(tenant="é" * 100_000, version="", values=[0.0], meta=[])
 def test_fuzzed_predict_through_the_router_answers_only_documented_statuses(running, tenant, version, values, meta):
     _, stub, _, _ = running
