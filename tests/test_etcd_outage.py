@@ -1,5 +1,5 @@
 """etcd stops for 20 s under load: every Predict still succeeds; admin writes fail clearly;
-after etcd returns, a pin made then reaches the router."""
+after etcd returns, a pin made then reaches the router within seconds, with no failures either."""
 from __future__ import annotations
 
 import threading
@@ -12,6 +12,7 @@ from tests.fleet import predict, predictor
 from tests.test_cli import cli
 
 OUTAGE_S = 20.0
+RECOVERY_S = 5.0
 
 
 def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd_fleet):
@@ -53,12 +54,14 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
                        what="the outage to last 20 s")
         served_during = served[0] - before
         etcd.start()
+        fleet.wait_for(lambda: fleet.registry.pin("a", "v1"), timeout=30, what="etcd to accept writes again")
+        # Channels to etcd retry every second at most (etcd_client.RECONNECT_OPTIONS): the router
+        # follows the change within seconds, and the workers keep their leases (no failures after).
+        fleet.wait_for(lambda: predict(stub, "a", x).model_version == "v1", timeout=RECOVERY_S,
+                       what="the pin to propagate")
     finally:
         stop.set()
         for t in threads:
             t.join(30)
     assert failures == []
     assert served_during > 100
-
-    fleet.wait_for(lambda: fleet.registry.pin("a", "v1"), timeout=30, what="etcd to accept writes again")
-    fleet.wait_for(lambda: predict(stub, "a", x).model_version == "v1", timeout=10, what="the pin to propagate")

@@ -24,6 +24,7 @@ from pyetcd.etcdrpc import kv_pb2
 from modelfleet.config import etcd_endpoints
 from modelfleet.errors import Unavailable
 from modelfleet.log import event
+from version_service.etcd_client import RECONNECT_OPTIONS
 from version_service.schema import ApiKeyRecord, DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
 
 log = logging.getLogger("modelfleet.routing_cache")
@@ -31,7 +32,7 @@ log = logging.getLogger("modelfleet.routing_cache")
 ChangeListener = Callable[[str], None]  # called with "routes" or "workers" from the watch thread
 
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                    ("grpc.max_receive_message_length", 256 << 20)]
+                    ("grpc.max_receive_message_length", 256 << 20), *RECONNECT_OPTIONS]
 
 
 RANGE_PAGE = 5_000  # records per ranged read at (re)sync, all pages at the first page's revision
@@ -265,4 +266,4 @@ class RoutingCache:
                 self.connected = False
                 self._next_endpoint()
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, 1.0)
