@@ -3,15 +3,22 @@
 LightGBM can crash (SIGSEGV, SIGFPE) or hang on text that parses but is inconsistent inside, and
 a worker must never be the first to find out. So a new artifact is loaded and made to predict
 (a row of zeros and a row of NaN) in a child process with a timeout; only then is it stored.
+A registry keeps its child for the next artifact (`ArtifactChecker`); a bulk import checks in a
+pool of them (`check_many`).
 The store is content-addressed and sha256-verified on every read, so a checked artifact stays
 checked. `read_header` gives the same facts cheaply for an artifact the store already holds.
 """
 from __future__ import annotations
 
 import json
+import os
+import select
+import selectors
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +26,7 @@ from typing import Callable
 from modelfleet.errors import FailedPrecondition
 
 CHECK_TIMEOUT_S = 60.0
+IDLE_EXIT_S = 30.0  # a checker child with nothing to do exits after this long
 
 
 @dataclass(frozen=True)
@@ -45,50 +53,112 @@ def read_header(text: str, what: str = "model") -> ModelInfo:
         raise FailedPrecondition(f"{what} is not a LightGBM text model (no max_feature_idx in its header)") from None
 
 
-def check_in_child(path: Path, timeout: float = CHECK_TIMEOUT_S) -> ModelInfo:
-    """Loads and predicts with the model in a child process; FailedPrecondition if that fails."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "modelfleet.artifact_check", str(path)], capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise FailedPrecondition(f"{path} is not a usable LightGBM model: loading it did not finish "
-                                 f"within {timeout:.0f}s") from None
-    if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
-        raise FailedPrecondition(f"{path} is not a usable LightGBM model: loading it crashed LightGBM ({name})")
-    if done.returncode != 0:
-        reason = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise FailedPrecondition(f"{path} is not a usable LightGBM model: {reason}")
-    return ModelInfo(**json.loads(done.stdout))
+class ArtifactChecker:
+    """Checks artifacts in one child process kept for the next check.
+
+    A child's start (Python, numpy, LightGBM) costs ~0.4 s and a check of a small model ~2 ms, so
+    a registry that registers many models (a test fleet, `modelfleet up`) keeps one child instead
+    of starting one per artifact. The isolation is the same: a crash or a hang kills only the
+    child, that artifact is refused, and the next check starts a fresh one. The child exits by
+    itself after IDLE_EXIT_S without work (it holds LightGBM's memory) and when this process goes.
+    Thread-safe: checks take turns.
+    """
+
+    def __init__(self, timeout: float = CHECK_TIMEOUT_S, idle_exit_s: float = IDLE_EXIT_S) -> None:
+        self.timeout = timeout
+        self.idle_exit_s = idle_exit_s
+        self.children_started = 0
+        self._child: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def check(self, path: Path) -> ModelInfo:
+        """The model's facts; FailedPrecondition if it does not load and predict in the child."""
+        with self._lock:
+            for attempt in (1, 2):  # a second child only if the first left before reading the path
+                if self._child is not None and self._child.poll() is not None:
+                    self._reap()  # it exited idle
+                child = self._child or self._start()
+                try:
+                    child.stdin.write(json.dumps(str(path)).encode() + b"\n")
+                    child.stdin.flush()
+                except BrokenPipeError:
+                    line = b""
+                else:
+                    line = self._read_line(child, path)
+                if line:
+                    reply = json.loads(line)
+                    if "error" in reply:
+                        raise FailedPrecondition(f"{path} is not a usable LightGBM model: {reply['error']}")
+                    return ModelInfo(**reply["info"])
+                returncode = self._reap()
+                if returncode < 0:
+                    name = signal.Signals(-returncode).name
+                    raise FailedPrecondition(f"{path} is not a usable LightGBM model: loading it crashed "
+                                             f"LightGBM ({name})")
+            raise FailedPrecondition(f"{path} could not be checked: the checking process exited with {returncode}")
+
+    @property
+    def child_pid(self) -> int | None:
+        """The checking child's pid while it runs."""
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._child is not None:
+                self._child.stdin.close()  # the child's cue to exit
+                try:
+                    self._child.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._child.kill()
+                self._reap()
+
+    def _start(self) -> subprocess.Popen:
+        self._child = subprocess.Popen([sys.executable, "-m", "modelfleet.artifact_check", str(self.idle_exit_s)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.children_started += 1
+        return self._child
+
+    def _read_line(self, child: subprocess.Popen, path: Path) -> bytes:
+        """The child's one-line reply, b"" if it exited first; kills it past the timeout."""
+        deadline = time.monotonic() + self.timeout
+        fd, data = child.stdout.fileno(), b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while not data.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    child.kill()
+                    self._reap()
+                    raise FailedPrecondition(f"{path} is not a usable LightGBM model: loading it did not finish "
+                                             f"within {self.timeout:g}s")
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return b""
+                data += chunk
+        return data
+
+    def _reap(self) -> int:
+        child, self._child = self._child, None
+        child.stdin.close()
+        child.stdout.close()
+        return child.wait()
 
 
-def _check(path: str) -> int:
-    import numpy as np
-
-    from modelfleet.errors import ModelfleetError
-    from worker.predictor import LoadedModel
-
-    try:
-        text = Path(path).read_text()
-        info = read_header(text, path)
-        model = LoadedModel.from_model_text(text)
-        if (model.num_features, model.num_classes) != (info.num_features, info.num_classes):
-            print(f"header says {info.num_features} features x {info.num_classes} outputs, "
-                  f"the booster {model.num_features} x {model.num_classes}")
-            return 1
-        rows = np.vstack([np.zeros(model.num_features), np.full(model.num_features, np.nan)])
-        model.predict(rows[0])
-        model.predict(rows.reshape(-1))
-        model.close()
-    except (ModelfleetError, OSError, UnicodeDecodeError) as exc:
-        print(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return 1
-    print(json.dumps(asdict(info)))
+def _serve(idle_exit_s: float = IDLE_EXIT_S) -> int:
+    """The child: one JSON path per line in, one JSON reply per line out, until EOF or idle."""
+    while select.select([sys.stdin], [], [], idle_exit_s)[0]:
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return 0
+        try:
+            outcome = _check_path(Path(json.loads(line)))
+        except Exception as exc:  # noqa: BLE001 - whatever it is, that artifact is refused, not the child lost
+            outcome = f"{type(exc).__name__}: {exc}"
+        reply = {"info": outcome} if isinstance(outcome, dict) else {"error": outcome}
+        sys.stdout.buffer.write(json.dumps(reply).encode() + b"\n")
+        sys.stdout.buffer.flush()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_check(sys.argv[1]))
 
 
 def check_many(paths: list[Path], processes: int | None = None,
@@ -96,13 +166,12 @@ def check_many(paths: list[Path], processes: int | None = None,
     """Checks many new artifacts in a pool of child processes (bulk import).
 
     A model that crashes LightGBM takes its pool process down with it; the pool is then
-    rebuilt and every unfinished path is re-checked alone in its own child, so one bad file
-    costs one failure, not the import.
+    replaced by one ArtifactChecker that re-checks every unfinished path in turn (a fresh child
+    after each crash), so one bad file costs one failure, not the import.
     """
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
     import multiprocessing as mp
-    import os
 
     results: dict[Path, ModelInfo | FailedPrecondition] = {}
     pending = list(paths)
@@ -117,19 +186,23 @@ def check_many(paths: list[Path], processes: int | None = None,
                 if on_done is not None:
                     on_done(1)
     except BrokenProcessPool:
-        for path in pending:
-            if path not in results:
-                try:
-                    results[path] = check_in_child(path)
-                except FailedPrecondition as exc:
-                    results[path] = exc
-                if on_done is not None:
-                    on_done(1)
+        checker = ArtifactChecker()  # one child at a time: a crash costs its own artifact only
+        try:
+            for path in pending:
+                if path not in results:
+                    try:
+                        results[path] = checker.check(path)
+                    except FailedPrecondition as exc:
+                        results[path] = exc
+                    if on_done is not None:
+                        on_done(1)
+        finally:
+            checker.close()
     return results
 
 
 def _check_path(path: Path) -> dict | str:
-    """In a pool process: the ModelInfo as a dict, or the reason it is not usable."""
+    """In a checker or pool process: the ModelInfo as a dict, or the reason it is not usable."""
     import numpy as np
 
     from modelfleet.errors import ModelfleetError
@@ -137,7 +210,7 @@ def _check_path(path: Path) -> dict | str:
 
     try:
         text = Path(path).read_text()
-        info = read_header(text, str(path))
+        info = read_header(text, "it")  # the caller's message names the path
         model = LoadedModel.from_model_text(text)
         try:
             if (model.num_features, model.num_classes) != (info.num_features, info.num_classes):
@@ -149,3 +222,7 @@ def _check_path(path: Path) -> dict | str:
         return asdict(info)
     except (ModelfleetError, OSError, UnicodeDecodeError) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(float(sys.argv[1]) if len(sys.argv) > 1 else IDLE_EXIT_S))

@@ -135,6 +135,7 @@ class LocalFleet:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             processes.stop(proc.popen)
+        self.registry.close()
         self.client.close()
 
     # -- models ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from modelfleet import failpoints
-from modelfleet.artifact_check import ModelInfo, check_in_child, read_header
+from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import Store, artifact_for, sha256_file
 from version_service.etcd_client import EtcdClient, etcd_errors
@@ -54,6 +54,11 @@ class Registry:
         self.client = client
         self.keys = keys
         self.store = store
+        self.checker = ArtifactChecker()  # its child starts at the first new artifact
+
+    def close(self) -> None:
+        """Stops the artifact checker's child, if any (the etcd client is the caller's)."""
+        self.checker.close()
 
     # -- reads -----------------------------------------------------------------------------
     def route(self, tenant: str) -> tuple[RouteRecord, int]:
@@ -116,7 +121,7 @@ class Registry:
 
     # -- artifacts -------------------------------------------------------------------------
     def store_artifact(self, path: Path) -> tuple[str, str, int, ModelInfo]:
-        """(artifact, sha256, size, info): new artifacts are checked in a child process first."""
+        """(artifact, sha256, size, info): new artifacts are checked in the checker's child first."""
         if self.store is None:
             raise FailedPrecondition("registering needs a model store (--store / MODELFLEET_STORE)")
         if not path.is_file():
@@ -126,7 +131,7 @@ class Registry:
         if self.store.exists(artifact):  # stored => already checked; the header is enough
             info = read_header(path.read_text(errors="replace"), str(path))
             return artifact, sha, path.stat().st_size, info
-        info = check_in_child(path)
+        info = self.checker.check(path)
         stored = self.store.put_file(path)
         return stored.artifact, stored.sha256, stored.size, info
 

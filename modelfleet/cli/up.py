@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         fleet = LocalFleet(args.etcd, args.prefix, home, store_dir=Path(args.store), lease_ttl=args.lease_ttl)
         print(f"training and registering {args.demo_tenants} demo tenants into {args.store} ...", flush=True)
         register_demo_tenants(fleet.registry, args.demo_tenants, home / "demo-models")
+        fleet.registry.close()  # nothing more to check: the checker's child goes now, not when idle
         print(f"starting {args.workers} workers and a router ...", flush=True)
         fleet.start_workers([(f"worker-{n}", f"zone-{'abc'[(n - 1) % 3]}") for n in range(1, args.workers + 1)],
                             cache_bytes=args.cache_bytes)

@@ -1,0 +1,115 @@
+"""The artifact checker's child: kept for many checks, and replaced after a crash, a hang or idling."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from modelfleet import processes
+from modelfleet.artifact_check import ArtifactChecker, ModelInfo
+from modelfleet.demo_models import train_model_text
+from modelfleet.errors import FailedPrecondition
+
+
+def _model(tmp_path: Path, seed: int, objective: str = "regression") -> Path:
+    path = tmp_path / f"{objective}-{seed}.txt"
+    path.write_text(train_model_text(seed, num_features=5, objective=objective))
+    return path
+
+
+@pytest.fixture
+def checker():
+    checking = ArtifactChecker(timeout=30)
+    yield checking
+    checking.close()
+
+
+def test_one_child_checks_many_artifacts_and_outlives_the_bad_ones(checker, tmp_path):
+    junk = tmp_path / "junk.txt"
+    junk.write_text("this is not a model")
+    assert checker.check(_model(tmp_path, 1)) == ModelInfo(num_features=5, num_classes=1, objective="regression")
+    with pytest.raises(FailedPrecondition, match=r"junk.txt is not a usable LightGBM model: it is not a LightGBM"):
+        checker.check(junk)
+    with pytest.raises(FailedPrecondition, match="not a usable LightGBM model"):
+        checker.check(tmp_path / "missing.txt")
+    assert checker.check(_model(tmp_path, 2, "binary")) == ModelInfo(5, 1, "binary")
+    assert checker.check(_model(tmp_path, 3, "multiclass")) == ModelInfo(5, 3, "multiclass")
+    assert checker.children_started == 1
+
+
+def _check_in_thread(checker: ArtifactChecker, path: Path) -> tuple[threading.Thread, list]:
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(checker.check(path))
+        except FailedPrecondition as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_crash_refuses_that_artifact_and_the_next_check_gets_a_fresh_child(checker, tmp_path):
+    checker.check(_model(tmp_path, 1))
+    first = checker.child_pid
+    fifo = tmp_path / "blocks.txt"
+    os.mkfifo(fifo)
+    thread, outcome = _check_in_thread(checker, fifo)
+    with open(fifo, "w"):  # returns once the child has opened the artifact: it is checking it now
+        os.kill(first, signal.SIGSEGV)
+        thread.join(30)
+    assert isinstance(outcome[0], FailedPrecondition)
+    assert "blocks.txt is not a usable LightGBM model: loading it crashed LightGBM (SIGSEGV)" in str(outcome[0])
+    assert checker.check(_model(tmp_path, 2)).num_features == 5
+    assert checker.children_started == 2 and checker.child_pid != first
+
+
+def test_a_hang_is_killed_at_the_timeout_and_the_next_check_gets_a_fresh_child(tmp_path):
+    checker = ArtifactChecker(timeout=1.5)
+    try:
+        checker.check(_model(tmp_path, 1))
+        first = checker.child_pid
+        fifo = tmp_path / "hangs.txt"
+        os.mkfifo(fifo)  # nobody ever writes: opening it blocks the child
+        with pytest.raises(FailedPrecondition, match="hangs.txt is not a usable LightGBM model: loading it did not "
+                                                     "finish within 1.5s"):
+            checker.check(fifo)
+        assert not processes.pid_alive(first)
+        assert checker.check(_model(tmp_path, 2)).num_features == 5
+        assert checker.children_started == 2
+    finally:
+        checker.close()
+
+
+def test_an_idle_child_exits_and_the_next_check_starts_another(tmp_path):
+    checker = ArtifactChecker(timeout=30, idle_exit_s=0.3)
+    try:
+        checker.check(_model(tmp_path, 1))
+        first = checker.child_pid
+        processes.wait_for(lambda: checker.child_pid is None, 10, what="the idle child to exit")
+        assert not processes.pid_alive(first)
+        assert checker.check(_model(tmp_path, 2)).num_features == 5
+        assert checker.children_started == 2
+    finally:
+        checker.close()
+
+
+def test_close_ends_the_child(tmp_path):
+    checker = ArtifactChecker()
+    checker.check(_model(tmp_path, 1))
+    pid = checker.child_pid
+    checker.close()
+    assert checker.child_pid is None and not processes.pid_alive(pid)
+
+
+def test_a_registry_checks_every_new_artifact_in_one_child(fleet):
+    for seed in range(4):
+        fleet.register(f"t{seed}", "v1", seed=seed)
+    with pytest.raises(FailedPrecondition):
+        fleet.registry.register("t9", "v1", Path(__file__))
+    assert fleet.registry.checker.children_started == 1
