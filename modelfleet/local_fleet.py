@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelfleet import allocator, processes, tls
+from modelfleet.artifact_check import ArtifactChecker
 from modelfleet.demo_models import train_model_text
 from modelfleet.store import LocalStore
 from version_service.etcd_client import connect
@@ -61,6 +62,7 @@ class LocalFleet:
     root: Path  # logs and trained models; the store defaults to root/store
     store_dir: Path | None = None
     lease_ttl: int = 3
+    checker: ArtifactChecker | None = None  # shared by fleets that come and go (the tests'); else the registry's own
     procs: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -68,7 +70,7 @@ class LocalFleet:
         self.store_dir = Path(self.store_dir or self.root / "store")
         self.client = connect(self.etcd_endpoint)
         self.keys = Keys(self.prefix)
-        self.registry = Registry(self.client, self.keys, LocalStore(self.store_dir))
+        self.registry = Registry(self.client, self.keys, LocalStore(self.store_dir), checker=self.checker)
         self.models_dir = self.root / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
 

@@ -12,6 +12,10 @@ from modelfleet import processes
 from modelfleet.artifact_check import ArtifactChecker, ModelInfo
 from modelfleet.demo_models import train_model_text
 from modelfleet.errors import FailedPrecondition
+from modelfleet.store import LocalStore
+from version_service.etcd_client import connect
+from version_service.registry import Registry
+from version_service.schema import Keys
 
 
 def _model(tmp_path: Path, seed: int, objective: str = "regression") -> Path:
@@ -108,8 +112,26 @@ def test_close_ends_the_child(tmp_path):
 
 
 def test_a_registry_checks_every_new_artifact_in_one_child(fleet):
+    started = fleet.registry.checker.children_started  # the tests' fleets share one checker
     for seed in range(4):
         fleet.register(f"t{seed}", "v1", seed=seed)
     with pytest.raises(FailedPrecondition):
         fleet.registry.register("t9", "v1", Path(__file__))
-    assert fleet.registry.checker.children_started == 1
+    assert fleet.registry.checker.children_started - started <= 1
+
+
+def test_a_registry_closes_only_the_checker_it_owns(etcd, tmp_path, artifact_checker):
+    client = connect(etcd.endpoint)
+    try:
+        own = Registry(client, Keys("/mf-test/own"), LocalStore(tmp_path / "store"))
+        shared = Registry(client, Keys("/mf-test/shared"), LocalStore(tmp_path / "store"), checker=artifact_checker)
+        model = _model(tmp_path, 1)
+        own.register("a", "v1", model)
+        shared.register("a", "v1", _model(tmp_path, 2))
+        own_pid, shared_pid = own.checker.child_pid, artifact_checker.child_pid
+        own.close()
+        shared.close()
+        assert not processes.pid_alive(own_pid) and own.checker.child_pid is None
+        assert artifact_checker.child_pid == shared_pid and processes.pid_alive(shared_pid)
+    finally:
+        client.close()

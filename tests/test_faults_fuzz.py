@@ -32,8 +32,8 @@ CLIENT_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 
 
 @pytest.fixture(scope="module")
-def running(etcd, tmp_path_factory):
-    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("fuzz"))
+def running(etcd, tmp_path_factory, artifact_checker):
+    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("fuzz"), checker=artifact_checker)
     fleet.register("acme", "v1", seed=1)
     fleet.register("multi", "v1", seed=2, objective="multiclass")
     fleet.register("canny", "v1", seed=3)

@@ -30,8 +30,8 @@ TIMEOUT = 10.0
 
 
 @pytest.fixture(scope="module")
-def running(etcd, tmp_path_factory):
-    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("oip-fleet"))
+def running(etcd, tmp_path_factory, artifact_checker):
+    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("oip-fleet"), checker=artifact_checker)
     for tenant, (objective, seed) in TENANTS.items():
         fleet.register(tenant, "v1", seed=seed, objective=objective)
     fleet.register("pinny", "v1", seed=11)

@@ -19,8 +19,8 @@ TENANTS = {"reg": "regression", "bin": "binary", "multi": "multiclass"}
 
 
 @pytest.fixture(scope="module")
-def running(etcd, tmp_path_factory):
-    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("fleet"))
+def running(etcd, tmp_path_factory, artifact_checker):
+    fleet = Fleet(etcd.endpoint, new_prefix(), tmp_path_factory.mktemp("fleet"), checker=artifact_checker)
     for seed, (tenant, objective) in enumerate(TENANTS.items(), start=1):
         fleet.register(tenant, "v1", seed=seed, objective=objective)
     fleet.register("pinny", "v1", seed=11)

@@ -50,15 +50,20 @@ def new_event_id() -> str:
 
 
 class Registry:
-    def __init__(self, client: EtcdClient, keys: Keys, store: Store | None = None) -> None:
+    def __init__(self, client: EtcdClient, keys: Keys, store: Store | None = None,
+                 checker: ArtifactChecker | None = None) -> None:
+        """`checker` may be shared by several registries (its owner closes it); by default the
+        registry has its own, whose child starts at the first new artifact."""
         self.client = client
         self.keys = keys
         self.store = store
-        self.checker = ArtifactChecker()  # its child starts at the first new artifact
+        self.checker = checker or ArtifactChecker()
+        self._owns_checker = checker is None
 
     def close(self) -> None:
-        """Stops the artifact checker's child, if any (the etcd client is the caller's)."""
-        self.checker.close()
+        """Stops its own artifact checker's child, if any (the etcd client is the caller's)."""
+        if self._owns_checker:
+            self.checker.close()
 
     # -- reads -----------------------------------------------------------------------------
     def route(self, tenant: str) -> tuple[RouteRecord, int]:
