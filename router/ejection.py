@@ -122,7 +122,7 @@ class OutlierEjector:
             state.probe_until = 0.0
 
     def forget(self, worker_id: str) -> None:
-        """The worker left the fleet."""
+        """The worker left the fleet, or a new process registered under its id: its past is not the new one's."""
         state = self._states.pop(worker_id, None)
         if state is not None and state.ejected_until:
             self._ejected -= 1

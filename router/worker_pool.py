@@ -18,6 +18,11 @@ from router.ejection import OutlierEjector
 from router.worker_stream import WorkerPredict
 from version_service.schema import WorkerRecord
 
+# Each worker channel with its own connection state: gRPC otherwise shares one subchannel among
+# channels to the same address, so the fresh channel for a worker restarted at its old address
+# inherited the dead process's reconnect backoff and failed at once (then the worker was ejected).
+_WORKER_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+
 
 class WorkerPool:
     def __init__(self, ejector: OutlierEjector | None = None,
@@ -30,23 +35,28 @@ class WorkerPool:
         self.inflight: dict[str, int] = {}
         self.ejector = ejector if ejector is not None else OutlierEjector()
         self._credentials = credentials
-        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._channels: dict[str, tuple[WorkerRecord, grpc.aio.Channel]] = {}
 
     def update(self, workers: dict[str, WorkerRecord]) -> list[grpc.aio.Channel]:
         """Opens channels to new workers; returns the channels of departed ones (caller closes)."""
         stale: list[grpc.aio.Channel] = []
-        for worker_id, (address, channel) in list(self._channels.items()):
+        for worker_id, (known, channel) in list(self._channels.items()):
             record = workers.get(worker_id)
-            if record is None or record.address != address:
+            # A new process under this id, at a new address or at the same one (a restarted
+            # container keeps its pod's IP): a fresh channel, which connects at once instead of
+            # after the old one's reconnect backoff, and no ejection carried over from the old one.
+            if record is None or (record.address, record.started) != (known.address, known.started):
                 del self._channels[worker_id]
                 self.stubs.pop(worker_id, None)
                 self.predictors.pop(worker_id).close()
-                self.ejector.forget(worker_id)  # a restarted worker (new address) starts clean
+                self.ejector.forget(worker_id)
                 stale.append(channel)
+            elif record != known:  # the same process, e.g. gone live after its warm-up
+                self._channels[worker_id] = (record, channel)
         for worker_id, record in workers.items():
             if worker_id not in self._channels:
-                channel = tls.channel(record.address, self._credentials, options=CHANNEL_OPTIONS)
-                self._channels[worker_id] = (record.address, channel)
+                channel = tls.channel(record.address, self._credentials, options=_WORKER_CHANNEL_OPTIONS)
+                self._channels[worker_id] = (record, channel)
                 stub = self.stubs[worker_id] = worker_pb2_grpc.WorkerStub(channel)
                 self.predictors[worker_id] = WorkerPredict(stub, self._transport)
                 self.inflight.setdefault(worker_id, 0)

@@ -15,15 +15,10 @@ from pyetcd import exceptions as etcd_exceptions
 
 from modelfleet.config import etcd_endpoints
 from modelfleet.errors import Unavailable
+from modelfleet.rpc import RECONNECT_OPTIONS
 
 EtcdClient = pyetcd.MultiEndpointEtcd3Client
 
-# How soon a channel to etcd tries again after losing it. gRPC's default waits 1 s, then 1.6 x
-# longer after each failed attempt, up to 120 s: after a 20 s outage a router noticed etcd's return
-# ~8 s late (the changes made then reached it that late), and a worker's lease refresh could miss
-# a TTL. Capped at 1 s, both are back within about a second, for one connect attempt a second per
-# process while etcd is down.
-RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 # A ranged read of every route at 100k+ tenants is tens of MB: gRPC's 4 MB default is too small.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 512 << 20), ("grpc.max_send_message_length", 64 << 20),
                     *RECONNECT_OPTIONS]

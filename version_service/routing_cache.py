@@ -24,7 +24,7 @@ from pyetcd.etcdrpc import kv_pb2
 from modelfleet.config import etcd_endpoints
 from modelfleet.errors import Unavailable
 from modelfleet.log import event
-from version_service.etcd_client import RECONNECT_OPTIONS
+from modelfleet.rpc import RECONNECT_OPTIONS
 from version_service.schema import ApiKeyRecord, DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
 
 log = logging.getLogger("modelfleet.routing_cache")
