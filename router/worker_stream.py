@@ -203,6 +203,7 @@ class _Stream:
             ended = _rpc_error(grpc.StatusCode.CANCELLED, "router stopped")
         finally:
             self.open = False
+            self._queue.put_nowait(None)  # the writer may wait for a frame that will never come
             self._settle_pending(ended)
 
     def _settle_pending(self, ended: grpc.aio.AioRpcError | None) -> None:
