@@ -25,10 +25,22 @@ def _model(tmp_path: Path, seed: int, objective: str = "regression") -> Path:
 
 
 @pytest.fixture
-def checker():
-    checking = ArtifactChecker(timeout=30)
-    yield checking
-    checking.close()
+def make_checker():
+    """ArtifactChecker(**kwargs), each closed after the test."""
+    made: list[ArtifactChecker] = []
+
+    def make(**kwargs) -> ArtifactChecker:
+        made.append(ArtifactChecker(**kwargs))
+        return made[-1]
+
+    yield make
+    for checker in made:
+        checker.close()
+
+
+@pytest.fixture
+def checker(make_checker):
+    return make_checker(timeout=30)
 
 
 def test_one_child_checks_many_artifacts_and_outlives_the_bad_ones(checker, tmp_path):
@@ -69,42 +81,37 @@ def test_a_crash_refuses_that_artifact_and_the_next_check_gets_a_fresh_child(che
         thread.join(30)
     assert isinstance(outcome[0], FailedPrecondition)
     assert "blocks.txt is not a usable LightGBM model: loading it crashed LightGBM (SIGSEGV)" in str(outcome[0])
+    _replaced(checker, first, tmp_path)
+
+
+def test_a_hang_is_killed_at_the_timeout_and_the_next_check_gets_a_fresh_child(make_checker, tmp_path):
+    checker = make_checker(timeout=1.5)
+    checker.check(_model(tmp_path, 1))
+    first = checker.child_pid
+    fifo = tmp_path / "hangs.txt"
+    os.mkfifo(fifo)  # nobody ever writes: opening it blocks the child
+    with pytest.raises(FailedPrecondition, match="hangs.txt is not a usable LightGBM model: loading it did not "
+                                                 "finish within 1.5s"):
+        checker.check(fifo)
+    _replaced(checker, first, tmp_path)
+
+
+def test_an_idle_child_exits_and_the_next_check_starts_another(make_checker, tmp_path):
+    checker = make_checker(timeout=30, idle_exit_s=0.3)
+    checker.check(_model(tmp_path, 1))
+    first = checker.child_pid
+    processes.wait_for(lambda: checker.child_pid is None, 10, what="the idle child to exit")
+    _replaced(checker, first, tmp_path)
+
+
+def _replaced(checker: ArtifactChecker, first: int, tmp_path: Path) -> None:
+    """The first child is gone, and the next check works in a second one."""
+    assert not processes.pid_alive(first)
     assert checker.check(_model(tmp_path, 2)).num_features == 5
     assert checker.children_started == 2 and checker.child_pid != first
 
 
-def test_a_hang_is_killed_at_the_timeout_and_the_next_check_gets_a_fresh_child(tmp_path):
-    checker = ArtifactChecker(timeout=1.5)
-    try:
-        checker.check(_model(tmp_path, 1))
-        first = checker.child_pid
-        fifo = tmp_path / "hangs.txt"
-        os.mkfifo(fifo)  # nobody ever writes: opening it blocks the child
-        with pytest.raises(FailedPrecondition, match="hangs.txt is not a usable LightGBM model: loading it did not "
-                                                     "finish within 1.5s"):
-            checker.check(fifo)
-        assert not processes.pid_alive(first)
-        assert checker.check(_model(tmp_path, 2)).num_features == 5
-        assert checker.children_started == 2
-    finally:
-        checker.close()
-
-
-def test_an_idle_child_exits_and_the_next_check_starts_another(tmp_path):
-    checker = ArtifactChecker(timeout=30, idle_exit_s=0.3)
-    try:
-        checker.check(_model(tmp_path, 1))
-        first = checker.child_pid
-        processes.wait_for(lambda: checker.child_pid is None, 10, what="the idle child to exit")
-        assert not processes.pid_alive(first)
-        assert checker.check(_model(tmp_path, 2)).num_features == 5
-        assert checker.children_started == 2
-    finally:
-        checker.close()
-
-
-def test_close_ends_the_child(tmp_path):
-    checker = ArtifactChecker()
+def test_close_ends_the_child(checker, tmp_path):
     checker.check(_model(tmp_path, 1))
     pid = checker.child_pid
     checker.close()

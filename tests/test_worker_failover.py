@@ -8,14 +8,20 @@ from tests.fleet import predict, predictor
 RESTORED_S = 1.0  # measured: at once (0.00 s); with gRPC's shared connection state, 1-3 s
 
 
-def test_sigkill_of_a_shard_member_is_absorbed_by_the_other(fleet):
+def _acme_on_two_workers(fleet):
+    """Tenant acme on a two-worker shard behind a router: the workers, the router, its stub, a row,
+    the member that answers acme (affinity) and the other one."""
     fleet.register("acme", "v1", seed=1)
     workers = {n: fleet.start_worker(n) for n in ("w1", "w2")}
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
     first = fleet.wait_for(lambda: predict(stub, "acme", x), what="first predict").worker_id
-    survivor = "w2" if first == "w1" else "w1"
+    return workers, router, stub, x, first, "w2" if first == "w1" else "w1"
+
+
+def test_sigkill_of_a_shard_member_is_absorbed_by_the_other(fleet):
+    workers, router, stub, x, first, survivor = _acme_on_two_workers(fleet)
 
     workers[first].kill()  # no goodbye: its lease is still alive for a few seconds
     answers = [predict(stub, "acme", x, timeout=5).worker_id for _ in range(50)]
@@ -40,13 +46,7 @@ def test_a_worker_restarted_at_its_address_gets_its_tenants_back_at_once(fleet):
     """A restarted container keeps its pod's IP and its worker id. The router talks to the new
     process at once: over a channel of its own (gRPC would otherwise share the dead process's
     connection state, in reconnect backoff) and with no ejection carried over from the dead one."""
-    fleet.register("acme", "v1", seed=1)
-    workers = {n: fleet.start_worker(n) for n in ("w1", "w2")}
-    router = fleet.start_router(shard_size=2)
-    stub = predictor(router.address)
-    x = sample_features(1, 1)[0]
-    first = fleet.wait_for(lambda: predict(stub, "acme", x), what="first predict").worker_id
-    survivor = "w2" if first == "w1" else "w1"
+    workers, router, stub, x, first, survivor = _acme_on_two_workers(fleet)
     port = workers[first].address.rpartition(":")[2]
 
     workers[first].kill()
