@@ -28,7 +28,10 @@ def open_registry(args: argparse.Namespace) -> Registry:
 
 def register(args: argparse.Namespace) -> int:
     registry = open_registry(args)
-    record, created = registry.register(args.tenant, args.version, args.model_file, actor=args.actor)
+    try:
+        record, created = registry.register(args.tenant, args.version, args.model_file, actor=args.actor)
+    finally:
+        registry.close()  # the checker's child exits with this command, not after it
     route, _ = registry.route(args.tenant)
     state = "registered" if created else "already registered (same sha256)"
     console.print(f"{args.tenant} {record.version} {state}: {record.num_features} features, "
