@@ -24,3 +24,11 @@ def stats(address: str, include_models: bool = False) -> worker_pb2.StatsRespons
     with grpc.insecure_channel(address) as channel:
         return worker_pb2_grpc.WorkerStub(channel).Stats(worker_pb2.StatsRequest(include_models=include_models),
                                                           timeout=5)
+
+
+def logged_line(fleet: Fleet, proc: Proc, event: str) -> str:
+    """The first line of proc's log naming `event`, waiting for it: a process reports SERVING on
+    its health service a moment before it logs `*.serving`, and a worker is live in membership
+    before either."""
+    return fleet.wait_for(lambda: next((line for line in proc.log().splitlines() if event in line), None), proc,
+                          f"{proc.name} to log {event}", timeout=10)

@@ -15,7 +15,7 @@ import pytest
 from modelfleet import allocator
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition
-from tests.fleet import REPO_ROOT, predict, predictor
+from tests.fleet import REPO_ROOT, logged_line, predict, predictor
 
 needs_jemalloc = pytest.mark.skipif(allocator.find_jemalloc() is None,
                                     reason="no jemalloc on this system (make jemalloc installs Debian's libjemalloc2)")
@@ -25,10 +25,6 @@ def mapped_libraries(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
 
-def serving_line(proc, event: str) -> str:
-    return next(line for line in proc.log().splitlines() if event in line)
-
-
 @needs_jemalloc
 def test_the_fleet_launcher_starts_routers_and_workers_on_jemalloc(fleet):
     fleet.register("acme", "v1", seed=1)
@@ -36,7 +32,7 @@ def test_the_fleet_launcher_starts_routers_and_workers_on_jemalloc(fleet):
     router = fleet.start_router(shard_size=1)
     for proc, serving in ((worker, "worker.serving"), (router, "router.serving")):
         assert "libjemalloc" in mapped_libraries(proc.popen.pid), proc.name
-        assert "allocator=jemalloc" in serving_line(proc, serving)
+        assert "allocator=jemalloc" in logged_line(fleet, proc, serving)
     assert predict(predictor(router.address), "acme", sample_features(1, 1)[0]).predictions
 
 
@@ -48,7 +44,7 @@ def test_the_flag_wins_over_what_the_launcher_preloaded(fleet):
     router = fleet.start_router(shard_size=1, extra=("--allocator", "system"))
     for proc, serving in ((worker, "worker.serving"), (router, "router.serving")):
         assert "libjemalloc" not in mapped_libraries(proc.popen.pid), proc.name
-        assert "allocator=system" in serving_line(proc, serving)
+        assert "allocator=system" in logged_line(fleet, proc, serving)
     assert predict(predictor(router.address), "acme", sample_features(1, 1)[0]).predictions
 
 

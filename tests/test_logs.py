@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from modelfleet.demo_models import sample_features
-from tests.fleet import predict, predictor
+from tests.fleet import logged_line, predict, predictor
 
 JSON_LOGS = ("--log-format", "json")
 
@@ -26,6 +26,8 @@ def test_json_logs_are_one_event_per_line_and_successes_log_nothing(fleet):
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
     predict(stub, "a", x)  # the one load
+    for proc, serving in ((worker, "worker.serving"), (router, "router.serving")):
+        logged_line(fleet, proc, serving)  # start-up's last event, then nothing more
     before = {p.name: len(events(p.log())) for p in (worker, router)}
     for _ in range(50):
         predict(stub, "a", x)
