@@ -214,9 +214,12 @@ def _check_path(path: Path) -> dict | str:
         model = LoadedModel.from_model_text(text)
         try:
             if (model.num_features, model.num_classes) != (info.num_features, info.num_classes):
-                return "its header disagrees with its trees"
-            model.predict(np.zeros(model.num_features))
-            model.predict(np.full(model.num_features, np.nan))
+                return (f"its header says {info.num_features} features x {info.num_classes} outputs, "
+                        f"its trees {model.num_features} x {model.num_classes}")
+            rows = np.vstack([np.zeros(model.num_features), np.full(model.num_features, np.nan)])
+            model.predict(rows[0])  # the single-row path
+            model.predict(rows[1])
+            model.predict(rows.reshape(-1))  # the batch path
         finally:
             model.close()
         return asdict(info)
