@@ -32,19 +32,19 @@ bytecode: $(STAMP)
 soak: $(STAMP) bytecode
 	$(BIN)/python -m pytest -q -m soak
 
+## a Debian package, best effort and quiet: install, else refresh the index and install
+apt_install = { apt-get install -y -qq --no-install-recommends $(1) >/dev/null 2>&1 || \
+  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $(1) >/dev/null 2>&1; }; }
+
 ## a real Prometheus server for the scrape test (Debian's package; needs root and apt)
 prometheus:
-	@command -v prometheus >/dev/null 2>&1 || { \
-	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
-	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; }
+	@command -v prometheus >/dev/null 2>&1 || $(call apt_install,prometheus)
 	@prometheus --version 2>&1 | head -n 1
 
 ## jemalloc, which routers and workers run on where the system has it (modelfleet/allocator.py):
 ## Debian's libjemalloc2; needs root and apt, best effort (without it they use glibc's malloc)
 jemalloc:
-	@ldconfig -p 2>/dev/null | grep -q libjemalloc || { \
-	  apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null 2>&1 || \
-	  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null 2>&1; }; }
+	@ldconfig -p 2>/dev/null | grep -q libjemalloc || $(call apt_install,libjemalloc2)
 	@ldconfig -p 2>/dev/null | grep -q libjemalloc && echo "jemalloc: found" || echo "jemalloc: not found (glibc malloc)"
 
 ## regenerate the gRPC stubs from proto/ (a test fails when they drift)

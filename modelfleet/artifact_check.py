@@ -74,7 +74,7 @@ class ArtifactChecker:
     def check(self, path: Path) -> ModelInfo:
         """The model's facts; FailedPrecondition if it does not load and predict in the child."""
         with self._lock:
-            for attempt in (1, 2):  # a second child only if the first left before reading the path
+            for _ in range(2):  # a second child only if the first left before reading the path
                 if self._child is not None and self._child.poll() is not None:
                     self._reap()  # it exited idle
                 child = self._child or self._start()
