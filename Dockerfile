@@ -14,6 +14,11 @@
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for the worker's single-row prediction in C (worker/_row_predict.c; optional: without
+# it single rows take the slower ctypes path). Only this stage has it; the image gets the module.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/modelfleet
 WORKDIR /src
 # Only what the package build reads: pyproject.toml, the README it names, the packages.

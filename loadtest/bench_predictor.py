@@ -4,13 +4,16 @@ Booster.predict is from both. Run as `python -m loadtest.bench_predictor` (~6 s)
 Every call is timed on its own (perf_counter_ns around it, the timer's own median cost
 subtracted), so p99 is a real per-call tail, not an average of averages. Contenders alternate in
 short rounds so that CPU frequency changes and noisy neighbours hit them alike. The "raw" call
-is the floor for any ctypes caller: LoadedModel's own fast-call binding with prebuilt arguments,
-no input copy, no output copy, no checks.
+is LightGBM's fast single-row function called from Python through the library `lightgbm`
+loaded, as cheaply as that goes: a ctypes binding with prebuilt arguments, no input copy, no
+output copy, no checks. LoadedModel calls the same function from C (worker/_row_predict.c, with
+its copy in and list out); its "ctypes path" rows show the same in Python around a ctypes call,
+what a worker does where no C compiler was there at install.
 
 Single rows are also timed in a tight loop (`loop µs`: the best of LOOP_REPEATS timeit runs,
 no clock between calls). The two views differ for sub-microsecond calls: reading the clock
 around every call slows the shortest calls most, which flatters ratios over the raw call (on a
-2-core box, 20 trees: LoadedModel 1.62 x the raw call timed per call, 1.73 x in the loop).
+2-core box, 20 trees, ctypes path: 1.62 x the raw call timed per call, 1.73 x in the loop).
 Both are printed.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ MODELS = [
 ROUNDS = 10
 LOOP_REPEATS = 5
 BATCH_ROWS = 100
+PATH_NOTE = "" if predictor.ROW_PREDICT == "c" else ", ctypes path: C not built"
 
 
 def timer_overhead_ns() -> float:
@@ -96,14 +100,18 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
     row_list = row.tolist()
     row_proto = predictor_pb2.PredictRequest(features=row_list).features  # what the worker's servicer passes
     raw_call, raw_args = predictor._fast_predict, model._fast_args
+    on_ctypes = LoadedModel.from_model_text(text, row_predict="ctypes")
 
     contenders = {
         "raw C fast call": lambda: raw_call(*raw_args),
-        "LoadedModel (ndarray)": lambda: model.predict(row),
-        "LoadedModel (list)": lambda: model.predict(row_list),
-        "LoadedModel (protobuf)": lambda: model.predict(row_proto),
+        f"LoadedModel (ndarray{PATH_NOTE})": lambda: model.predict(row),
+        f"LoadedModel (list{PATH_NOTE})": lambda: model.predict(row_list),
+        f"LoadedModel (protobuf{PATH_NOTE})": lambda: model.predict(row_proto),
         "Booster.predict": lambda: booster.predict(row_2d),
     }
+    if predictor.ROW_PREDICT == "c":
+        contenders["LoadedModel, ctypes path (ndarray)"] = lambda: on_ctypes.predict(row)
+        contenders["LoadedModel, ctypes path (protobuf)"] = lambda: on_ctypes.predict(row_proto)
     single = run(contenders, single_calls, overhead_ns)
     loop = loop_us(contenders, single_calls)
     batch = run({
@@ -112,7 +120,7 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
     }, batch_calls, overhead_ns)
 
     raw_med = stats(single["raw C fast call"])[0]
-    loaded_med = stats(single["LoadedModel (ndarray)"])[0]
+    loaded_med = stats(single[f"LoadedModel (ndarray{PATH_NOTE})"])[0]
     for name, values in single.items():
         med, p99 = stats(values)
         table.add_row(label, "1 row", name, f"{med:.2f}", f"{p99:.2f}", f"{med / raw_med:.2f}",
@@ -125,10 +133,11 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
                       f"{med / batch_loaded:.2f}")
     table.add_section()
     model.close()
+    on_ctypes.close()
 
 
 def main() -> None:
-    console = Console(width=140)
+    console = Console(width=150)
     started = time.perf_counter()
     overhead_ns = timer_overhead_ns()
     table = Table(title="µs per call (timer overhead subtracted; loop: a tight loop, no clock between calls)")
@@ -142,6 +151,7 @@ def main() -> None:
     console.print(f"os.cpu_count()={os.cpu_count()}  python {platform.python_version()}  "
                   f"lightgbm {lightgbm.__version__}  numpy {np.__version__}  "
                   f"timer overhead {overhead_ns:.0f} ns  {NUM_FEATURES} features  "
+                  f"single rows: {predictor.ROW_PREDICT}  "
                   f"took {time.perf_counter() - started:.1f} s")
 
 

@@ -97,7 +97,7 @@ def test_loads_under_jemalloc_are_measured_exactly_per_thread():
             out["sizes"][f"{trees}x{leaves}"] = {
                 "nbytes": [m.nbytes for m in models],
                 "estimate": predictor._estimate_nbytes(trees, trees * leaves)
-                            + predictor._python_bytes(models[0].num_features, 1)}
+                            + predictor._python_bytes(models[0].num_features, 1, predictor.ROW_PREDICT)}
             for m in models:
                 m.close()
         out["measured"], out["estimated"] = predictor.sizing.measured, predictor.sizing.estimated

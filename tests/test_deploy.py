@@ -468,6 +468,8 @@ def test_dockerfile_installs_runtime_dependencies_only_and_runs_as_non_root():
     assert installs and all(shlex.split(cmd)[-1] == "." for cmd in installs), installs
     assert "libgomp1" in runs  # LightGBM's OpenMP runtime
     assert "libjemalloc2" in runs  # the malloc routers and workers run on (modelfleet.allocator)
+    build_stage = instructions[:max(i for i, (op, _) in enumerate(instructions) if op == "FROM")]
+    assert "gcc" in " ".join(args for op, args in build_stage if op == "RUN")  # worker/_row_predict.c
 
     final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
     users = [args for op, args in final_stage if op == "USER"]

@@ -10,6 +10,7 @@ import pytest
 
 from modelfleet.demo_models import sample_features
 from tests.fleet import logged_line, predict, predictor
+from worker.predictor import ROW_PREDICT
 
 JSON_LOGS = ("--log-format", "json")
 
@@ -42,4 +43,5 @@ def test_json_logs_are_one_event_per_line_and_successes_log_nothing(fleet):
     router_serving = [e for e in events(router.log()) if e["event"] == "router.serving"]
     assert serving[0]["frozen_objects"] > 10_000 and router_serving[0]["frozen_objects"] > 10_000
     assert (serving[0]["event_loop"], router_serving[0]["event_loop"]) == ("asyncio", "uvloop")
+    assert serving[0]["row_predict"] == ROW_PREDICT  # which single-row path predicts
     assert all({"ts", "level", "logger", "event"} <= set(e) for e in worker_events + events(router.log()))

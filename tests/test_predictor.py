@@ -9,6 +9,7 @@ import gc
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 import lightgbm
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from modelfleet import demo_models
 from modelfleet.demo_models import sample_features, train_model_text
@@ -38,9 +40,14 @@ def trained(request) -> tuple[str, str]:
     return request.param, train_model_text(seed=11, num_features=NUM_FEATURES, objective=request.param)
 
 
-@pytest.fixture
-def model(trained):
-    loaded = LoadedModel.from_model_text(trained[1])
+# Single rows go through C (worker/_row_predict.c) where it was built, through ctypes otherwise:
+# every value and bad-input test runs on both.
+ROW_PATHS = ["c", "ctypes"] if predictor.RowPredictor is not None else ["ctypes"]
+
+
+@pytest.fixture(params=ROW_PATHS)
+def model(trained, request):
+    loaded = LoadedModel.from_model_text(trained[1], row_predict=request.param)
     yield loaded
     loaded.close()
 
@@ -147,9 +154,10 @@ def test_8_threads_predicting_on_one_model_get_the_reference_values(trained, mod
     assert failures == []
 
 
-def test_a_row_predicted_while_another_thread_holds_the_row_buffers_is_right(trained, model):
-    """The hot path's buffers belong to whoever holds the token; without it, a call must still
+def test_a_row_predicted_while_another_thread_holds_the_row_buffers_is_right(trained):
+    """The ctypes path's buffers belong to whoever holds the token; without it, a call must still
     give the reference values (with buffers of its own) and leave the token alone."""
+    model = LoadedModel.from_model_text(trained[1], row_predict="ctypes")
     x = rows_with_edge_values(8)
     expected = reference(trained[1], x).reshape(len(x), model.num_classes)
     model._idle.pop()  # as if another thread were between its copy in and its copy out
@@ -161,11 +169,12 @@ def test_a_row_predicted_while_another_thread_holds_the_row_buffers_is_right(tra
     finally:
         model._idle.append(True)
     np.testing.assert_array_equal(model.predict(x[0]), expected[0])
+    model.close()
 
 
 def test_close_waits_for_a_single_row_call_in_flight_then_keeps_the_token(trained, monkeypatch):
     frees = count_frees(monkeypatch)
-    loaded = LoadedModel.from_model_text(trained[1])
+    loaded = LoadedModel.from_model_text(trained[1], row_predict="ctypes")
     loaded._idle.pop()  # a single-row call in flight in another thread
     closer = threading.Thread(target=loaded.close)
     closer.start()
@@ -177,6 +186,121 @@ def test_close_waits_for_a_single_row_call_in_flight_then_keeps_the_token(traine
     assert loaded._idle == []  # every later call takes the checked path
     with pytest.raises(FailedPrecondition, match="closed"):
         loaded.predict(np.zeros(NUM_FEATURES))
+
+
+# --- the C single-row path ------------------------------------------------------------------------
+
+needs_c_path = pytest.mark.skipif(predictor.RowPredictor is None, reason="worker/_row_predict.c was not built")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
+def test_the_c_row_path_is_built_and_the_default_where_a_compiler_is():
+    assert predictor.RowPredictor is not None, "pip install did not build worker/_row_predict.c"
+    assert predictor.ROW_PREDICT == "c"
+    model = LoadedModel.from_model_text(train_model_text(seed=1, num_features=NUM_FEATURES))
+    assert model._row_predictor is not None
+    model.close()
+
+
+class ForeignRow:
+    """A sequence type of the caller's own: converting it runs Python code, in which another
+    thread (here: `during`, run as item 3 is read) can get in."""
+
+    def __init__(self, values: list[float], during) -> None:
+        self.values, self.during = values, during
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> float:
+        if i == 3:
+            self.during()
+        return self.values[i]
+
+
+@needs_c_path
+def test_numbers_of_other_exact_types_take_the_c_path_with_the_same_values(trained):
+    model = LoadedModel.from_model_text(trained[1], row_predict="c")
+    x = rows_with_edge_values(6)
+    x[5] = np.arange(NUM_FEATURES) * 3.0 - 5  # whole numbers, given as ints below
+    expected = reference(trained[1], x).reshape(len(x), model.num_classes)
+    for row, want in zip(x[4:], expected[4:]):
+        for given in (tuple(row.tolist()), [np.float64(v) for v in row], ForeignRow(row.tolist(), lambda: None)):
+            assert model._row_predictor(given) == want.tolist()
+    ints = [int(v) for v in x[5]]
+    assert model._row_predictor(ints) == expected[5].tolist()
+    for not_taken in ([True] * NUM_FEATURES, x[5].astype(np.float32), x[5][::2], x[4:6], "abcdefgh", None):
+        assert model._row_predictor(not_taken) is None  # the validating path decides
+    assert model.predict([True] * NUM_FEATURES) == model.predict([1.0] * NUM_FEATURES)
+    model.close()
+
+
+@needs_c_path
+def test_a_call_that_gets_in_while_a_foreign_row_converts_predicts_with_its_own_buffers(trained):
+    model = LoadedModel.from_model_text(trained[1], row_predict="c")
+    x = rows_with_edge_values(8)
+    expected = reference(trained[1], x).reshape(len(x), model.num_classes)
+    inner: list[list[float]] = []
+    outer = model.predict(ForeignRow(x[6].tolist(), lambda: inner.append(model.predict(x[7]))))
+    assert outer == expected[6].tolist() and inner == [expected[7].tolist()]
+    assert model.predict(x[5]) == expected[5].tolist()  # and the C path is free again
+    model.close()
+
+
+@needs_c_path
+def test_a_close_while_a_foreign_row_converts_is_seen_before_the_call(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    model = LoadedModel.from_model_text(trained[1], row_predict="c")
+    with pytest.raises(FailedPrecondition, match="closed"):
+        model.predict(ForeignRow([0.5] * NUM_FEATURES, model.close))
+    assert len(frees) == 1 and model._row_predictor.closed
+    with pytest.raises(FailedPrecondition, match="closed"):
+        model.predict(np.zeros(NUM_FEATURES))
+
+
+def outcome(model: LoadedModel, features) -> tuple[str, object]:
+    try:
+        return "values", model.predict(features)
+    except InvalidArgument as exc:
+        return "invalid", str(exc)
+
+
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**1100, 2**1100), st.booleans(),
+                    st.floats(width=32).map(np.float32), st.floats().map(np.float64))
+anything = st.one_of(numbers, st.text(max_size=3), st.none(), st.lists(numbers, max_size=2))
+arrays = st.builds(lambda values, dtype, shape: np.asarray(values, dtype=dtype).reshape(shape),
+                   st.lists(st.floats(-1e6, 1e6), min_size=8, max_size=8),
+                   st.sampled_from([np.float64, np.float32, ">f8", np.int64]), st.sampled_from([(8,), (1, 8), (2, 4)]))
+inputs = st.one_of(st.lists(numbers, min_size=7, max_size=9), st.lists(anything, min_size=8, max_size=8),
+                   st.lists(numbers, min_size=8, max_size=8).map(tuple), arrays, st.lists(numbers, max_size=17))
+
+
+@needs_c_path
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(features=inputs)
+def test_c_and_ctypes_paths_answer_every_input_alike(two_paths, features):
+    """Whatever a caller passes: the same values, or the same InvalidArgument, on both paths."""
+    on_c, on_ctypes = two_paths
+    got = outcome(on_c, features)
+    assert got == outcome(on_ctypes, features)
+    if got[0] == "values":
+        assert all(type(v) is float for v in got[1])
+
+
+@pytest.fixture(scope="module")
+def two_paths():
+    text = train_model_text(seed=3, num_features=NUM_FEATURES, objective="binary")
+    models = LoadedModel.from_model_text(text, row_predict="c"), LoadedModel.from_model_text(text, row_predict="ctypes")
+    yield models
+    for model in models:
+        model.close()
+
+
+@needs_c_path
+def test_the_c_path_is_refused_where_it_was_not_built(trained, monkeypatch):
+    monkeypatch.setattr(predictor, "RowPredictor", None)
+    with pytest.raises(ValueError, match="not built"):
+        LoadedModel.from_model_text(trained[1], row_predict="c")
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -551,23 +675,24 @@ def test_nbytes_estimate_without_mallinfo2_is_close_to_the_measurement(fresh_siz
         estimated.close()
 
 
+@pytest.mark.parametrize("row_predict", ROW_PATHS)
 @pytest.mark.parametrize("num_features, objective", [(4, "regression"), (30, "multiclass"), (200, "binary")])
-def test_nbytes_counts_the_models_python_objects(num_features, objective):
+def test_nbytes_counts_the_models_python_objects(num_features, objective, row_predict):
     """The budget bounds what models hold, so nbytes includes their Python side (~5% of a
     small model): `_python_bytes` must match what tracemalloc sees a model allocate."""
     text = train_model_text(seed=1, num_features=num_features, num_trees=3, objective=objective)
-    warm = [LoadedModel.from_model_text(text) for _ in range(5)]  # first-use caches out of the way
+    warm = [LoadedModel.from_model_text(text, row_predict) for _ in range(5)]  # first-use caches out of the way
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()
-        models = [LoadedModel.from_model_text(text) for _ in range(100)]
+        models = [LoadedModel.from_model_text(text, row_predict) for _ in range(100)]
         gc.collect()
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
     per_model = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / len(models)
-    assert 0.8 < predictor._python_bytes(num_features, models[0].num_classes) / per_model < 1.25
+    assert 0.8 < predictor._python_bytes(num_features, models[0].num_classes, row_predict) / per_model < 1.25
     for model in warm + models:
         model.close()
 

@@ -1,10 +1,12 @@
 """One loaded LightGBM model, predicting through the C API with as little Python as possible.
 
 Why not `lightgbm.Booster.predict`: for one row it spends ~30 µs in Python (input checks and
-conversions, a fresh predictor per call) around a tree walk of 1-5 µs. Here a single row goes
-through LightGBM's "fast" single-row API with every ctypes argument built once at load (~1 µs
-on top of the walk), and a batch goes straight to `LGBM_BoosterPredictForMat`. Both give exactly
-the values `Booster.predict` gives (normal prediction: probabilities for binary and multiclass).
+conversions, a fresh predictor per call) around a tree walk of 0.5-5 µs. Here a single row goes
+through LightGBM's "fast" single-row API, called from C (worker/_row_predict.c: copy in, call,
+list out, ~0.05 µs on top of the call from ctypes; `python -m loadtest.bench_predictor`), or
+where that was not built, from Python with every ctypes argument built once at load (~0.6 µs
+more); a batch goes straight to `LGBM_BoosterPredictForMat`. All give exactly the
+values `Booster.predict` gives (normal prediction: probabilities for binary and multiclass).
 
 Native resources (the booster and its fast config) are freed exactly once: `close()` hands them
 to a `weakref.finalize`, which runs at most once however many threads race to it, and which also
@@ -58,6 +60,13 @@ _TOKEN_WAIT_S = 20e-6
 _lib = ctypes.CDLL(lightgbm.basic._LIB._name)
 _quick = ctypes.PyDLL(lightgbm.basic._LIB._name)
 _fast_predict = _quick.LGBM_BoosterPredictForMatSingleRowFast
+_FAST_PREDICT_ADDRESS = ctypes.cast(_fast_predict, ctypes.c_void_p).value
+
+try:  # the same fast call from C (worker/_row_predict.c), built by `pip install` where a C compiler is
+    from worker._row_predict import RowPredictor
+except ImportError:  # no compiler at install: single rows take the ctypes path below (~0.6 µs more)
+    RowPredictor = None
+ROW_PREDICT = "c" if RowPredictor is not None else "ctypes"  # the single-row path models take by default
 
 _p = ctypes.c_void_p
 _int = ctypes.c_int
@@ -195,10 +204,12 @@ _NUM_LEAVES_RE = re.compile(rb"\nnum_leaves=(\d+)")  # a literal prefix: ~12x fa
 _TREE_HEAD_RE = re.compile(rb"Tree=\d+\nnum_leaves=(\d+)\n")
 
 
-def _python_bytes(num_features: int, num_classes: int) -> int:
+def _python_bytes(num_features: int, num_classes: int, row_predict: str = "ctypes") -> int:
     """What a LoadedModel's own Python objects take beside the booster (tracemalloc: ~2.5 KB
-    for 8 features): the instance, its ctypes and numpy buffers, views, lock, finalizer."""
-    return 2_450 + 8 * (num_features + num_classes)
+    for 8 features): the instance, its ctypes and numpy buffers, views, lock, finalizer, and
+    on the C path a RowPredictor with buffers of its own."""
+    c_path = 80 + 8 * (num_features + num_classes) if row_predict == "c" else 0
+    return 2_450 + 8 * (num_features + num_classes) + c_path
 
 
 def _estimate_nbytes(trees: int, leaves: int) -> int:
@@ -307,6 +318,16 @@ def _serving_lines(data: bytes) -> bytes:
     return _TRAINING_ONLY_LINES.sub(b"", data)
 
 
+def _row_predict_path(row_predict: str | None) -> str:
+    """"c" or "ctypes": the one asked for (ROW_PREDICT if none), if it exists here."""
+    row_predict = row_predict or ROW_PREDICT
+    if row_predict not in ("c", "ctypes"):
+        raise ValueError(f"row_predict must be 'c' or 'ctypes', not {row_predict!r}")
+    if row_predict == "c" and RowPredictor is None:
+        raise ValueError("the C single-row path was not built (worker/_row_predict.c needs a C compiler at install)")
+    return row_predict
+
+
 def _get_int(fn: Callable[..., int], booster: int) -> int:
     out = _int()
     if fn(booster, ctypes.byref(out)) != 0:
@@ -345,8 +366,10 @@ class LoadedModel:
     """A parsed LightGBM booster ready to predict, shared by every thread of a worker.
 
     Thread safety: a single-row prediction uses buffers preallocated per model (allocating
-    them per call would double its cost), owned by whoever holds the model's token (see
-    `predict`); a thread that finds the token taken predicts with buffers of its own. The fast
+    them per call would double its cost). The C path holds the GIL from copy in to list out,
+    so no other thread can use them meanwhile (worker/_row_predict.c says how it handles the one
+    exception); on the ctypes path they belong to whoever holds the model's token (see
+    `_predict_row_ctypes`). A thread that finds them taken predicts with buffers of its own. The fast
     call keeps the GIL, so only one thread is ever inside it: per-thread fast configs would
     buy nothing, would multiply native memory by the thread count, and would make "freed
     exactly once" a cross-thread bookkeeping problem. Batches register as in flight under the
@@ -369,8 +392,9 @@ class LoadedModel:
     num_trees: int = 0  # trees over all classes: a row costs a walk of each (0 = unknown)
 
     def __init__(self, booster: int, fast_config: int, num_features: int, num_classes: int,
-                 nbytes: int) -> None:
-        """Takes ownership of both native handles; use `from_model_text`."""
+                 nbytes: int, row_predict: str | None = None) -> None:
+        """Takes ownership of both native handles; use `from_model_text`. `row_predict`: "c"
+        or "ctypes", the single-row path (default ROW_PREDICT: C where it was built)."""
         self.num_features = num_features
         self.num_classes = num_classes
         self.nbytes = nbytes
@@ -398,9 +422,11 @@ class LoadedModel:
         self._fast_args = (_p.from_param(fast_config), ctypes.byref(self._row),
                            ctypes.byref(self._out_len), ctypes.byref(self._out))
         self._idle = [True]
+        self._row_predictor = (RowPredictor(_FAST_PREDICT_ADDRESS, fast_config, num_features, num_classes)
+                               if _row_predict_path(row_predict) == "c" else None)
 
     @classmethod
-    def from_model_text(cls, text: str | bytes) -> LoadedModel:
+    def from_model_text(cls, text: str | bytes, row_predict: str | None = None) -> LoadedModel:
         """Parses a LightGBM model text (a str, or its UTF-8 bytes); FailedPrecondition if
         LightGBM can't.
 
@@ -413,6 +439,7 @@ class LoadedModel:
         the ratio the measured loads have shown.
         """
         global _loads_active, _loads_started
+        row_predict = _row_predict_path(row_predict)  # before anything native is made
         model_text = _parseable_bytes(text)
         data, declared_trees = model_text.data, model_text.declared_trees
         with _load_state:
@@ -464,8 +491,8 @@ class LoadedModel:
             else:
                 sizing.estimated += 1
                 nbytes = int(estimate * sizing.calibration)
-        nbytes += _python_bytes(num_features, num_classes)
-        model = cls(booster, fast_config, num_features, num_classes, nbytes=nbytes)
+        nbytes += _python_bytes(num_features, num_classes, row_predict)
+        model = cls(booster, fast_config, num_features, num_classes, nbytes=nbytes, row_predict=row_predict)
         model.num_trees = trees
         return model
 
@@ -476,19 +503,31 @@ class LoadedModel:
 
     def predict(self, features: Features) -> list[float]:
         """Predicts rows of row-major float64 features; returns rows * num_classes values, as
-        the list a response carries (one `tolist` of the output buffer, no array in between).
+        the list a response carries.
 
         NaN and +/-inf are valid features (LightGBM treats NaN as missing).
 
         One row given as a 1-D float64 array, a list or a protobuf repeated field is the hot
-        path: ~1 µs of ctypes call and tree walk for a small model, so the Python around it is
-        kept to a token, one copy in and one list out. The model's single set of row buffers
-        is guarded by a token in `self._idle`: `list.pop` and `list.append` are each one C
-        call, so taking and giving it back is atomic (~30 ns, a third of a lock). The copy in
-        is also the shape check: a memoryview only takes a 1-D float64 array of exactly
-        `num_features`, and a ctypes array only a sequence of exactly that length. Anything
-        else (batches, other dtypes and shapes, bad input, a token held by another thread, a
-        closed model) goes to `_predict_any`, which validates and says what is wrong.
+        path: the fast call is ~0.5 µs of tree walk for a small model, so what surrounds it
+        matters as much. By default that is one C function (`RowPredictor`, worker/_row_predict.c):
+        copy in, call, list out. Without it (`row_predict="ctypes"`, or no compiler at install),
+        the same in Python around a ctypes call, ~0.6 µs more: see `_predict_row_ctypes`.
+        Anything else (batches, other dtypes and shapes, bad input, a closed model) goes to
+        `_predict_any`, which validates and says what is wrong.
+        """
+        row_predictor = self._row_predictor
+        if row_predictor is None:
+            return self._predict_row_ctypes(features)
+        values = row_predictor(features)  # None: not one row it takes, or a closed model
+        return self._predict_any(features) if values is None else values
+
+    def _predict_row_ctypes(self, features: Features) -> list[float]:
+        """`predict` without the C path, kept to a token, one copy in and one list out. The
+        model's single set of row buffers is guarded by a token in `self._idle`: `list.pop` and
+        `list.append` are each one C call, so taking and giving it back is atomic (~30 ns, a
+        third of a lock). The copy in is also the shape check: a memoryview only takes a 1-D
+        float64 array of exactly `num_features`, and a ctypes array only a sequence of exactly
+        that length. Anything else, or a token held by another thread, goes to `_predict_any`.
         """
         idle = self._idle
         try:
@@ -503,7 +542,7 @@ class LoadedModel:
             if _fast_predict(*self._fast_args):
                 raise ModelfleetError(f"LightGBM prediction failed: {_last_error()}")
             return self._out_values()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass  # not a row in a form the buffers take directly: see below, token given back
         finally:
             idle.append(True)
@@ -525,7 +564,7 @@ class LoadedModel:
                 np.frombuffer(row, dtype=np.float64)[:] = features.reshape(-1)
             else:
                 row[:] = features
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidArgument(f"features must be numbers: {exc}") from None
         out = np.empty(self.num_classes, dtype=np.float64)
         out_len = ctypes.c_int64()
@@ -551,7 +590,7 @@ class LoadedModel:
                 data = np.ascontiguousarray(features, dtype=np.float64)
             else:
                 data = np.fromiter(features, dtype=np.float64, count=n)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise InvalidArgument(f"features must be numbers: {exc}") from None
         rows = n // per_row
         out = np.empty(rows * self.num_classes, dtype=np.float64)
@@ -623,8 +662,11 @@ class LoadedModel:
         # none can start. A single-row call on the hot path never takes self._lock: if one
         # holds the token in another thread, wait the microseconds it needs (it needs the GIL
         # to finish, hence a sleep, not a spin). Then keep the token, so that every later call
-        # goes to `_predict_any`, which raises "model is closed".
+        # goes to `_predict_any`, which raises "model is closed". The C path reads the fast
+        # config only with the GIL held, right before its call: closing it first is enough.
         self._freed = True
+        if self._row_predictor is not None:
+            self._row_predictor.close()
         while True:
             try:
                 self._idle.pop()

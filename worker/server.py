@@ -30,7 +30,7 @@ from version_service.schema import Keys, WorkerRecord, live_members, validate_id
 from prometheus_client import CollectorRegistry
 
 from modelfleet import metrics, tls, tracing
-from worker import memory
+from worker import memory, predictor
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.predict_stream import PredictStreams
@@ -88,7 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
           cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen,
-          event_loop=event_loop.running_loop_name(), allocator=allocator.active())
+          event_loop=event_loop.running_loop_name(), allocator=allocator.active(), row_predict=predictor.ROW_PREDICT)
 
     trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
     await wait_for_signal()
