@@ -73,9 +73,9 @@ def count_frees(monkeypatch) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     real_free = predictor._free_native
 
-    def recording_free(fast_config: int, booster: int) -> None:
+    def recording_free(fast_config: int, booster: int, row_predictor=None) -> None:
         calls.append((fast_config, booster))
-        real_free(fast_config, booster)
+        real_free(fast_config, booster, row_predictor)
 
     monkeypatch.setattr(predictor, "_free_native", recording_free)
     return calls
@@ -294,6 +294,17 @@ def two_paths():
     yield models
     for model in models:
         model.close()
+
+
+@needs_c_path
+def test_a_row_predictor_kept_beyond_its_model_never_calls_the_freed_config(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    model = LoadedModel.from_model_text(trained[1], row_predict="c")
+    kept = model._row_predictor
+    assert kept(np.zeros(NUM_FEATURES)) is not None
+    del model
+    gc.collect()
+    assert len(frees) == 1 and kept.closed and kept(np.zeros(NUM_FEATURES)) is None
 
 
 @needs_c_path

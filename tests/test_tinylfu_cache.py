@@ -210,9 +210,9 @@ def test_evicted_models_are_freed_off_the_event_loop(monkeypatch):
     freed_on: list[str] = []
     real_free = predictor._free_native
 
-    def recording_free(fast_config: int, booster: int) -> None:
+    def recording_free(fast_config: int, booster: int, row_predictor=None) -> None:
         freed_on.append(threading.current_thread().name)
-        real_free(fast_config, booster)
+        real_free(fast_config, booster, row_predictor)
 
     monkeypatch.setattr(predictor, "_free_native", recording_free)
     text = train_model_text(seed=1, num_features=8, num_trees=20, num_leaves=15)

@@ -26,6 +26,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#if PY_LITTLE_ENDIAN
+#define NATIVE_ORDER '<'
+#else
+#define NATIVE_ORDER '>'
+#endif
+
 typedef int (*fast_predict_fn)(void *fast_config, const void *row, int64_t *out_len, double *out);
 
 typedef struct {
@@ -83,8 +89,8 @@ copy_row(RowPredictor *self, PyObject *features)
             return -1;
         }
         const char *format = view.format;
-        if (format != NULL && (format[0] == '<' || format[0] == '=' || format[0] == '@')) {
-            format++;
+        if (format != NULL && (format[0] == NATIVE_ORDER || format[0] == '=' || format[0] == '@')) {
+            format++; /* native byte order said explicitly; another order goes to the caller's path */
         }
         int ok = view.ndim == 1 && view.itemsize == (Py_ssize_t)sizeof(double) && format != NULL
                  && format[0] == 'd' && format[1] == '\0' && view.len == n * (Py_ssize_t)sizeof(double);

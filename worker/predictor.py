@@ -354,8 +354,12 @@ def _init_fast_config(booster: int, num_features: int) -> int:
     return fast_config.value
 
 
-def _free_native(fast_config: int, booster: int) -> None:
-    """Runs exactly once per model, from `weakref.finalize` (see the module docstring)."""
+def _free_native(fast_config: int, booster: int, row_predictor: RowPredictor | None = None) -> None:
+    """Runs exactly once per model, from `weakref.finalize` (see the module docstring). The
+    model's RowPredictor forgets the fast config first, so that it never calls a freed one, even
+    where someone kept it beyond the model."""
+    if row_predictor is not None:
+        row_predictor.close()
     _quick.LGBM_FastConfigFree(fast_config)
     _lib.LGBM_BoosterFree(booster)
 
@@ -402,7 +406,9 @@ class LoadedModel:
         self._users = 0  # borrowers and batches in flight
         self._close_requested = False
         self._freed = False
-        self._finalizer = weakref.finalize(self, _free_native, fast_config, booster)
+        self._row_predictor = (RowPredictor(_FAST_PREDICT_ADDRESS, fast_config, num_features, num_classes)
+                               if _row_predict_path(row_predict) == "c" else None)
+        self._finalizer = weakref.finalize(self, _free_native, fast_config, booster, self._row_predictor)
         self._finalizer.atexit = False  # the process is exiting anyway
         self._booster = _p(booster)
         self._fast_config = _p(fast_config)
@@ -422,8 +428,6 @@ class LoadedModel:
         self._fast_args = (_p.from_param(fast_config), ctypes.byref(self._row),
                            ctypes.byref(self._out_len), ctypes.byref(self._out))
         self._idle = [True]
-        self._row_predictor = (RowPredictor(_FAST_PREDICT_ADDRESS, fast_config, num_features, num_classes)
-                               if _row_predict_path(row_predict) == "c" else None)
 
     @classmethod
     def from_model_text(cls, text: str | bytes, row_predict: str | None = None) -> LoadedModel:
@@ -663,10 +667,8 @@ class LoadedModel:
         # holds the token in another thread, wait the microseconds it needs (it needs the GIL
         # to finish, hence a sleep, not a spin). Then keep the token, so that every later call
         # goes to `_predict_any`, which raises "model is closed". The C path reads the fast
-        # config only with the GIL held, right before its call: closing it first is enough.
+        # config only with the GIL held, right before its call: the finalizer closes it first.
         self._freed = True
-        if self._row_predictor is not None:
-            self._row_predictor.close()
         while True:
             try:
                 self._idle.pop()
