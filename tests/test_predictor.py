@@ -444,6 +444,40 @@ def test_training_only_lines_laid_out_otherwise_are_kept():
         model.close()
 
 
+needs_c_cut = pytest.mark.skipif(predictor.cut_training_lines is None, reason="worker/_model_text.c was not built")
+LINE_STARTS = [key.decode() for key in TRAINING_ONLY_KEYS] + [
+    "tree_sizes=", "leaf_value=", "Tree=", "num_leaves=", "split_gain", "internal_count", "leaf_", ""]
+
+
+LEAF_RUN = ["leaf_weight=", "leaf_count=", "internal_value=", "internal_weight=", "internal_count="]
+
+
+def regex_cut(data: bytes, tail: bytes) -> bytes:
+    return predictor._TRAINING_ONLY_LINES.sub(b"", data) + tail
+
+
+@needs_c_cut
+def test_the_c_line_cut_is_the_regex_substitution_on_real_models():
+    texts = [train_model_text(seed=11, num_features=NUM_FEATURES, objective=objective)
+             for objective in demo_models.OBJECTIVES] + [text for _, text in categorical_and_linear_models()]
+    for text in texts:
+        data = text.encode()
+        for variant in (data, data.replace(b"\n", b"\r\n"), data[:len(data) // 3], b"\n" + data, data.rstrip(b"\n")):
+            assert predictor.cut_training_lines(variant, predictor._SENTINEL) == regex_cut(variant, predictor._SENTINEL)
+
+
+@needs_c_cut
+@settings(max_examples=400, deadline=None)
+@given(units=st.lists(st.one_of(st.sampled_from(LINE_STARTS).map(lambda start: [start]), st.just(LEAF_RUN),
+                                 st.integers(1, 4).map(lambda n: LEAF_RUN[:n])), max_size=10),
+       rest=st.text("0123456789 .=-e\r", max_size=5), first=st.booleans(), last=st.booleans(), tail=st.binary(max_size=4))
+def test_the_c_line_cut_is_the_regex_substitution_on_any_lines(units, rest, first, last, tail):
+    """Runs whole and broken, lines at the very start and end, empty lines, CRs: the same bytes."""
+    lines = [start + rest for unit in units for start in unit]
+    data = (("\n" if first else "") + "\n".join(lines) + ("\n" if last else "")).encode()
+    assert predictor.cut_training_lines(data, tail) == regex_cut(data, tail)
+
+
 def test_truncated_model_text_is_a_failed_precondition():
     text = train_model_text(seed=3, num_trees=5)
     trees_end = text.index("end of trees")
