@@ -470,7 +470,8 @@ def test_the_c_line_cut_is_the_regex_substitution_on_real_models():
 @settings(max_examples=400, deadline=None)
 @given(units=st.lists(st.one_of(st.sampled_from(LINE_STARTS).map(lambda start: [start]), st.just(LEAF_RUN),
                                  st.integers(1, 4).map(lambda n: LEAF_RUN[:n])), max_size=10),
-       rest=st.text("0123456789 .=-e\r", max_size=5), first=st.booleans(), last=st.booleans(), tail=st.binary(max_size=4))
+       rest=st.text("0123456789 .=-e\r", max_size=5), first=st.booleans(), last=st.booleans(),
+       tail=st.binary(max_size=4))
 def test_the_c_line_cut_is_the_regex_substitution_on_any_lines(units, rest, first, last, tail):
     """Runs whole and broken, lines at the very start and end, empty lines, CRs: the same bytes."""
     lines = [start + rest for unit in units for start in unit]
