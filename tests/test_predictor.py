@@ -307,6 +307,15 @@ def test_a_row_predictor_kept_beyond_its_model_never_calls_the_freed_config(trai
     assert len(frees) == 1 and kept.closed and kept(np.zeros(NUM_FEATURES)) is None
 
 
+def test_a_model_that_fails_to_construct_frees_the_handles_it_was_given(trained, monkeypatch):
+    frees = count_frees(monkeypatch)
+    booster = predictor._load_booster(trained[1].encode())
+    fast_config = predictor._init_fast_config(booster, NUM_FEATURES)
+    with pytest.raises(ValueError, match="row_predict must be"):
+        LoadedModel(booster, fast_config, NUM_FEATURES, 1, nbytes=1, row_predict="fortran")
+    assert frees == [(fast_config, booster)]
+
+
 @needs_c_path
 def test_the_c_path_is_refused_where_it_was_not_built(trained, monkeypatch):
     monkeypatch.setattr(predictor, "RowPredictor", None)

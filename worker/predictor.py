@@ -414,8 +414,12 @@ class LoadedModel:
         self._users = 0  # borrowers and batches in flight
         self._close_requested = False
         self._freed = False
-        self._row_predictor = (RowPredictor(_FAST_PREDICT_ADDRESS, fast_config, num_features, num_classes)
-                               if _row_predict_path(row_predict) == "c" else None)
+        try:
+            self._row_predictor = (RowPredictor(_FAST_PREDICT_ADDRESS, fast_config, num_features, num_classes)
+                                   if _row_predict_path(row_predict) == "c" else None)
+        except BaseException:  # owned from the start: freed here if this never becomes a model
+            _free_native(fast_config, booster)
+            raise
         self._finalizer = weakref.finalize(self, _free_native, fast_config, booster, self._row_predictor)
         self._finalizer.atexit = False  # the process is exiting anyway
         self._booster = _p(booster)
