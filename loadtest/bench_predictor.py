@@ -9,6 +9,8 @@ loaded, as cheaply as that goes: a ctypes binding with prebuilt arguments, no in
 output copy, no checks. LoadedModel calls the same function from C (worker/_row_predict.c, with
 its copy in and list out); its "ctypes path" rows show the same in Python around a ctypes call,
 what a worker does where no C compiler was there at install.
+Below both, "fast call in a C loop" times the same call with no Python per call at all (the
+floor under any caller; `RowPredictor.time_calls`).
 
 Single rows are also timed in a tight loop (`loop µs`: the best of LOOP_REPEATS timeit runs,
 no clock between calls). The two views differ for sub-microsecond calls: reading the clock
@@ -85,6 +87,15 @@ def loop_us(contenders: dict[str, Callable[[], object]], calls: int) -> dict[str
     return best
 
 
+def c_loop_us(model: LoadedModel, row: np.ndarray, calls: int) -> float | None:
+    """µs per fast call made in a C loop on `row` (no Python per call): the floor under any
+    caller, best of LOOP_REPEATS; None without the C path."""
+    if model._row_predictor is None:
+        return None
+    model.predict(row)  # the row the C loop predicts
+    return min(model._row_predictor.time_calls(calls) for _ in range(LOOP_REPEATS)) / calls * 1e6
+
+
 def stats(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
@@ -100,6 +111,7 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
     row_list = row.tolist()
     row_proto = predictor_pb2.PredictRequest(features=row_list).features  # what the worker's servicer passes
     raw_call, raw_args = predictor._fast_predict, model._fast_args
+    model._row_view[:] = row  # the raw call's row: the same as every contender's (a tree walk's cost depends on it)
     on_ctypes = LoadedModel.from_model_text(text, row_predict="ctypes")
 
     contenders = {
@@ -114,6 +126,7 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
         contenders["LoadedModel, ctypes path (protobuf)"] = lambda: on_ctypes.predict(row_proto)
     single = run(contenders, single_calls, overhead_ns)
     loop = loop_us(contenders, single_calls)
+    c_loop = c_loop_us(model, row, single_calls)
     batch = run({
         "LoadedModel (1 thread)": lambda: model.predict(flat),  # predictor._BATCH_PARAMETERS
         "Booster.predict (all cores)": lambda: booster.predict(x),
@@ -121,10 +134,16 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
 
     raw_med = stats(single["raw C fast call"])[0]
     loaded_med = stats(single[f"LoadedModel (ndarray{PATH_NOTE})"])[0]
+    per_c_loop = (lambda us: f"{us / c_loop:.2f}") if c_loop else (lambda us: "")
+    if c_loop:
+        table.add_row(label, "1 row", "fast call in a C loop", "", "", "", "", f"{c_loop:.2f}",
+                      f"{c_loop / loop['raw C fast call']:.2f}", "1.00")
+        label = ""
     for name, values in single.items():
         med, p99 = stats(values)
         table.add_row(label, "1 row", name, f"{med:.2f}", f"{p99:.2f}", f"{med / raw_med:.2f}",
-                      f"{med / loaded_med:.2f}", f"{loop[name]:.2f}", f"{loop[name] / loop['raw C fast call']:.2f}")
+                      f"{med / loaded_med:.2f}", f"{loop[name]:.2f}", f"{loop[name] / loop['raw C fast call']:.2f}",
+                      per_c_loop(loop[name]))
         label = ""
     batch_loaded = stats(batch["LoadedModel (1 thread)"])[0]
     for name, values in batch.items():
@@ -137,13 +156,13 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
 
 
 def main() -> None:
-    console = Console(width=150)
+    console = Console(width=165)
     started = time.perf_counter()
     overhead_ns = timer_overhead_ns()
     table = Table(title="µs per call (timer overhead subtracted; loop: a tight loop, no clock between calls)")
     for column in ("model", "input", "contender"):
         table.add_column(column)
-    for column in ("median µs", "p99 µs", "÷ raw", "÷ LoadedModel", "loop µs", "loop ÷ raw"):
+    for column in ("median µs", "p99 µs", "÷ raw", "÷ LoadedModel", "loop µs", "loop ÷ raw", "loop ÷ C loop"):
         table.add_column(column, justify="right")
     for label, kwargs, single_calls, batch_calls in MODELS:
         bench_model(label, kwargs, single_calls, batch_calls, overhead_ns, table)

@@ -317,6 +317,18 @@ def test_a_model_that_fails_to_construct_frees_the_handles_it_was_given(trained,
 
 
 @needs_c_path
+def test_the_benchmarks_c_loop_times_calls_on_an_open_predictor_only(trained):
+    model = LoadedModel.from_model_text(trained[1], row_predict="c")
+    model.predict(np.zeros(NUM_FEATURES))
+    assert 0 < model._row_predictor.time_calls(1000) < 1.0
+    with pytest.raises(ValueError, match="at least one call"):
+        model._row_predictor.time_calls(0)
+    model.close()
+    with pytest.raises(ValueError, match="open predictor"):
+        model._row_predictor.time_calls(10)
+
+
+@needs_c_path
 def test_the_c_path_is_refused_where_it_was_not_built(trained, monkeypatch):
     monkeypatch.setattr(predictor, "RowPredictor", None)
     with pytest.raises(ValueError, match="not built"):

@@ -201,6 +201,29 @@ RowPredictor_close(RowPredictor *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* For loadtest.bench_predictor: the floor under any caller, the fast call in a C loop. */
+static PyObject *
+RowPredictor_time_calls(RowPredictor *self, PyObject *arg)
+{
+    long long calls = PyLong_AsLongLong(arg);
+    if (calls == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (calls < 1 || self->fast_config == NULL) {
+        PyErr_SetString(PyExc_ValueError, "time_calls needs at least one call on an open predictor");
+        return NULL;
+    }
+    int64_t out_len = 0;
+    _PyTime_t started = _PyTime_GetPerfCounter();
+    for (long long i = 0; i < calls; i++) {
+        if (self->fn(self->fast_config, self->row, &out_len, self->out) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "LightGBM's fast call failed");
+            return NULL;
+        }
+    }
+    return PyFloat_FromDouble(_PyTime_AsSecondsDouble(_PyTime_GetPerfCounter() - started));
+}
+
 static PyObject *
 RowPredictor_get_closed(RowPredictor *self, void *Py_UNUSED(closure))
 {
@@ -210,6 +233,8 @@ RowPredictor_get_closed(RowPredictor *self, void *Py_UNUSED(closure))
 static PyMethodDef RowPredictor_methods[] = {
     {"close", (PyCFunction)RowPredictor_close, METH_NOARGS,
      "Forget the fast config (before it is freed): every later call returns None."},
+    {"time_calls", (PyCFunction)RowPredictor_time_calls, METH_O,
+     "Seconds for N fast calls on the last row copied in, in a C loop (a benchmark's floor)."},
     {NULL, NULL, 0, NULL},
 };
 
