@@ -25,9 +25,10 @@ is per tenant, not per artifact.
 The load generators are their own processes (multiprocessing spawn), started once and reused
 for every cell; each runs its share of the callers on one grpc.aio event loop over one channel
 per server, with requests prebuilt as bytes (a serialised tenant field + one of 64 feature
-blocks + version), so client CPU per request is small and the same for every path. Every cell
-first runs a short warm-up that is not measured (longer for the first cell of a mix on a
-server); caches carry over between cells. rps counts requests completed inside the measured
+blocks + version), so client CPU per request is small and the same for every path. Before its
+first cell of a mix, each server answers --mix-warmup cache generations of that mix, unmeasured
+(see _prime), and every cell first runs a short warm-up that is not measured; caches carry over
+between cells. rps counts requests completed inside the measured
 window; p50/p99 are over their individual latencies. --rounds R measures each cell in R segments
 with the paths taking turns, so that a machine whose speed drifts during a run (a shared 2-core
 box does) hurts every path alike (see run_cells).
@@ -95,6 +96,8 @@ NAIVE_STATS_METHOD = "/loadtest.Naive/Stats"
 TXN_TENANTS = 64  # 2 ops per tenant; etcd allows at most 128 ops per transaction
 FEATURE_BLOCKS = 64
 REQUEST_TIMEOUT_S = 10.0
+PRIME_CALLERS = 32  # a priming run's callers (see _prime)
+PRIME_LIMIT_S = 120.0  # and its longest
 
 
 def tenant_name(mix: str, i: int) -> str:
@@ -162,12 +165,14 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
     errors: Counter = Counter()
     response_bytes = 0
     callers = spec["concurrency"]
+    # A priming run (run_cells) stops after this many requests, or at `end`, whichever is first.
+    limit = spec.get("requests") or float("inf")
 
     async def caller(k: int) -> None:
         nonlocal response_bytes
         j = k
         perf = time.perf_counter
-        while perf() < end:
+        while perf() < end and j < limit:
             t = int(draws[j % len(draws)])
             call = calls[route[t]] if route is not None else calls[k % len(calls)]
             request = request_for(t, j)
@@ -232,7 +237,10 @@ class Generators:
         busy = []
         for i, (conn, share) in enumerate(zip(self.conns, shares)):
             if share:
-                conn.send(dict(spec, concurrency=share, seed=spec["seed"] * 1000 + i))
+                part = dict(spec, concurrency=share, seed=spec["seed"] * 1000 + i)
+                if spec.get("requests"):  # a priming run's requests, split as the callers are
+                    part["requests"] = -(-spec["requests"] * share // concurrency)
+                conn.send(part)
                 busy.append(conn)
         if on_measuring is not None:
             time.sleep(max(0.0, spec["start_at"] + spec["warmup"] - time.time()))
@@ -493,10 +501,11 @@ def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=prin
             for path in args.paths[shift:] + args.paths[:shift]:
                 n += 1
                 server = "naive" if path == "naive" else "worker"
-                warmup = args.warmup + (0.0 if (server, mix) in warmed else args.mix_warmup)
-                warmed.add((server, mix))
                 spec = dict(bench.target(path, mix), mix=mix, tenants=bench.tenant_counts[mix], rows=rows,
-                            num_features=args.features, warmup=warmup, duration=segment_s, seed=n)
+                            num_features=args.features, warmup=args.warmup, duration=segment_s, seed=n)
+                if (server, mix) not in warmed:
+                    warmed.add((server, mix))
+                    _prime(bench, gens, args, spec, server, log)
                 segment = _measure_segment(bench, gens, spec, path, conc)
                 measured[path].append(segment)
                 ok = len(segment["latencies"])
@@ -509,6 +518,22 @@ def run_cells(bench: Bench, gens: Generators, args: argparse.Namespace, log=prin
         for path in args.paths:
             records.append(_record(bench, args, path, mix, rows, conc, measured[path], segment_s))
     return records
+
+
+def _prime(bench: Bench, gens: Generators, args: argparse.Namespace, spec: dict, server: str, log) -> None:
+    """Before a server's first cell of a mix: --mix-warmup x (the models its cache holds of this
+    mix) requests of the mix, unmeasured, so that cells measure the mix and not the change from
+    the one before. An LRU follows a new hot set within a cache generation or two; W-TinyLFU's
+    frequency sketch must first forget the old one, which takes ~20-30 generations for a switch
+    from Zipf over 10k tenants to Zipf over 100k (`python -m loadtest.bench_cache_policy`)."""
+    held = bench.cache_models if server == "naive" else bench.worker_cache_models * len(bench.workers)
+    requests = int(args.mix_warmup * min(held, spec["tenants"]))
+    if requests <= 0:
+        return
+    started = time.monotonic()
+    gens.run(dict(spec, warmup=0.0, duration=PRIME_LIMIT_S, requests=requests, seed=spec["seed"] + 7919),
+             PRIME_CALLERS)
+    log(f"[prime] {server:<10} {spec['mix']:<8} {requests:,} requests in {time.monotonic() - started:.1f} s")
 
 
 def _percentile_ms(latencies: np.ndarray, q: float) -> float:
@@ -670,7 +695,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure each cell in this many segments, the paths taking turns (see run_cells)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.5, quick 0.3)")
     parser.add_argument("--mix-warmup", type=float,
-                        help="extra warm-up for the first cell of a mix on a server (default 2, quick 1)")
+                        help="requests of a mix each server answers, unmeasured, before its first cell of "
+                             "that mix, in cache generations (x the models its cache holds of the mix; "
+                             "default 30, quick 2; see _prime)")
     parser.add_argument("--concurrency", type=_csv(int), help="callers per cell (default 1,8,32; quick 8)")
     parser.add_argument("--rows", type=_csv(int), help="rows per request (default 1,100)")
     parser.add_argument("--mixes", type=_csv(str), help="warm,zipf10k,zipf100k (quick: warm,zipf10k)")
@@ -705,7 +732,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     args.duration = args.duration if args.duration is not None else (1.0 if quick else 2.0)
     args.warmup = args.warmup if args.warmup is not None else (0.3 if quick else 0.5)
-    args.mix_warmup = args.mix_warmup if args.mix_warmup is not None else (1.0 if quick else 2.0)
+    args.mix_warmup = args.mix_warmup if args.mix_warmup is not None else (2.0 if quick else 30.0)
     args.concurrency = args.concurrency or ([8] if quick else [1, 8, 32])
     args.rows = args.rows or [1, 100]
     args.mixes = args.mixes or (["warm", "zipf10k"] if quick else list(MIX_TENANTS))

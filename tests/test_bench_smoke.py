@@ -57,6 +57,10 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
     turns = [line.split()[1] for line in done.stderr.splitlines()
              if "round 2/2" in line and " warm " in line and "rows=1 " in line]
     assert turns == ["router", "bare_proxy", "naive", "direct"]  # round 2 starts where round 1's order shifts to
+    primed = [line.split()[1:4] for line in done.stderr.splitlines() if line.startswith("[prime]")]
+    # each server once per mix, before its first cell: 0.3 cache generations of 30 models (8 for the 8 warm tenants)
+    assert primed == [["worker", "warm", "2"], ["naive", "warm", "2"], ["worker", "zipf10k", "9"],
+                      ["naive", "zipf10k", "9"]]
 
 
 def test_naive_server_and_bare_proxy_answer_what_lightgbm_answers(fleet, tmp_path):
