@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test soak proto setup clean prometheus jemalloc bytecode
 
-$(STAMP): pyproject.toml worker/_row_predict.c worker/_model_text.c
+$(STAMP): pyproject.toml $(wildcard worker/*.c)  # the C sources pip builds (pyproject ext-modules)
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
