@@ -27,7 +27,8 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from modelfleet.errors import FailedPrecondition, InvalidArgument
-from modelfleet.whole_file import read_whole_file
+from modelfleet.verified_files import VerifiedFiles
+from modelfleet.whole_file import read_whole_file_between_stats
 
 _ARTIFACT_RE = re.compile(r"sha256/([0-9a-f]{2})/([0-9a-f]{64})\.lgbm")
 
@@ -101,8 +102,11 @@ class Store(Protocol):
 class LocalStore:
     """A directory on local disk (or a shared mount) holding artifacts."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, verified: VerifiedFiles | None = None) -> None:
+        """verified: which files were hashed already (modelfleet.verified_files), so that a
+        reload of an unchanged artifact skips the hash; a fresh one by default."""
         self.root = Path(root).expanduser().resolve()
+        self.verified = verified if verified is not None else VerifiedFiles()
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -141,18 +145,25 @@ class LocalStore:
         return StoredArtifact(artifact=artifact, sha256=sha, size=len(data))
 
     def read_verified(self, artifact: str, sha256: str, what: str) -> bytes:
-        """The artifact's bytes, or FailedPrecondition naming `what` when missing or corrupt."""
+        """The artifact's bytes, or FailedPrecondition naming `what` when missing or corrupt.
+
+        The bytes are hashed unless this very file (device and inode), unchanged, hashed to
+        `sha256` before (`self.verified`)."""
         path = self._path(artifact)
         try:
-            data, _ = read_whole_file(path)
+            data, before, after = read_whole_file_between_stats(path)
         except FileNotFoundError:
             raise FailedPrecondition(f"{what}: artifact {artifact} is missing from the model store") from None
         except OSError as exc:
             raise FailedPrecondition(f"{what}: artifact {artifact} unreadable: {exc.strerror}") from None
+        if self.verified.trusts(sha256, before, after):
+            return data
+        hashed_at = self.verified.clock_ns()
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
             raise FailedPrecondition(
                 f"{what}: artifact is corrupt (sha256 {got[:12]}..., expected {sha256[:12]}...)")
+        self.verified.remember(sha256, before, after, hashed_at)
         return data
 
     def delete(self, artifact: str) -> bool:
