@@ -72,6 +72,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 import uuid
 from collections import Counter
@@ -648,8 +649,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     levels = sorted({r["concurrency"] for r in records})
     colors = {"direct": "tab:green", "router": "tab:blue", "bare_proxy": "tab:gray", "naive": "tab:red"}
     width = 0.8 / len(paths)
-    fig, axes = plt.subplots(2 * len(mixes), len(row_counts), squeeze=False,
-                             figsize=(1.0 + (2.6 + 1.0 * len(levels)) * len(row_counts), 0.6 + 2.7 * 2 * len(mixes)))
+    width_in = 1.0 + (2.6 + 1.0 * len(levels)) * len(row_counts)
+    # constrained layout keeps the (wrapped) title clear of the first panel's title
+    fig, axes = plt.subplots(2 * len(mixes), len(row_counts), squeeze=False, layout="constrained",
+                             figsize=(width_in, 0.6 + 2.7 * 2 * len(mixes)))
     for m, mix in enumerate(mixes):
         for col, rows in enumerate(row_counts):
             top, bottom = axes[2 * m][col], axes[2 * m + 1][col]
@@ -673,8 +676,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
                 ax.grid(True, axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     axes[1][0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, width=int(width_in * 9)))  # ~9 characters an inch at its size
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

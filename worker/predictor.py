@@ -31,8 +31,12 @@ import numpy as np
 
 from modelfleet import allocator
 from modelfleet.errors import FailedPrecondition, InvalidArgument, ModelfleetError
+from modelfleet.v1 import predictor_pb2
 
 Features = Sequence[float] | np.ndarray
+# The type of a protobuf message's repeated double field (upb's container), which numpy converts in
+# one C pass; other sequences are read item by item.
+_RepeatedScalar = type(predictor_pb2.PredictRequest().features)
 _ndarray = np.ndarray  # one global lookup instead of two on the hot path
 
 _C_API_PREDICT_NORMAL = 0
@@ -604,6 +608,8 @@ class LoadedModel:
         try:
             if isinstance(features, _ndarray):
                 data = np.ascontiguousarray(features, dtype=np.float64)
+            elif type(features) is _RepeatedScalar:  # a request's doubles: ~7 µs for 800, fromiter ~68
+                data = np.array(features, dtype=np.float64)
             else:
                 data = np.fromiter(features, dtype=np.float64, count=n)
         except (TypeError, ValueError, OverflowError) as exc:
