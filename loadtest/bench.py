@@ -33,6 +33,9 @@ window; p50/p99 are over their individual latencies. --rounds R measures each ce
 with the paths taking turns, so that a machine whose speed drifts during a run (a shared 2-core
 box does) hurts every path alike (see run_cells).
 
+After the table, `print_figures`: the issue's figures cell by cell (the router against the bare
+proxy and, on the Zipf mixes, against the naive server), each marked as holding or not.
+
 Also per cell: the cache miss ratio and the models held at its end (worker Stats / the naive
 server's Stats), the server processes' RSS at its end, and CPU time per request (µs, from
 /proc) of the client (generators), the hop (router or bare proxy) and the server (workers or
@@ -634,6 +637,60 @@ def print_table(records: list[dict], args: argparse.Namespace) -> None:
     Console(width=190).print(table)
 
 
+# The issue's figures for the paths compared in one cell: the router's hop against the floor of
+# any Python hop (rps >= 0.8 x, p99 <= 1.3 x the bare proxy's), and on the miss-heavy mixes the
+# fleet against the naive design (more rps, lower p99).
+HOP_MIN_RPS, HOP_MAX_P99 = 0.8, 1.3
+
+
+def figures(records: list[dict]) -> list[dict]:
+    """Per (mix, rows, concurrency) cell with a router record: its ratios to the bare proxy and
+    to the naive server (None where that path was not run), and whether each figure holds
+    (None where it does not apply: the naive comparison is for the Zipf mixes)."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        cells.setdefault((r["mix"], r["rows"], r["concurrency"]), {})[r["path"]] = r
+    out = []
+    for (mix, rows, conc), paths in cells.items():
+        router = paths.get("router")
+        if router is None:
+            continue
+        row = {"mix": mix, "rows": rows, "concurrency": conc}
+        for other in ("bare_proxy", "naive"):
+            base = paths.get(other)
+            row[f"rps_vs_{other}"] = router["rps"] / base["rps"] if base and base["rps"] else None
+            row[f"p99_vs_{other}"] = router["p99_ms"] / base["p99_ms"] if base and base["p99_ms"] else None
+        row["hop_ok"] = (None if row["rps_vs_bare_proxy"] is None else
+                         row["rps_vs_bare_proxy"] >= HOP_MIN_RPS and row["p99_vs_bare_proxy"] <= HOP_MAX_P99)
+        row["beats_naive"] = (None if row["rps_vs_naive"] is None or mix == "warm" else
+                              row["rps_vs_naive"] > 1 and row["p99_vs_naive"] < 1)
+        out.append(row)
+    return out
+
+
+def print_figures(records: list[dict]) -> None:
+    """The issue's figures, cell by cell, so that a run says itself whether they hold."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("yes" if ok else "NO")
+
+    table = Table(title=f"router against the bare proxy (rps >= {HOP_MIN_RPS}x, p99 <= {HOP_MAX_P99}x) "
+                        f"and the naive server (Zipf mixes: more rps, lower p99)")
+    for column in ("mix", "rows", "conc", "rps / bare", "p99 / bare", "hop ok", "rps / naive", "p99 / naive",
+                   "beats naive"):
+        table.add_column(column, justify="left" if column == "mix" else "right")
+    for f in figures(records):
+        table.add_row(f["mix"], str(f["rows"]), str(f["concurrency"]), ratio(f["rps_vs_bare_proxy"]),
+                      ratio(f["p99_vs_bare_proxy"]), verdict(f["hop_ok"]), ratio(f["rps_vs_naive"]),
+                      ratio(f["p99_vs_naive"]), verdict(f["beats_naive"]))
+    Console(width=190).print(table)
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
     """A panel pair per (mix, rows): requests/s, and p99 (bar) with p50 (tick) on a log scale;
     bars grouped by concurrency, one colour per path. Mixes go down, rows per request across."""
@@ -777,6 +834,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text)
     print_table(records, args)
+    print_figures(records)
     title = (f"modelfleet Predict paths ({os.cpu_count()} cores, {args.workers} worker(s), {args.routers} router(s), "
              f"{args.duration:g}s/cell, model {args.trees}x{args.leaves}, malloc {args.allocator})")
     plot(records, args.out / "bench.png", title)

@@ -54,6 +54,7 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
     assert json.loads((out / "bench.json").read_text()) == records
     assert (out / "bench.png").stat().st_size > 0
     assert "os.cpu_count" in done.stdout and "bare_proxy" in done.stdout
+    assert "beats naive" in done.stdout  # the issue's figures, cell by cell (bench.print_figures)
     turns = [line.split()[1] for line in done.stderr.splitlines()
              if "round 2/2" in line and " warm " in line and "rows=1 " in line]
     assert turns == ["router", "bare_proxy", "naive", "direct"]  # round 2 starts where round 1's order shifts to
@@ -131,3 +132,25 @@ def test_locust_headless_run_against_a_real_fleet(fleet, tmp_path):
     assert predict["Type"] == "grpc"
     assert int(predict["Request Count"]) > 0
     assert int(predict["Failure Count"]) == 0, (tmp_path / "locust_failures.csv").read_text()
+
+
+def test_figures_compare_the_router_with_the_bare_proxy_and_the_naive_server():
+    def rec(path, mix, rps, p99, conc=8):
+        return {"path": path, "mix": mix, "rows": 1, "concurrency": conc, "rps": rps, "p99_ms": p99}
+
+    records = [rec("router", "warm", 900, 10), rec("bare_proxy", "warm", 1000, 9), rec("naive", "warm", 1200, 8),
+               rec("router", "zipf10k", 800, 20), rec("bare_proxy", "zipf10k", 1100, 19), rec("naive", "zipf10k", 700, 25),
+               rec("router", "zipf100k", 700, 30), rec("bare_proxy", "zipf100k", 800, 40), rec("naive", "zipf100k", 720, 31),
+               rec("router", "zipf10k", 500, 60, conc=32), rec("naive", "zipf10k", 400, 50, conc=32),
+               rec("direct", "zipf100k", 900, 15, conc=32)]  # no router in the cell: no row
+    got = {(f["mix"], f["concurrency"]): f for f in bench.figures(records)}
+    assert set(got) == {("warm", 8), ("zipf10k", 8), ("zipf100k", 8), ("zipf10k", 32)}
+    warm, z10, z100, z10_32 = got["warm", 8], got["zipf10k", 8], got["zipf100k", 8], got["zipf10k", 32]
+    assert warm["rps_vs_bare_proxy"] == pytest.approx(0.9) and warm["hop_ok"] is True
+    assert warm["beats_naive"] is None  # the naive comparison is for the miss-heavy mixes
+    assert z10["rps_vs_bare_proxy"] == pytest.approx(800 / 1100) and z10["hop_ok"] is False  # < 0.8 x
+    assert z10["rps_vs_naive"] == pytest.approx(800 / 700) and z10["p99_vs_naive"] == pytest.approx(0.8)
+    assert z10["beats_naive"] is True
+    assert z100["beats_naive"] is False  # fewer rps than the naive server, though a lower p99
+    assert z10_32["rps_vs_bare_proxy"] is None and z10_32["hop_ok"] is None  # no bare proxy in that cell
+    assert z10_32["beats_naive"] is False  # more rps, but a higher p99
