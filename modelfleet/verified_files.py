@@ -86,9 +86,5 @@ class VerifiedFiles:
             while len(self._known) > self._capacity:
                 self._known.popitem(last=False)
 
-    def forget(self, digest: str) -> None:
-        with self._lock:
-            self._known.pop(digest, None)
-
     def __len__(self) -> int:
         return len(self._known)

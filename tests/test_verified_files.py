@@ -129,5 +129,3 @@ def test_capacity_keeps_the_most_recently_used(tmp_path):
     assert len(verified) == 2
     assert verified.trusts("a", stats["a"], stats["a"]) and verified.trusts("c", stats["c"], stats["c"])
     assert not verified.trusts("b", stats["b"], stats["b"])
-    verified.forget("a")
-    assert not verified.trusts("a", stats["a"], stats["a"])
