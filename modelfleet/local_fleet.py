@@ -97,13 +97,18 @@ class LocalFleet:
 
     def start_workers(self, specs: list[tuple[str, str]], *, cache_bytes: int = 256 << 20,
                       extra: tuple[str, ...] = ()) -> list[Proc]:
-        """Starts (worker_id, zone) workers side by side; returns once each is live in membership."""
+        """Starts (worker_id, zone) workers side by side; returns once each is live in membership.
+
+        A worker restarted under an id whose dead process's record is still leased is live once a
+        record other than that one is: the old record would otherwise pass at once."""
+        before = {w.worker_id: w.started for w in list_workers(self.client, self.keys)}
         procs = [self.spawn(worker_id, ["worker", "--worker-id", worker_id, "--zone", zone, "--cache-bytes",
                                         str(cache_bytes), "--lease-ttl", str(self.lease_ttl), *extra])
                  for worker_id, zone in specs]
         for proc in procs:
             record = self.wait_for(lambda: next((w for w in list_workers(self.client, self.keys)
-                                                 if w.worker_id == proc.name and not w.joining), None),
+                                                 if w.worker_id == proc.name and not w.joining
+                                                 and w.started != before.get(proc.name)), None),
                                    proc, f"{proc.name} to join")
             proc.address = record.address
         return procs

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import logging
 import socket
 import time
@@ -36,7 +35,7 @@ from version_service.etcd_client import connect_args, etcd_credentials
 from version_service.membership import LeasedRegistration
 from version_service.registry import Registry
 from version_service.routing_cache import RoutingCache
-from version_service.schema import Keys, RouterRecord, validate_id
+from version_service.schema import Keys, RouterRecord, started_stamp, validate_id
 
 log = logging.getLogger("modelfleet.router")
 
@@ -135,7 +134,7 @@ async def serve(args: argparse.Namespace) -> None:
         OIP_SERVICE), server)
     await server.start()
     record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
-                          started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                          started=started_stamp())
     registration = LeasedRegistration(client, keys.router(router_id), record, ttl=args.lease_ttl)
     try:  # admin tools find routers here; serving does not depend on it
         await loop.run_in_executor(None, registration.start)

@@ -9,6 +9,7 @@ is recorded server-side; cancellations arrive asynchronously, so tests wait for 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import grpc
@@ -21,7 +22,7 @@ from router.failover import Failover
 from router.hedging import HedgePolicy
 from router.worker_pool import WorkerPool
 from tests.scripted_worker import HANG, REQUEST, ScriptedFleet, err, ok
-from version_service.schema import WorkerRecord
+from version_service.schema import WorkerRecord, started_stamp
 from worker.overload import RETRY_AFTER_KEY, RetryLater
 
 
@@ -217,4 +218,29 @@ def test_a_lone_member_is_awaited_alone_with_the_same_outcomes_and_books(run):
         with pytest.raises(Unavailable, match="a: channel closed"):
             await task
         assert balanced(pool) and counters.attempts == 5 and counters.retries == 0
+    run(go)
+
+
+def test_a_worker_restarted_within_the_same_second_is_a_new_process_to_the_pool(run):
+    """Routers tell one worker process from the next by (address, started): a container restarted
+    at its old address within the same second must still get a fresh channel (not the dead one's
+    reconnect backoff) and no ejection carried over. `started` is what workers write."""
+    async def go(setup, fleet):
+        failover, pool, workers, counters = await setup({"a": [ok(0, "a")] * 2, "b": [ok(0, "b")]})
+        address = pool._channels["a"][0].address
+        first = started_stamp()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", first), first
+        second = first[:20] + ("900000" if first[20:26] != "900000" else "100000") + first[26:]
+        fleet.close_later(pool.update({"a": WorkerRecord("a", address, started=first),
+                                       "b": pool._channels["b"][0]}))
+        old_channel = pool._channels["a"][1]
+        for _ in range(3):
+            pool.ejector.failure("a", "UNAVAILABLE")
+        assert pool.ejector.is_ejected("a")
+
+        stale = pool.update({"a": WorkerRecord("a", address, started=second), "b": pool._channels["b"][0]})
+        fleet.close_later(stale)
+        assert stale == [old_channel] and pool._channels["a"][1] is not old_channel
+        assert not pool.ejector.is_ejected("a")
+        assert (await failover.send(REQUEST, ("a", "b"), 1.0)).worker_id == "a"
     run(go)

@@ -17,6 +17,7 @@ on read, so a newer writer does not break an older reader.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from dataclasses import asdict, dataclass, fields, replace
@@ -187,12 +188,20 @@ class VersionRecord(_Record):
     objective: str = ""
 
 
+def started_stamp() -> str:
+    """A process's `started` field (workers and routers): UTC to the microsecond, because routers
+    tell one worker process from the next by it, and a restart within the same second must count."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
 @dataclass(frozen=True)
 class WorkerRecord(_Record):
     """A live worker; the key lives under the worker's lease and vanishes when it dies.
 
     `joining` is true while a new worker warms the models it is about to own (make-before-break):
-    routers keep it out of shards until it flips to false.
+    routers keep it out of shards until it flips to false. `started` (UTC, to the microsecond)
+    tells one process from the next under the same id and address: a worker restarted within the
+    same second is still a new process to routers (a fresh channel, no inherited ejection).
     """
 
     worker_id: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime as dt
 import logging
 import socket
 import time
@@ -26,7 +25,7 @@ from version_service.etcd_client import connect_args
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, read_fleet
 from version_service.registry import Registry
-from version_service.schema import Keys, WorkerRecord, live_members, validate_id
+from version_service.schema import Keys, WorkerRecord, live_members, started_stamp, validate_id
 from prometheus_client import CollectorRegistry
 
 from modelfleet import metrics, tls, tracing
@@ -78,7 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     record = WorkerRecord(worker_id=worker_id, address=f"{args.advertise_host}:{port}", zone=args.zone,
                           joining=args.warm_on_join,
-                          started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                          started=started_stamp())
     membership = LeasedRegistration(client, keys.worker(worker_id), record, ttl=args.lease_ttl)
     await _join(membership)
     if args.warm_on_join:
