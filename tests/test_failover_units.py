@@ -9,6 +9,7 @@ is recorded server-side; cancellations arrive asynchronously, so tests wait for 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
 import time
 
@@ -227,18 +228,22 @@ def test_a_worker_restarted_within_the_same_second_is_a_new_process_to_the_pool(
     reconnect backoff) and no ejection carried over. `started` is what workers write."""
     async def go(setup, fleet):
         failover, pool, workers, counters = await setup({"a": [ok(0, "a")] * 2, "b": [ok(0, "b")]})
-        address = pool._channels["a"][0].address
         first = started_stamp()
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", first), first
-        second = first[:20] + ("900000" if first[20:26] != "900000" else "100000") + first[26:]
-        fleet.close_later(pool.update({"a": WorkerRecord("a", address, started=first),
-                                       "b": pool._channels["b"][0]}))
+        at = dt.datetime.fromisoformat(first)
+        second = at.replace(microsecond=(at.microsecond + 500_000) % 1_000_000).isoformat(timespec="microseconds")
+
+        def restarted_a(started: str) -> dict[str, WorkerRecord]:
+            return {"a": WorkerRecord("a", workers["a"].address, started=started),
+                    "b": WorkerRecord("b", workers["b"].address)}
+
+        fleet.close_later(pool.update(restarted_a(first)))
         old_channel = pool._channels["a"][1]
         for _ in range(3):
             pool.ejector.failure("a", "UNAVAILABLE")
         assert pool.ejector.is_ejected("a")
 
-        stale = pool.update({"a": WorkerRecord("a", address, started=second), "b": pool._channels["b"][0]})
+        stale = pool.update(restarted_a(second))
         fleet.close_later(stale)
         assert stale == [old_channel] and pool._channels["a"][1] is not old_channel
         assert not pool.ejector.is_ejected("a")

@@ -199,9 +199,8 @@ class WorkerRecord(_Record):
     """A live worker; the key lives under the worker's lease and vanishes when it dies.
 
     `joining` is true while a new worker warms the models it is about to own (make-before-break):
-    routers keep it out of shards until it flips to false. `started` (UTC, to the microsecond)
-    tells one process from the next under the same id and address: a worker restarted within the
-    same second is still a new process to routers (a fresh channel, no inherited ejection).
+    routers keep it out of shards until it flips to false. `started` (`started_stamp`) tells one
+    process from the next under the same id and address.
     """
 
     worker_id: str
