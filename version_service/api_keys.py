@@ -8,7 +8,6 @@ latency.
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import hmac
 import secrets
@@ -16,7 +15,7 @@ from typing import Mapping
 
 from modelfleet.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import ApiKeyRecord, Keys, validate_id
+from version_service.schema import ApiKeyRecord, Keys, utc_stamp, validate_id
 
 PREFIX = "mf"
 ANY_TENANT = "*"
@@ -35,8 +34,7 @@ def create(client: EtcdClient, keys: Keys, tenants: list[str], admin: bool = Fal
             validate_id("tenant id", tenant)
     key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     record = ApiKeyRecord(key_id=key_id, sha256=_digest(secret), tenants=sorted(set(tenants)),
-                          created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), actor=actor,
-                          admin=admin)
+                          created=utc_stamp("seconds"), actor=actor, admin=admin)
     txn = client.transactions
     with etcd_errors(client, "creating an API key"):
         ok, _ = client.transaction(compare=[txn.version(keys.api_key(key_id)) == 0],

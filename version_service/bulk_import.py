@@ -25,8 +25,8 @@ from modelfleet.artifact_check import ModelInfo, check_many, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.store import artifact_for, sha256_file
 from version_service.etcd_client import etcd_errors
-from version_service.registry import Registry, next_route_on_register, now_iso
-from version_service.schema import RouteRecord, VersionRecord, validate_id
+from version_service.registry import Registry, next_route_on_register
+from version_service.schema import RouteRecord, VersionRecord, utc_stamp, validate_id
 
 RECORDS_PER_TXN = 40  # 3 puts and up to 2 compares each: within etcd's 128 operations per transaction
 BATCH_ATTEMPTS = 5
@@ -183,7 +183,7 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
                 continue
             record = VersionRecord(version=row.version, artifact=artifact, sha256=sha, num_features=info.num_features,
                                    num_classes=info.num_classes, bytes=size, objective=info.objective,
-                                   created=now_iso())
+                                   created=utc_stamp())
             existing[key] = record
             compare.append(txn.version(key) == 0)
             ops.append(txn.put(key, record.to_json()))

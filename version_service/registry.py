@@ -15,7 +15,6 @@ Invariants kept here:
 """
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 import math
 import secrets
@@ -28,13 +27,9 @@ from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import Store, artifact_for, sha256_file
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import HistoryRecord, Keys, RouteRecord, VersionRecord, validate_id
+from version_service.schema import HistoryRecord, Keys, RouteRecord, VersionRecord, utc_stamp, validate_id
 
 _REGISTER_ATTEMPTS = 8
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def default_actor() -> str:
@@ -151,7 +146,7 @@ class Registry:
         validate_id("version", version)
         artifact, sha, size, info = self.store_artifact(Path(model_file))
         record = VersionRecord(version=version, artifact=artifact, sha256=sha, num_features=info.num_features,
-                               num_classes=info.num_classes, bytes=size, objective=info.objective, created=now_iso())
+                               num_classes=info.num_classes, bytes=size, objective=info.objective, created=utc_stamp())
         route_key, version_key = self.keys.route(tenant), self.keys.version(tenant, version)
         txn = self.client.transactions
         for _ in range(_REGISTER_ATTEMPTS):
@@ -285,7 +280,7 @@ class Registry:
 
     def history_op(self, tenant: str, action: str, from_version: str, to_version: str, actor: str | None,
                     reason: str):
-        record = HistoryRecord(at=now_iso(), actor=actor or default_actor(), action=action,
+        record = HistoryRecord(at=utc_stamp(), actor=actor or default_actor(), action=action,
                                from_version=from_version, to_version=to_version, reason=reason)
         return self.client.transactions.put(self.keys.history_event(tenant, new_event_id()), record.to_json())
 

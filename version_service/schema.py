@@ -188,10 +188,15 @@ class VersionRecord(_Record):
     objective: str = ""
 
 
+def utc_stamp(timespec: str = "milliseconds") -> str:
+    """Now, as every record stores a time: UTC in ISO 8601, so stamps sort as strings."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec=timespec)
+
+
 def started_stamp() -> str:
     """A process's `started` field (workers and routers): UTC to the microsecond, because routers
     tell one worker process from the next by it, and a restart within the same second must count."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    return utc_stamp("microseconds")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from sharding.report import isolation_report, simulated_fleet
 from version_service.etcd_client import connect_args, etcd_errors
 from version_service.membership import read_fleet
 from version_service.registry import Registry
-from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members, validate_id
+from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members, utc_stamp, validate_id
 
 console = Console(highlight=False)
 
@@ -165,7 +165,7 @@ def commit(state: FleetState, change: FleetChange) -> None:
     client, keys = state.registry.client, state.registry.keys
     txn = client.transactions
     compare, success = [], []
-    record = DrainRecord(since=_now(), actor=getpass.getuser(), reason="shards apply")
+    record = DrainRecord(since=utc_stamp("seconds"), actor=getpass.getuser(), reason="shards apply")
     for worker_id in change.drain:
         compare.append(txn.version(keys.drain(worker_id)) == 0)
         success.append(txn.put(keys.drain(worker_id), record.to_json()))
@@ -182,12 +182,6 @@ def commit(state: FleetState, change: FleetChange) -> None:
     if not ok:
         raise Conflict("the fleet changed while applying (a drain, undrain or route was modified concurrently); "
                        "re-run plan and apply")
-
-
-def _now() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def drain(args: argparse.Namespace) -> int:
