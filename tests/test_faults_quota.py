@@ -272,7 +272,7 @@ def test_a_cold_load_storm_never_starves_a_warm_tenant(fleet, monkeypatch):
     monkeypatch.setenv("MODELFLEET_MAX_QUEUED_LOADS", "64")
     cold = [f"cold{i:03d}" for i in range(300)]
     fleet.register("warm", "v1", seed=1)
-    model = fleet.model_file(7, num_trees=300, num_leaves=63)  # a slow load: tens of ms each
+    model = fleet.model_file(7, num_trees=600, num_leaves=63)  # a slow load: 15-70 ms each
     for tenant in cold:
         fleet.registry.register(tenant, "v1", model)
     worker = fleet.start_worker("w1", extra=("--load-threads", "2"))
@@ -318,9 +318,11 @@ def test_a_cold_load_storm_never_starves_a_warm_tenant(fleet, monkeypatch):
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
     assert codes.get("RESOURCE_EXHAUSTED", 0) > 0 and None not in hints  # the bound held, with hints
     assert codes.get("OK", 0) >= 64
-    assert storm_s >= 0.5, "the loads were too quick to overlap the warm requests"
-    # Queued behind the loads, a warm request would wait for (loads ahead / 2 threads) x ~35 ms:
-    # up to the whole storm (over a second here). It waits for none; what remains (~10-20 ms
-    # measured on 2 cores) is the machine being busy with the loads, and glibc's mallinfo2,
-    # which the predictor calls around a lone load and which pauses every malloc meanwhile.
+    # Queued behind the loads, a warm request would wait for (loads ahead / 2 threads) x one load
+    # (15-70 ms on 2 cores, day to day): up to the whole storm, 0.6-3 s here. It waits for none;
+    # what remains (6-20 ms, under half a load) is the machine being busy with the loads, and
+    # glibc's mallinfo2, which the predictor calls around a lone load and which pauses every
+    # malloc meanwhile. Both scale with the load, so the bound is a share of the storm, not a
+    # fixed time: a fixed floor on the storm's length failed on a fast day (0.45 s with 300-tree
+    # models, p99 7.6 ms).
     assert p99_during <= min(100.0, storm_s * 1000 / 10)
