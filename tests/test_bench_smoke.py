@@ -55,6 +55,7 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
     assert (out / "bench.png").stat().st_size > 0
     assert "os.cpu_count" in done.stdout and "bare_proxy" in done.stdout
     assert "beats naive" in done.stdout  # the issue's figures, cell by cell (bench.print_figures)
+    assert "cells of 0.4 s in 2 round(s)" in done.stdout  # too short to judge the figures by, and it says so
     turns = [line.split()[1] for line in done.stderr.splitlines()
              if "round 2/2" in line and " warm " in line and "rows=1 " in line]
     assert turns == ["router", "bare_proxy", "naive", "direct"]  # round 2 starts where round 1's order shifts to
@@ -154,3 +155,19 @@ def test_figures_compare_the_router_with_the_bare_proxy_and_the_naive_server():
     assert z100["beats_naive"] is False  # fewer rps than the naive server, though a lower p99
     assert z10_32["rps_vs_bare_proxy"] is None and z10_32["hop_ok"] is None  # no bare proxy in that cell
     assert z10_32["beats_naive"] is False  # more rps, but a higher p99
+
+
+@pytest.mark.parametrize(("seconds", "rounds", "captioned"), [(1.0, 1, True), (6.0, 1, True), (2.0, 3, True),
+                                                              (6.0, 3, False), (12.0, 4, False)])
+def test_figures_of_short_cells_say_they_are_noisy(capsys, seconds, rounds, captioned):
+    """A --quick run's one-second cells can mark a NO that 6 s in 3 rounds does not: the verdict
+    table says how long its cells were measured, and what the figures are judged with."""
+    records = [{"path": p, "mix": "zipf10k", "rows": 1, "concurrency": 8, "rps": rps, "p99_ms": 10.0,
+                "duration_s": seconds, "rounds": rounds}
+               for p, rps in (("router", 700.0), ("bare_proxy", 1000.0), ("naive", 800.0))]
+    bench.print_figures(records)
+    shown = capsys.readouterr().out
+    assert "NO" in shown  # 0.7 x the bare proxy
+    caption = f"cells of {seconds:g} s in {rounds} round(s)"
+    assert (caption in shown) is captioned
+    assert ("judged with --duration 6 --rounds 3" in shown) is captioned
