@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -60,6 +61,11 @@ def generate_load(router: str, tenants: list[str], seconds: float, threads: int,
     out.send(records)
 
 
+def _percentile_ms(window: np.ndarray, q: float) -> float:
+    """NaN for a window with no requests (the join outlasted --after) rather than a crash."""
+    return float(np.percentile(window[:, 1], q) * 1000) if len(window) else float("nan")
+
+
 def run_variant(etcd: EtcdServer, root: Path, warm: bool, args: argparse.Namespace) -> dict:
     fleet = LocalFleet(etcd.endpoint, f"/bench/{uuid.uuid4().hex[:8]}", root)
     try:
@@ -91,10 +97,10 @@ def run_variant(etcd: EtcdServer, root: Path, warm: bool, args: argparse.Namespa
             "warm_loads": loads_at_live,
             "cold_loads_under_traffic": final - loads_at_live,
             "join_s": live_at - joined_at,
-            "steady_p50_ms": float(np.percentile(steady[:, 1], 50) * 1000),
-            "steady_p99_ms": float(np.percentile(steady[:, 1], 99) * 1000),
-            "after_p50_ms": float(np.percentile(after[:, 1], 50) * 1000),
-            "after_p99_ms": float(np.percentile(after[:, 1], 99) * 1000),
+            "steady_p50_ms": _percentile_ms(steady, 50),
+            "steady_p99_ms": _percentile_ms(steady, 99),
+            "after_p50_ms": _percentile_ms(after, 50),
+            "after_p99_ms": _percentile_ms(after, 99),
             "failed": int((lat[:, 2] == 0).sum()),
             "requests": len(lat),
         }
@@ -108,12 +114,17 @@ def main() -> None:
     parser.add_argument("--before", type=float, default=3.0, help="seconds of load before the join")
     parser.add_argument("--after", type=float, default=4.0, help="seconds of load after the join starts")
     args = parser.parse_args()
+    if args.before <= 1:  # the steady window leaves out the load's first second (warm-up)
+        parser.error("--before must be more than 1 second")
+    if args.after <= 0:
+        parser.error("--after must be positive")
     root = Path(tempfile.mkdtemp(prefix="modelfleet-bench-rebalance-"))
     etcd = EtcdServer(data_dir=root / "etcd").start()
     try:
         rows = [run_variant(etcd, root / name, warm, args) for name, warm in (("cold", False), ("warm", True))]
     finally:
         etcd.cleanup()
+        shutil.rmtree(root, ignore_errors=True)  # etcd's data and both variants' fleets
     table = Table(title=f"a 4th worker joins 3 under load ({args.tenants} tenants, k=2, {os.cpu_count()} cores)")
     for column in ("variant", "loads before live", "cold loads under traffic", "join s", "steady p50/p99 ms",
                    "2 s after join p50/p99 ms", "failed/requests"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def main() -> None:
         ]
     finally:
         etcd.cleanup()
+        shutil.rmtree(root, ignore_errors=True)  # etcd's data
     table = Table(title=f"{args.tenants} tenants x {args.workers} workers, {args.zones} zones, "
                         f"{os.cpu_count()} cores (etcd populated in {populate_s:.1f} s)")
     table.add_column("command (wall time, process start included)")

@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def main() -> None:
         fleet.stop()
         empty.stop()
         etcd.cleanup()
+        shutil.rmtree(root, ignore_errors=True)  # etcd's data, the fleets' stores and the manifest
     table = Table(title=f"version service at scale ({os.cpu_count()} cores)")
     table.add_column("measure")
     table.add_column("figure")

@@ -30,8 +30,10 @@ def children_of(pid: int) -> list[int]:
 
 def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
     etcd_port, router_port = processes.free_port(), processes.free_port()
+    scratch = tmp_path / "tmp"  # its temporary files (etcd's data) go here, to be checked for leftovers
+    scratch.mkdir()
     env = dict(os.environ, MODELFLEET_HOME=str(tmp_path / "home"), MODELFLEET_STORE=str(tmp_path / "store"),
-               MODELFLEET_ETCD=f"127.0.0.1:{etcd_port}", PYTHONPATH=str(REPO_ROOT))
+               MODELFLEET_ETCD=f"127.0.0.1:{etcd_port}", PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
     up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", "--workers", "2", "--demo-tenants", "6",
                            "--port", str(router_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -62,6 +64,7 @@ def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
         reader.join(10)
         assert "stopped" in "".join(output)
         processes.wait_for(lambda: not any(processes.pid_alive(k) for k in kids), 10, what="children to exit")
+        assert list(scratch.iterdir()) == [], "a stopped fleet left temporary files behind"
         try:
             predict(stub, "demo-0006", x, timeout=1)
             raise AssertionError("the router still answers after shutdown")
