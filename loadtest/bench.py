@@ -856,4 +856,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
     main()

@@ -21,6 +21,7 @@ from pathlib import Path
 import lightgbm
 import numpy as np
 
+from modelfleet import processes
 from modelfleet.fleet_gen import generate_fleet, train_templates
 
 TARGET_TENANTS = 100_000
@@ -89,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
     main()

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtest.bench import Artifact, register_bulk, tenant_name
-from modelfleet import heap
+from modelfleet import heap, processes
 from modelfleet.demo_models import train_model_text
 from modelfleet.etcd_server import EtcdServer
 from modelfleet.store import LocalStore
@@ -97,4 +97,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
     main()

@@ -23,6 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from modelfleet import processes
 from modelfleet.demo_models import sample_features
 from modelfleet.etcd_server import EtcdServer
 from modelfleet.local_fleet import LocalFleet
@@ -137,4 +138,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
     main()

@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from modelfleet import processes
 from modelfleet.etcd_server import EtcdServer
 from version_service.etcd_client import connect
 from version_service.schema import Keys, RouteRecord, WorkerRecord
@@ -86,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
     main()

@@ -33,6 +33,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from modelfleet import processes
 from modelfleet.config import byte_size
 from modelfleet.demo_models import sample_features
 from modelfleet.etcd_server import EtcdServer
@@ -155,4 +156,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
     main()

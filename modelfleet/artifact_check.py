@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from modelfleet.errors import FailedPrecondition
+from modelfleet.processes import die_with_parent
 
 CHECK_TIMEOUT_S = 60.0
 IDLE_EXIT_S = 30.0  # a checker child with nothing to do exits after this long
@@ -178,8 +179,8 @@ def check_many(paths: list[Path], processes: int | None = None,
     if not pending:
         return results
     try:
-        with ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1,
-                                 mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1, mp_context=mp.get_context("spawn"),
+                                 initializer=die_with_parent) as pool:  # a killed import leaves no checkers
             for path, outcome in zip(pending, pool.map(_check_path, pending, chunksize=64)):
                 results[path] = ModelInfo(**outcome) if isinstance(outcome, dict) else FailedPrecondition(
                     f"{path} is not a usable LightGBM model: {outcome}")

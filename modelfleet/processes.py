@@ -23,12 +23,19 @@ from typing import IO, Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Arms SIGTERM for this process when its parent dies (also a process pool's initializer)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: best effort
         pass
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (`timeout`, `kill`, a cancelled CI job) raises SystemExit(143) in the main thread, so
+    `finally` blocks and context managers run as on Ctrl-C: a benchmark's temp dirs go with it."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, stdout: IO | int | None = None,
@@ -94,7 +101,7 @@ def pid_alive(pid: int) -> bool:
 
 def _launch(args: list[str]) -> None:
     parent, argv = int(args[0]), args[1:]
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before the death signal was armed
         sys.exit(1)
     os.execvp(argv[0], argv)

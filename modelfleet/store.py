@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -29,6 +30,20 @@ from urllib.parse import unquote, urlsplit
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.verified_files import VerifiedFiles
 from modelfleet.whole_file import read_whole_file_between_stats
+
+TEMP_PREFIX = ".incoming-"  # a file being written, renamed into place when whole
+STALE_TEMP_SECONDS = 3600.0  # older than this, no live writer still owns it
+
+
+def remove_stale_temp_files(root: Path) -> None:
+    """Removes `root/sha256/*/TEMP_PREFIX*` files left by writers that were killed mid-write."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for tmp in root.glob(f"sha256/*/{TEMP_PREFIX}*"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
 
 _ARTIFACT_RE = re.compile(r"sha256/([0-9a-f]{2})/([0-9a-f]{64})\.lgbm")
 
@@ -107,6 +122,7 @@ class LocalStore:
         reload of an unchanged artifact skips the hash; a fresh one by default."""
         self.root = Path(root).expanduser().resolve()
         self.verified = verified if verified is not None else VerifiedFiles()
+        self._swept = False  # stale temp files, on the first write (readers, like workers, never sweep)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -130,9 +146,12 @@ class LocalStore:
         sha = hashlib.sha256(data).hexdigest()
         artifact = self.artifact_for(sha)
         target = self._path(artifact)
+        if not self._swept:
+            remove_stale_temp_files(self.root)
+            self._swept = True
         if not (target.is_file() and target.stat().st_size == len(data)):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)

@@ -27,12 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelfleet.store import TEMP_PREFIX, remove_stale_temp_files
 from modelfleet.whole_file import read_whole_file
 
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _FILE_RE = re.compile(r"([0-9a-f]{64})\.lgbm")
-_TEMP_PREFIX = ".incoming-"
-_STALE_TEMP_SECONDS = 3600.0
 
 
 @dataclass
@@ -54,7 +53,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._last_stamp = 0
         (self.directory / "sha256").mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temp_files()
+        remove_stale_temp_files(self.directory)
 
     def __repr__(self) -> str:
         return f"DiskCache({str(self.directory)!r}, max_bytes={self.max_bytes})"
@@ -102,7 +101,7 @@ class DiskCache:
         if len(data) > self.max_bytes:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
         try:
             # No fsync: a file torn by a crash fails verification on its next read and is refetched.
             with os.fdopen(fd, "wb") as fh:
@@ -185,19 +184,6 @@ class DiskCache:
             else:
                 self.stats.evictions += 1
             total -= size
-
-    def _remove_stale_temp_files(self) -> None:
-        """Temp files left by a crashed writer (old enough that no live writer still owns them)."""
-        cutoff = time.time() - _STALE_TEMP_SECONDS
-        for shard in (self.directory / "sha256").iterdir():
-            if not shard.is_dir():
-                continue
-            for tmp in shard.glob(f"{_TEMP_PREFIX}*"):
-                try:
-                    if tmp.stat().st_mtime < cutoff:
-                        tmp.unlink()
-                except FileNotFoundError:
-                    pass
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -171,3 +171,22 @@ def test_figures_of_short_cells_say_they_are_noisy(capsys, seconds, rounds, capt
     caption = f"cells of {seconds:g} s in {rounds} round(s)"
     assert (caption in shown) is captioned
     assert ("judged with --duration 6 --rounds 3" in shown) is captioned
+
+
+def test_a_benchmark_stopped_with_sigterm_removes_its_temp_dirs(tmp_path):
+    """`timeout`, `kill` and a cancelled CI job send SIGTERM: the generated fleet (GBs at scale)
+    goes as it does on Ctrl-C."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest.bench_fleet_gen", "--tenants", "50000"], cwd=REPO_ROOT,
+                            env=dict(os.environ, TMPDIR=str(scratch)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        processes.wait_for(lambda: any(scratch.rglob("*.txt")), 120, what="the fleet to be being written")
+        proc.terminate()
+        assert proc.wait(60) == 128 + 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(scratch.iterdir()) == []

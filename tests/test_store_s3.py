@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +18,7 @@ from moto.server import ThreadedMotoServer
 
 from modelfleet.demo_models import train_model_text
 from modelfleet.errors import FailedPrecondition, InvalidArgument, Unavailable
-from modelfleet.store import LocalStore, Store, StoredArtifact, open_store
+from modelfleet.store import STALE_TEMP_SECONDS, TEMP_PREFIX, LocalStore, Store, StoredArtifact, open_store
 from modelfleet.store_cache import DiskCache
 from modelfleet.store_s3 import S3Store
 
@@ -373,3 +375,19 @@ def test_local_store_delete_exists_and_uri(tmp_path, model_file):
         store.delete("../../etc/passwd")
     with pytest.raises(InvalidArgument):
         store.exists("sha256/zz/x.lgbm")
+
+
+def test_local_store_sweeps_what_killed_writers_left_on_its_first_write(tmp_path, model_file):
+    """A register or import killed mid-write leaves a temp file; the next writer removes it once
+    no live writer can still own it (older than STALE_TEMP_SECONDS), and leaves fresh ones."""
+    shard = tmp_path / "store" / "sha256" / "ab"
+    shard.mkdir(parents=True)
+    stale, fresh = shard / f"{TEMP_PREFIX}killed", shard / f"{TEMP_PREFIX}writing"
+    stale.write_bytes(b"half a model")
+    fresh.write_bytes(b"a model being written")
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    store = LocalStore(tmp_path / "store")
+    assert stale.exists()  # opening does not sweep: workers open stores only to read
+    store.put_file(model_file)
+    assert not stale.exists() and fresh.exists()

@@ -74,3 +74,32 @@ def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_sigterm_during_start_up_stops_at_once_and_leaves_nothing(tmp_path):
+    """Training and registering many demo tenants is abandoned, not finished first."""
+    etcd_port, router_port = processes.free_port(), processes.free_port()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, MODELFLEET_HOME=str(tmp_path / "home"), MODELFLEET_STORE=str(tmp_path / "store"),
+               MODELFLEET_ETCD=f"127.0.0.1:{etcd_port}", PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
+    up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", "--demo-tenants", "5000",
+                           "--port", str(router_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        processes.wait_for(lambda: any("training and registering" in line for line in output), 60,
+                           what="start-up to reach the demo tenants")
+        kids = children_of(up.pid)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(30) == 0, "".join(output)  # 5000 tenants would take minutes
+        reader.join(10)
+        assert "stopped" in "".join(output) and "modelfleet is up" not in "".join(output)
+        processes.wait_for(lambda: not any(processes.pid_alive(k) for k in kids), 10, what="children to exit")
+        assert list(scratch.iterdir()) == [], "an interrupted start-up left temporary files behind"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

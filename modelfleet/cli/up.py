@@ -60,9 +60,17 @@ def run(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     # no data_dir: the server makes a temporary one and owns it, so cleanup() removes it (~60 MB a run)
     etcd = EtcdServer(client_port=etcd_port, log_path=home / "etcd.log")
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopping, starting = threading.Event(), threading.Event()
+    starting.set()
+
+    def on_signal(*_) -> None:
+        stopping.set()
+        if starting.is_set():  # start-up (training, registering, starting) is abandoned, not finished first
+            starting.clear()  # once: a second Ctrl-C must not cut the clean-up short
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     fleet: LocalFleet | None = None
     try:
         print(f"starting etcd on 127.0.0.1:{etcd_port} ...", flush=True)
@@ -90,6 +98,7 @@ logs in {home}
       {router} modelfleet.v1.Predictor/Predict
 
 Ctrl-C stops everything.""", flush=True)
+        starting.clear()
         while not stopping.wait(0.5):
             for proc in fleet.procs:
                 if not proc.alive():
@@ -97,11 +106,14 @@ Ctrl-C stops everything.""", flush=True)
                           file=sys.stderr)
                     stopping.set()
         return 0
-    except ChildProcessError as exc:
+    except (ChildProcessError, KeyboardInterrupt) as exc:
         if stopping.is_set():  # Ctrl-C or SIGTERM during start-up: a clean stop, not an error
             return 0
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise FailedPrecondition(str(exc).splitlines()[0]) from None
     finally:
+        starting.clear()
         print("stopping the demo fleet ...", flush=True)
         if fleet is not None:
             fleet.stop()
