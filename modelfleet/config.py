@@ -43,21 +43,107 @@ class Option:
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
-    def resolve_default(self) -> Any:
+    def raw_env(self) -> str | None:
         raw = os.environ.get(self.env)
-        if raw is None or raw == "":
+        return raw if raw else None
+
+    def parse(self, text: str) -> Any:
+        """`type(text)`, with any failure as one ArgumentTypeError that names the flag and variable."""
+        try:
+            return self.type(text)
+        except (ValueError, TypeError, OverflowError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentTypeError(f"{exc or 'invalid value'} (flag {self.flag} or {self.env})") from None
+
+    def resolve_default(self) -> Any:
+        """The variable's value if set, else the default. A bad variable is a ValueError naming it."""
+        raw = self.raw_env()
+        if raw is None:
             return self.default() if callable(self.default) else self.default
-        return self.type(raw)
+        try:
+            return self.parse(raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"{self.env}={raw!r}: {exc}") from None
+
+
+def _finite(text: str) -> float:
+    value = float(str(text).strip())
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """A flag type: an integer >= `minimum` (and <= `maximum`); anything else is a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = "whole"
+    return parse
+
+
+def number(minimum: float = 0.0, above: bool = False) -> Callable[[str], float]:
+    """A flag type: a finite number >= `minimum` (> with `above`); NaN and infinities are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = _finite(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if above else '>='} {minimum:g}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+port = whole(0, 65535)
+positive_seconds = number(0.0, above=True)
+
+
+def boolean(text: str) -> bool:
+    """1/0, true/false, yes/no, on/off in any case; anything else is refused, never read as off
+    (a misspelt `MODELFLEET_AUTH=enabled` must not turn authentication off)."""
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
 
 
 def byte_size(text: str) -> int:
-    """Parses '512MiB', '2GiB', '1000000' into bytes."""
+    """Parses '512MiB', '2GiB', '1000000' into bytes; negative, NaN and infinite sizes are refused."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9, "b": 1}
-    lowered = text.strip().lower()
-    for suffix, scale in units.items():
+    lowered = str(text).strip().lower()
+    scale = 1
+    for suffix, unit in units.items():
         if lowered.endswith(suffix):
-            return int(float(lowered[: -len(suffix)]) * scale)
-    return int(lowered)
+            lowered, scale = lowered[: -len(suffix)], unit
+            break
+    try:
+        value = _finite(lowered) * scale
+    except ValueError:
+        raise ValueError(f"expected a byte size like 512MiB, 2GiB or 1000000, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a byte size >= 0, got {text!r}")
+    return int(value)
+
+
+def positive_byte_size(text: str) -> int:
+    """A byte size of at least one byte (a budget of nothing holds no model)."""
+    value = byte_size(text)
+    if value < 1:
+        raise ValueError(f"expected a byte size > 0, got {text!r}")
+    return value
 
 
 # -- shared by every component ----------------------------------------------------------------
@@ -73,8 +159,6 @@ STORE_CACHE_BYTES = Option("--store-cache-bytes", "MODELFLEET_STORE_CACHE_BYTES"
                            "byte bound of that disk cache (e.g. 512MiB, 4GiB; 0 = no cache)")
 S3_ENDPOINT = Option("--s3-endpoint", "MODELFLEET_S3_ENDPOINT", "", str,
                      "S3-compatible endpoint http(s)://host:port ('' = AWS); credentials from the AWS_* variables")
-LOG_FORMAT = Option("--log-format", "MODELFLEET_LOG_FORMAT", "text", str, "log lines as 'text' (key=value) or 'json'")
-LOG_LEVEL = Option("--log-level", "MODELFLEET_LOG_LEVEL", "info", str, "debug, info, warning or error")
 HOST = Option("--host", "MODELFLEET_HOST", "127.0.0.1", str, "address to listen on")
 
 
@@ -91,6 +175,10 @@ def one_of(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+LOG_FORMAT = Option("--log-format", "MODELFLEET_LOG_FORMAT", "text", one_of("text", "json"),
+                    "log lines as 'text' (key=value) or 'json'")
+LOG_LEVEL = Option("--log-level", "MODELFLEET_LOG_LEVEL", "info", one_of("debug", "info", "warning", "error"),
+                   "debug, info, warning or error")
 event_loop_name = one_of("uvloop", "asyncio")
 EVENT_LOOP = Option("--event-loop", "MODELFLEET_EVENT_LOOP", "uvloop", event_loop_name,
                     "event loop of a router or worker: 'uvloop' (libuv; ~50 µs less CPU per request in each "
@@ -108,7 +196,7 @@ TLS_CLIENT_CA = Option("--tls-client-ca", "MODELFLEET_TLS_CLIENT_CA", "", str,
                        "serve mutual TLS: demand client certificates signed by this CA")
 TLS_CA = Option("--tls-ca", "MODELFLEET_TLS_CA", "", str,
                 "CA that signs the servers this process calls (router -> worker, CLI -> router)")
-AUTH = Option("--auth", "MODELFLEET_AUTH", False, lambda v: str(v).lower() in ("1", "true", "yes", "on"),
+AUTH = Option("--auth", "MODELFLEET_AUTH", False, boolean,
               "require an API key (metadata x-api-key) on every Predict, bound to its tenants (1/0)")
 API_KEY = Option("--api-key", "MODELFLEET_API_KEY", "", str, "API key sent by `predict`")
 ETCD_USER = Option("--etcd-user", "MODELFLEET_ETCD_USER", "", str, "etcd user (etcd auth enabled)")
@@ -118,7 +206,7 @@ ETCD_CERT = Option("--etcd-cert", "MODELFLEET_ETCD_CERT", "", str, "client certi
 ETCD_KEY = Option("--etcd-key", "MODELFLEET_ETCD_KEY", "", str, "its key")
 
 # -- observability ----------------------------------------------------------------------------
-METRICS_PORT = Option("--metrics-port", "MODELFLEET_METRICS_PORT", 0, int,
+METRICS_PORT = Option("--metrics-port", "MODELFLEET_METRICS_PORT", 0, port,
                       "Prometheus metrics on this HTTP port (0 = off)")
 TRACE_FILE = Option("--trace-file", "MODELFLEET_TRACE_FILE", "", str,
                     "append finished OpenTelemetry spans to this file as JSON lines ('' = off)")
@@ -129,7 +217,7 @@ OTLP_ENDPOINT = Option("--otlp-endpoint", "MODELFLEET_OTLP_ENDPOINT", "", str,
 
 def fraction(text: str) -> float:
     """A ratio in [0, 1]: '0.05', '1'."""
-    value = float(text)
+    value = _finite(text)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"expected a fraction between 0 and 1, got {text!r}")
     return value
@@ -141,21 +229,21 @@ TRACE_SAMPLE = Option("--trace-sample", "MODELFLEET_TRACE_SAMPLE", 1.0, fraction
 TRACING_OPTIONS = (TRACE_FILE, OTLP_ENDPOINT, TRACE_SAMPLE)
 
 # -- router -----------------------------------------------------------------------------------
-ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, int, "router gRPC port (0 = any free port)")
-SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, int,
+ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, port, "router gRPC port (0 = any free port)")
+SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, whole(1),
                     "workers per tenant shard when the tenant's route names none")
-SPILL_INFLIGHT = Option("--spill-inflight", "MODELFLEET_SPILL_INFLIGHT", 32, int,
+SPILL_INFLIGHT = Option("--spill-inflight", "MODELFLEET_SPILL_INFLIGHT", 32, whole(1),
                         "requests in flight on a tenant's first shard member before the next member takes more")
 ROUTER_ID = Option("--router-id", "MODELFLEET_ROUTER_ID", "", str,
                    "stable router identity (default: router-<host>-<port>)")
-SHADOW_BUDGET = Option("--shadow-budget", "MODELFLEET_SHADOW_BUDGET", 16, int,
+SHADOW_BUDGET = Option("--shadow-budget", "MODELFLEET_SHADOW_BUDGET", 16, whole(0),
                        "shadow copies in flight per router; more are dropped (and counted), never queued")
 worker_transport = one_of("stream", "unary")  # router.worker_stream
 WORKER_TRANSPORT = Option("--worker-transport", "MODELFLEET_WORKER_TRANSPORT", "stream", worker_transport,
                           "how a router's Predicts reach workers: 'stream' (frames on one long-lived call per "
                           "worker: ~200-300 µs less CPU per request, router and worker together) or 'unary' "
                           "(a call each)")
-DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, float,
+DEFAULT_DEADLINE = Option("--default-deadline", "MODELFLEET_DEFAULT_DEADLINE", 5.0, positive_seconds,
                           "seconds a Predict may take when the caller sets no deadline")
 
 
@@ -164,57 +252,60 @@ def hedge_delay(text: str) -> float | str:
     lowered = str(text).strip().lower()
     if lowered == "auto":
         return "auto"
-    value = float(lowered)
-    if value < 0 or value != value:
-        raise ValueError(f"hedge delay must be 'auto' or milliseconds >= 0, got {text!r}")
+    try:
+        value = _finite(lowered)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ValueError(f"hedge delay must be 'auto' or finite milliseconds >= 0, got {text!r}")
     return value
 
 
 HEDGE_AFTER_MS = Option("--hedge-after-ms", "MODELFLEET_HEDGE_AFTER_MS", 0.0, hedge_delay,
                         "send a hedge to the next shard member when no answer came within this many ms; "
                         "0 = off, 'auto' = the p95 of this router's recent successful attempts (bounded)")
-EJECT_AFTER_FAILURES = Option("--eject-after-failures", "MODELFLEET_EJECT_AFTER_FAILURES", 3, int,
+EJECT_AFTER_FAILURES = Option("--eject-after-failures", "MODELFLEET_EJECT_AFTER_FAILURES", 3, whole(0),
                               "consecutive failures or attempt timeouts before a worker is skipped for a "
                               "back-off (0 = never eject)")
-EJECT_BACKOFF_S = Option("--eject-backoff", "MODELFLEET_EJECT_BACKOFF", 1.0, float,
+EJECT_BACKOFF_S = Option("--eject-backoff", "MODELFLEET_EJECT_BACKOFF", 1.0, positive_seconds,
                          "seconds an ejected worker is first skipped; doubles on each failed probe")
-EJECT_MAX_BACKOFF_S = Option("--eject-max-backoff", "MODELFLEET_EJECT_MAX_BACKOFF", 30.0, float,
+EJECT_MAX_BACKOFF_S = Option("--eject-max-backoff", "MODELFLEET_EJECT_MAX_BACKOFF", 30.0, positive_seconds,
                              "upper bound of the ejection back-off, seconds")
-TENANT_RATE_LIMIT = Option("--tenant-rate-limit", "MODELFLEET_TENANT_RATE_LIMIT", 10_000.0, float,
+TENANT_RATE_LIMIT = Option("--tenant-rate-limit", "MODELFLEET_TENANT_RATE_LIMIT", 10_000.0, number(0.0),
                            "requests per second per tenant on each router when the route sets none (0 = no limit)")
-TENANT_BURST = Option("--tenant-burst", "MODELFLEET_TENANT_BURST", 0.0, float,
+TENANT_BURST = Option("--tenant-burst", "MODELFLEET_TENANT_BURST", 0.0, number(0.0),
                       "token-bucket size per tenant when the route sets none (0 = one second of the rate)")
-TENANT_MAX_INFLIGHT = Option("--tenant-max-inflight", "MODELFLEET_TENANT_MAX_INFLIGHT", 1024, int,
+TENANT_MAX_INFLIGHT = Option("--tenant-max-inflight", "MODELFLEET_TENANT_MAX_INFLIGHT", 1024, whole(0),
                              "requests of one tenant in flight on each router when the route sets none (0 = no limit)")
 ROUTER_RESILIENCE_OPTIONS = (HEDGE_AFTER_MS, EJECT_AFTER_FAILURES, EJECT_BACKOFF_S, EJECT_MAX_BACKOFF_S,
                              TENANT_RATE_LIMIT, TENANT_BURST, TENANT_MAX_INFLIGHT)
 
 # -- worker -----------------------------------------------------------------------------------
-WORKER_PORT = Option("--port", "MODELFLEET_WORKER_PORT", 0, int, "worker gRPC port (0 = any free port)")
+WORKER_PORT = Option("--port", "MODELFLEET_WORKER_PORT", 0, port, "worker gRPC port (0 = any free port)")
 WORKER_ID = Option("--worker-id", "MODELFLEET_WORKER_ID", "", str,
                    "stable worker identity, [A-Za-z0-9._-]{1,128} (default: worker-<host>-<port>)")
 ZONE = Option("--zone", "MODELFLEET_ZONE", "default", str, "failure zone of this worker")
 ADVERTISE_HOST = Option("--advertise-host", "MODELFLEET_ADVERTISE_HOST", "127.0.0.1", str,
                         "host others use to reach this process (routers dial workers, tools dial routers)")
-CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, byte_size,
+CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, positive_byte_size,
                      "byte budget of the worker's model cache (e.g. 512MiB, 2GiB)")
-LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", default_load_threads, int,
+LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", default_load_threads, whole(1),
                       "threads that load models (default: one per usable core, 4 to 16)")
-LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, int,
+LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, whole(2),
                    "seconds a dead worker stays in membership before its etcd lease expires")
-MAX_QUEUED_LOADS = Option("--max-queued-loads", "MODELFLEET_MAX_QUEUED_LOADS", 256, int,
+MAX_QUEUED_LOADS = Option("--max-queued-loads", "MODELFLEET_MAX_QUEUED_LOADS", 256, whole(0),
                           "requests that may wait for model loads at once; more get RESOURCE_EXHAUSTED with a "
                           "retry hint (0 = no bound)")
 WORKER_RESILIENCE_OPTIONS = (MAX_QUEUED_LOADS,)
 
-WARM_ON_JOIN = Option("--warm-on-join", "MODELFLEET_WARM_ON_JOIN", True, lambda v: str(v).lower() in ("1", "true", "yes", "on"),
+WARM_ON_JOIN = Option("--warm-on-join", "MODELFLEET_WARM_ON_JOIN", True, boolean,
                       "a joining worker loads the active tenants it is about to own before it takes traffic (1/0)")
-WARM_ACTIVE_MINUTES = Option("--warm-active-minutes", "MODELFLEET_WARM_ACTIVE_MINUTES", 10.0, float,
+WARM_ACTIVE_MINUTES = Option("--warm-active-minutes", "MODELFLEET_WARM_ACTIVE_MINUTES", 10.0, number(0.0),
                              "make-before-break warms tenants active within this many minutes")
 
 # -- demo fleet -------------------------------------------------------------------------------
-UP_WORKERS = Option("--workers", "MODELFLEET_UP_WORKERS", 3, int, "worker processes in the demo fleet")
-UP_DEMO_TENANTS = Option("--demo-tenants", "MODELFLEET_UP_DEMO_TENANTS", 50, int, "demo tenants to register")
+UP_WORKERS = Option("--workers", "MODELFLEET_UP_WORKERS", 3, whole(1), "worker processes in the demo fleet")
+UP_DEMO_TENANTS = Option("--demo-tenants", "MODELFLEET_UP_DEMO_TENANTS", 50, whole(1), "demo tenants to register")
 
 # -- client commands --------------------------------------------------------------------------
 ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str, "router address for `predict`")
@@ -242,7 +333,11 @@ ALL_OPTIONS: tuple[Option, ...] = (
 def add_options(parser: argparse.ArgumentParser, *options: Option) -> None:
     """Adds each option as a flag whose default comes from its environment variable."""
     for opt in options:
-        parser.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=opt.resolve_default(),
+        # A variable's raw text is the default, so argparse converts it only for the command that
+        # runs, and a bad one is a usage error naming the variable, not a traceback from every command.
+        raw = opt.raw_env()
+        default = raw if raw is not None else (opt.default() if callable(opt.default) else opt.default)
+        parser.add_argument(opt.flag, dest=opt.dest, type=opt.parse, default=default,
                             help=f"{opt.help} [env {opt.env}]")
 
 
@@ -251,8 +346,8 @@ def etcd_endpoints(spec: str) -> list[tuple[str, int]]:
     endpoints = []
     for part in spec.split(","):
         part = part.strip().removeprefix("http://").removeprefix("https://")
-        host, _, port = part.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"bad etcd endpoint {part!r}: expected host:port")
-        endpoints.append((host, int(port)))
+        host, _, number_text = part.rpartition(":")
+        if not host or not number_text.isdigit() or int(number_text) > 65535:
+            raise ValueError(f"bad etcd endpoint {part!r}: expected host:port with a port from 0 to 65535")
+        endpoints.append((host, int(number_text)))
     return endpoints

@@ -18,6 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from modelfleet.errors import FailedPrecondition
 from modelfleet.servicer_wrap import UnaryMethod, unary_methods, wrap_methods
 
 TOP_TENANTS = 20
@@ -123,5 +124,8 @@ def serve(registry: CollectorRegistry, host: str, port: int) -> int:
     """Starts the HTTP exposition server; returns its port (0 = off)."""
     if not port:
         return 0
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     return server.server_port

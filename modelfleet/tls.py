@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from modelfleet.errors import InvalidArgument
+from modelfleet.errors import FailedPrecondition, InvalidArgument
 
 
 def _read(path: str, what: str) -> bytes:
@@ -44,10 +44,15 @@ def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelC
 
 
 def listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    port = (server.add_secure_port(address, credentials) if credentials is not None
-            else server.add_insecure_port(address))
+    """The bound port. A port in use or an address not of this host is FAILED_PRECONDITION, one line:
+    gRPC says so by returning 0 in some versions and by raising RuntimeError in others."""
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise InvalidArgument(f"cannot listen on {address}")
+        raise FailedPrecondition(f"cannot listen on {address}: the port is in use or the address is not this host's")
     return port
 
 

@@ -133,13 +133,17 @@ async def serve(args: argparse.Namespace) -> None:
         InferenceServicer(servicer, routes, registry.version, registry.versions), {"ModelInfer": "ModelInfer"}),
         OIP_SERVICE), server)
     await server.start()
-    record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
-                          started=started_stamp())
-    registration = LeasedRegistration(client, keys.router(router_id), record, ttl=args.lease_ttl)
-    try:  # admin tools find routers here; serving does not depend on it
-        await loop.run_in_executor(None, registration.start)
-    except Unavailable as exc:
-        event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
+    try:
+        record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
+                              started=started_stamp())
+        registration = LeasedRegistration(client, keys.router(router_id), record, ttl=args.lease_ttl)
+        try:  # admin tools find routers here; serving does not depend on it
+            await loop.run_in_executor(None, registration.start)
+        except Unavailable as exc:
+            event(log, "router.register_failed", level=logging.WARNING, error=str(exc))
+    except BaseException:  # a refused setting: the started server goes before the loop does
+        await server.stop(0)
+        raise
     frozen = heap.freeze_startup_heap()  # the routing cache is loaded: what starting made stays
     await set_serving(health, SERVICE_NAMES, True)
     event(log, "router.serving", router=router_id, address=f"{args.host}:{port}", metrics_port=metrics_port,

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from modelfleet.demo_models import sample_features
 from tests.fleet import REPO_ROOT, Fleet
@@ -69,7 +73,6 @@ def test_errors_are_one_line_and_nonzero(fleet):
         ("versions", "bad/tenant"),
         ("register", "--tenant", "acme", "--version", "v1", "--model-file", "/nonexistent/model.txt"),
         ("predict", "acme", "--features", "1,2,x", "--router", "127.0.0.1:1"),
-        ("worker", "--load-threads", "0"),
     ]
     for argv in cases:
         done = cli(fleet, *argv)
@@ -106,3 +109,61 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     route, _ = fleet.registry.route("acme")
     assert route.serving == winners[0] and route.pinned
     assert [h.to_version for h in fleet.registry.history("acme") if h.action == "pin"] == winners  # nothing lost
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    (("router",), {"MODELFLEET_AUTH": "enabled"}, "MODELFLEET_AUTH"),  # never read as "off"
+    (("worker",), {"MODELFLEET_WARM_ON_JOIN": "maybe"}, "MODELFLEET_WARM_ON_JOIN"),
+    (("router", "--port", "99999"), {}, "from 0 to 65535"),  # not wrapped onto another port
+    (("worker", "--metrics-port", "-1"), {}, "from 0 to 65535"),
+    (("worker",), {"MODELFLEET_CACHE_BYTES": "12XB"}, "MODELFLEET_CACHE_BYTES"),
+    (("worker", "--cache-bytes", "0"), {}, "byte size > 0"),
+    (("worker", "--cache-bytes", "1e999GiB"), {}, "byte size like"),
+    (("worker", "--max-queued-loads", "-1"), {}, ">= 0"),
+    (("worker", "--load-threads", "0"), {}, ">= 1"),
+    (("router", "--default-deadline", "nan"), {}, "finite"),
+    (("router", "--lease-ttl", "1"), {}, ">= 2"),
+    (("router", "--spill-inflight", "0"), {}, ">= 1"),
+    (("router", "--shadow-budget", "-1"), {}, ">= 0"),
+    (("versions", "acme", "--log-level", "bogus"), {}, "MODELFLEET_LOG_LEVEL"),
+    (("up", "--workers", "0"), {}, ">= 1"),
+    (("predict", "acme", "--features", "1", "--timeout", "inf"), {}, "finite"),
+    (("status", "--interval", "0"), {}, "> 0"),
+])
+def test_bad_settings_are_usage_errors_that_name_the_flag(fleet, argv, env, needle):
+    """Refused before anything starts (exit 2), whether from the flag or the variable."""
+    done = subprocess.run([sys.executable, "-m", "modelfleet.cli", *argv], env={**fleet.env(), **env}, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_bad_variable_troubles_only_the_commands_that_read_it(fleet):
+    fleet.register("acme", "v1", seed=1)
+    env = {**fleet.env(), "MODELFLEET_CACHE_BYTES": "12XB"}  # a worker setting; `versions` does not read it
+    done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "versions", "acme", "--json"], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["route"]["serving"] == "v1", done.stderr
+
+
+@pytest.mark.parametrize("argv", [("router", "--port", "{port}"), ("worker", "--port", "{port}"),
+                                  ("worker", "--metrics-port", "{port}")])
+def test_a_port_in_use_is_a_clear_error_not_a_traceback(fleet, argv):
+    """Servers log their start-up events first; the last line says what stopped them."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = cli(fleet, *(arg.format(port=port) for arg in argv))
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert last.startswith("error: cannot ") and port in last and "in use" in last, done.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(fleet):
+    """`modelfleet workers --json | head -c 10`: the pipe closes under the command."""
+    fleet.start_worker("w1")
+    proc = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "workers", "--json"], env=fleet.env(),
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes anything
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(60) == 128 + signal.SIGPIPE and stderr == "", stderr

@@ -26,6 +26,13 @@ def test_gc_keeps_what_matters_and_deletes_only_unshared_artifacts(fleet):
     assert fleet.registry.route("acme")[0].serving == "v1"
 
 
-def test_gc_rejects_a_bad_keep(fleet):
+def test_gc_rejects_a_bad_keep_and_an_unknown_tenant(fleet):
     done = cli(fleet, "gc", "--keep", "0")
-    assert done.returncode == 1 and "--keep must be at least 1" in done.stderr
+    assert done.returncode == 2 and "expected a whole number >= 1, got '0'" in done.stderr
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    fleet.register("other", "v1", seed=3)
+    done = cli(fleet, "gc", "--keep", "1", "--tenant", "nosuch")
+    assert done.returncode == 1 and done.stderr == "error: unknown tenant 'nosuch': no versions registered\n"
+    scoped = json.loads(cli(fleet, "gc", "--keep", "1", "--tenant", "acme", "--json").stdout)
+    assert scoped["removals"] == {"acme": ["v1"]} and scoped["kept_versions"] == 1  # acme's, not the fleet's

@@ -5,12 +5,15 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from modelfleet import processes
 from modelfleet.errors import InvalidArgument
 from version_service.bulk_import import read_manifest
 from tests.test_cli import cli
+from tests.test_up import children_of
 
 
 def write_manifest(fleet, rows: int, name: str = "manifest.csv", seeds: int = 5) -> str:
@@ -70,6 +73,31 @@ def test_a_killed_import_resumes_where_it_stopped(fleet):
     assert len(fleet.registry.tenants()) == 4000
 
 
+def test_a_killed_import_leaves_no_checker_processes(fleet):
+    """The pool that checks new artifacts dies with the import, even when the import is SIGKILLed."""
+    manifest = write_manifest(fleet, 40, seeds=6)
+    proc = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "import", manifest], env=fleet.env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def pool_processes() -> list[int]:
+        found = []
+        for pid in children_of(proc.pid):
+            try:
+                if b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    try:
+        pool = fleet.wait_for(pool_processes, timeout=60, what="the import's checker pool to start")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    fleet.wait_for(lambda: not any(processes.pid_alive(pid) for pid in pool), timeout=30,
+                   what=f"the checker processes {pool} to exit with the import")
+
+
 def test_unusable_artifacts_are_rejected_and_the_rest_registered(fleet):
     junk = fleet.root / "models" / "junk.txt"
     junk.write_text("tree\nversion=v4\nnot really a model\n")
@@ -86,6 +114,9 @@ def test_unusable_artifacts_are_rejected_and_the_rest_registered(fleet):
     ("tenant,version,artifact\nt,v1,s3://bucket/key\n", "only paths and file:// URIs"),
     ("tenant,version,artifact\n", "has no rows"),
     ('{"tenant": "t", "version": \n', "not JSON lines"),
+    ("tenant,version,artifact\nt,v1\n", "must each be a non-empty string"),  # a short row
+    ('{"tenant": "t", "version": "v1", "artifact": 7}\n', "must each be a non-empty string"),
+    ("tenant,version,artifact\nt,v1," + "x" * 200_000 + "\n", "not a usable CSV manifest"),  # over csv's limit
 ])
 def test_bad_manifests_are_refused_before_anything_happens(tmp_path, content, needle):
     path = tmp_path / "m.csv"

@@ -1,6 +1,7 @@
 """Security on real processes: API keys bound to tenants, TLS and mutual TLS, etcd auth."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,15 @@ def test_api_keys_are_bound_to_tenants_stored_hashed_and_revocable(fleet):
                                             metadata=(("x-api-key", key_a),))) == grpc.StatusCode.PERMISSION_DENIED
         assert admin.Status(router_admin_pb2.RouterStatusRequest(), timeout=5,
                             metadata=(("x-api-key", key_admin),)).tenants == 2
+
+    # The CLI's fleet-wide rollout status sends the key too; without one the router is named as
+    # unanswered and the exit code says the figures are incomplete.
+    refused = cli(fleet, "rollout", "a", "--status", "--json")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+    assert json.loads(refused.stdout)["routers"] == 0 and len(json.loads(refused.stdout)["routers_unanswered"]) == 1
+    answered = cli(fleet, "rollout", "a", "--status", "--json", "--api-key", key_admin)
+    assert answered.returncode == 0, answered.stderr
+    assert json.loads(answered.stdout)["routers"] == 1 and json.loads(answered.stdout)["routers_unanswered"] == []
 
     listed = cli(fleet, "keys", "list", "--json")
     assert record_a.key_id in listed.stdout and "sha256" not in listed.stdout

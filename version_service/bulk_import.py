@@ -72,6 +72,8 @@ def read_manifest(path: Path) -> list[ManifestRow]:
         raise InvalidArgument(f"cannot read manifest {path}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"{path}: not JSON lines: {exc}") from None
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise InvalidArgument(f"{path}: not a usable CSV manifest: {exc}") from None
     if not rows:
         raise InvalidArgument(f"manifest {path} has no rows (CSV header: tenant,version,artifact)")
     return rows
@@ -83,6 +85,8 @@ def _row(line: int, record: dict, base: Path, manifest: Path) -> ManifestRow:
     except (KeyError, TypeError):
         raise InvalidArgument(f"{manifest}:{line}: needs tenant, version and artifact") from None
     where = f"{manifest}:{line}"
+    if not all(isinstance(value, str) and value for value in (tenant, version, artifact)):  # a short CSV row: None
+        raise InvalidArgument(f"{where}: tenant, version and artifact must each be a non-empty string")
     try:
         validate_id("tenant id", tenant)
         validate_id("version", version)

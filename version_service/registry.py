@@ -125,7 +125,8 @@ class Registry:
         if self.store is None:
             raise FailedPrecondition("registering needs a model store (--store / MODELFLEET_STORE)")
         if not path.is_file():
-            raise InvalidArgument(f"model file {str(path)!r} does not exist")
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise InvalidArgument(f"model file {str(path)!r} {what}")
         sha = sha256_file(path)
         artifact = artifact_for(sha)
         if self.store.exists(artifact):  # stored => already checked; the header is enough

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from modelfleet.errors import Conflict, InvalidArgument
+from modelfleet.errors import Conflict, InvalidArgument, NotFound
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry
 from version_service.schema import RouteRecord, VersionRecord, validate_id
@@ -48,6 +48,8 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
     for kv in versions_resp.kvs:
         name = kv.key.decode()[len(keys.all_versions):].split("/", 1)[0]
         by_tenant[name].append((kv.create_revision, VersionRecord.from_json(kv.value)))
+    if tenant and tenant not in by_tenant:
+        raise NotFound(f"unknown tenant {tenant!r}: no versions registered")
     plan = GcPlan(keep=keep)
     used: set[str] = set()
     for name, entries in by_tenant.items():
@@ -61,7 +63,8 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
         if removable:
             plan.removals[name] = removable
             plan.route_revisions[name] = mod_revision
-        plan.kept_versions += len(records) - len(removable)
+        if in_scope:  # with --tenant, what that tenant keeps
+            plan.kept_versions += len(records) - len(removable)
         used |= {r.artifact for r in records if r not in removable}
     plan.artifacts = {r.artifact for rs in plan.removals.values() for r in rs} - used
     return plan

@@ -27,6 +27,7 @@ ETCD_ACCESS = (config.ETCD_USER, config.ETCD_PASSWORD, config.ETCD_CA, config.ET
 WORKER_CLIENT_TLS = (config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a tool killed by SIGPIPE exits
 
 
 def _run_worker(args: argparse.Namespace) -> None:
@@ -80,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
             config.ETCD, config.PREFIX, config.STORE, config.ROUTER_PORT, config.UP_WORKERS,
             config.UP_DEMO_TENANTS, config.CACHE_BYTES, config.LEASE_TTL, config.SHARD_SIZE)
     sub = command("demo-fleet", demo_fleet.run, "write a synthetic fleet of distinct LightGBM models and a manifest")
-    sub.add_argument("--tenants", type=int, required=True)
+    sub.add_argument("--tenants", type=config.whole(1), required=True)
     sub.add_argument("--out", required=True, help="output directory")
-    sub.add_argument("--templates", type=int, default=8, help="trained templates the models are derived from")
-    sub.add_argument("--versions", type=int, default=1, help="versions per tenant")
+    sub.add_argument("--templates", type=config.whole(1), default=8, help="trained templates the models are derived from")
+    sub.add_argument("--versions", type=config.whole(1), default=1, help="versions per tenant")
     sub.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="manifest format")
 
     command("router", _run_router, "run one router", *config.ROUTER_OPTIONS)
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = audited(command("rollout", rollouts.rollout, "canary or shadow a version; promote, abort, status",
-                          config.ETCD, config.PREFIX))
+                          config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY))
     sub.add_argument("tenant")
     sub.add_argument("version", nargs="?", help="the version to roll out (to start a rollout)")
     mode = sub.add_mutually_exclusive_group()
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON (with --status)")
     sub = command("gc", admin.gc, "remove old versions (not newest K, serving, pinned or in a rollout); dry run "
                   "unless --yes", config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT)
-    sub.add_argument("--keep", type=int, default=3, help="newest versions to keep per tenant")
+    sub.add_argument("--keep", type=config.whole(1), default=3, help="newest versions to keep per tenant")
     sub.add_argument("--tenant", help="only this tenant's versions")
     sub.add_argument("--yes", action="store_true", help="really delete")
     sub.add_argument("--json", action="store_true", help="print JSON")
@@ -186,16 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_change_arguments(shards_action("apply", shards.apply, "warm, then commit a change in one transaction",
                                               config.WARM_ACTIVE_MINUTES, *WORKER_CLIENT_TLS))
     sub = shards_action("report", shards.report, "isolation figures for the live fleet or a simulated one")
-    sub.add_argument("--simulate-workers", type=int, metavar="N", help="report on N simulated workers instead")
-    sub.add_argument("--tenants", type=int, default=100_000, help="simulated tenants (with --simulate-workers)")
-    sub.add_argument("--zones", type=int, default=1, help="simulated zones (with --simulate-workers)")
+    sub.add_argument("--simulate-workers", type=config.whole(1), metavar="N", help="report on N simulated workers instead")
+    sub.add_argument("--tenants", type=config.whole(1), default=100_000, help="simulated tenants (with --simulate-workers)")
+    sub.add_argument("--zones", type=config.whole(1), default=1, help="simulated zones (with --simulate-workers)")
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = command("status", status.run, "the fleet at a glance: workers, models, bytes, req/s, hit rate, revisions",
                   config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
     sub.add_argument("--once", action="store_true", help="print one snapshot and exit")
     sub.add_argument("--json", action="store_true", help="with --once: print JSON")
-    sub.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    sub.add_argument("--interval", type=config.positive_seconds, default=1.0, help="seconds between refreshes")
 
     sub = command("keys", keys.run, "create, list and revoke callers' API keys", config.ETCD, config.PREFIX)
     sub.add_argument("action", choices=("create", "list", "revoke"))
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("tenant")
     sub.add_argument("--features", required=True, help="comma-separated floats, row-major (nan allowed)")
     sub.add_argument("--version", default="", help="a registered version (default: the serving one)")
-    sub.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+    sub.add_argument("--timeout", type=config.positive_seconds, default=10.0, help="deadline in seconds")
     return parser
 
 
@@ -219,14 +220,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log.configure(args.log_format, args.log_level)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a reader that left early shows here, not as a complaint at exit
+        return code
+    except BrokenPipeError:  # `modelfleet status --once --json | head`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing stdout at exit
+        return EXIT_BROKEN_PIPE
     except ModelfleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
         return EXIT_ERROR
-    except (FileNotFoundError, PermissionError, ValueError) as exc:
+    except (OSError, ValueError, OverflowError) as exc:  # a bad path, a port in use, a malformed file
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import grpc
 import numpy as np
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from modelfleet.cli.admin import open_registry
+from modelfleet.cli.client import call_metadata, router_channel
 from modelfleet.errors import InvalidArgument
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
 from version_service.membership import list_routers
@@ -39,20 +41,23 @@ def rollout(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace, registry) -> int:
     route, _ = registry.route(args.tenant)
-    per_router = []
+    per_router, unanswered = [], []
     for router in list_routers(registry.client, registry.keys):
         try:
-            with grpc.insecure_channel(router.address) as channel:
+            with router_channel(args, router.address) as channel:  # TLS and the API key as `predict` sends them
                 per_router.append(router_admin_pb2_grpc.RouterAdminStub(channel).Rollout(
-                    router_admin_pb2.RolloutStatusRequest(tenant_id=args.tenant), timeout=5))
+                    router_admin_pb2.RolloutStatusRequest(tenant_id=args.tenant), timeout=5,
+                    metadata=call_metadata(args)))
         except grpc.RpcError as exc:
-            console.print(f"[yellow]router {router.router_id} did not answer: {exc.code().name}[/yellow]")
+            unanswered.append(router.router_id)
+            print(f"router {router.router_id} did not answer: {exc.code().name}: {exc.details()}", file=sys.stderr)
     latencies = np.array([ms for r in per_router for ms in r.shadow_latency_ms]) if per_router else np.array([])
     diffs = [(r.shadow_mean_abs_diff, r.shadow_requests - r.shadow_errors) for r in per_router]
     compared = sum(n for _, n in diffs)
     summary = {
         "tenant": args.tenant, "serving": route.serving, "canary": route.canary,
         "canary_percent": route.canary_percent, "shadow": route.shadow, "routers": len(per_router),
+        "routers_unanswered": unanswered,
         "serving_requests": sum(r.serving_requests for r in per_router),
         "canary_requests": sum(r.canary_requests for r in per_router),
         "shadow_requests": sum(r.shadow_requests for r in per_router),
@@ -63,14 +68,16 @@ def status(args: argparse.Namespace, registry) -> int:
         "shadow_max_abs_diff": max((r.shadow_max_abs_diff for r in per_router), default=0.0),
         "shadow_mean_abs_diff": (sum(m * n for m, n in diffs) / compared) if compared else None,
     }
+    incomplete = 1 if unanswered else 0  # the figures leave those routers out: a script must not take them as whole
     if args.json:
         print(json.dumps(summary))
-        return 0
+        return incomplete
     table = Table(title=f"{args.tenant}: rollout status over {len(per_router)} routers")
     table.add_column("measure")
     table.add_column("value")
     for key, value in summary.items():
         if key != "tenant":
-            table.add_row(key, "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+            shown = ", ".join(value) if isinstance(value, list) else value
+            table.add_row(key, "" if shown is None else f"{shown:.4g}" if isinstance(shown, float) else str(shown))
     console.print(table)
-    return 0
+    return incomplete

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from modelfleet import tls
 from modelfleet.cli.admin import open_registry
+from modelfleet.cli.client import call_metadata
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from version_service.membership import list_routers, read_fleet
 
@@ -39,7 +40,7 @@ def _ask(address: str, credentials, call, timeout: float = 2.0):
 
 def snapshot(args: argparse.Namespace, registry) -> Snapshot:
     credentials = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    metadata = (("x-api-key", args.api_key),) if args.api_key else ()
+    metadata = call_metadata(args)
     workers, drains = read_fleet(registry.client, registry.keys)
     snap = Snapshot(at=time.monotonic())
     for worker_id, record in sorted(workers.items()):
