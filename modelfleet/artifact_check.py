@@ -178,9 +178,9 @@ def check_many(paths: list[Path], processes: int | None = None,
     pending = list(paths)
     if not pending:
         return results
-    try:
+    try:  # die_with_parent: the checkers go with an import killed even while they start
         with ProcessPoolExecutor(max_workers=processes or os.cpu_count() or 1, mp_context=mp.get_context("spawn"),
-                                 initializer=die_with_parent) as pool:  # a killed import leaves no checkers
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for path, outcome in zip(pending, pool.map(_check_path, pending, chunksize=64)):
                 results[path] = ModelInfo(**outcome) if isinstance(outcome, dict) else FailedPrecondition(
                     f"{path} is not a usable LightGBM model: {outcome}")

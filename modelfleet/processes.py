@@ -23,13 +23,17 @@ from typing import IO, Sequence
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Arms SIGTERM for this process when its parent dies (also a process pool's initializer)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Arms SIGTERM for this process when its parent dies (also a process pool's initializer,
+    with `initargs=(os.getpid(),)`). Given the parent's PID, exits at once when the parent died
+    before the signal was armed: a child that took a second to start can outlive a killed parent."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: best effort
         pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def exit_on_sigterm() -> None:
@@ -101,9 +105,7 @@ def pid_alive(pid: int) -> bool:
 
 def _launch(args: list[str]) -> None:
     parent, argv = int(args[0]), args[1:]
-    die_with_parent()
-    if os.getppid() != parent:  # the parent died before the death signal was armed
-        sys.exit(1)
+    die_with_parent(parent)
     os.execvp(argv[0], argv)
 
 

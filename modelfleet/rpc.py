@@ -109,6 +109,27 @@ async def set_serving(health_servicer: health.HealthServicer, service_names: Ite
         await health_servicer.set(name, status)
 
 
+async def quiesce(handled: Callable[[], int], limit_s: float, quiet_s: float = 0.2) -> bool:
+    """Waits until no call has finished for `quiet_s` (True), or `limit_s` passed (False).
+
+    Why: a grpc.aio server's stop cancels the calls that reached it but no handler yet; their
+    callers get CANCELLED, which clients do not retry. Callers that follow NOT_SERVING
+    (health-checking balancers, a Service dropping the endpoint) stop sending within moments;
+    what they sent meanwhile is answered here, before the stop. `handled` counts finished calls.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    seen, quiet_since = handled(), loop.time()
+    while loop.time() < deadline:
+        await asyncio.sleep(min(quiet_s / 4, max(0.0, deadline - loop.time())))
+        now = handled()
+        if now != seen:
+            seen, quiet_since = now, loop.time()
+        elif loop.time() - quiet_since >= quiet_s:
+            return True
+    return False
+
+
 async def wait_for_signal() -> str:
     """Returns the name of the first SIGTERM or SIGINT received."""
     loop = asyncio.get_running_loop()

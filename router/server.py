@@ -2,8 +2,9 @@
 
 Start: load the routing cache (one ranged read), open channels to live workers, listen, report
 SERVING. Membership changes arrive on the watch thread and are applied on the event loop, so
-the request path reads plain dicts without locks. SIGTERM: NOT_SERVING, stop accepting, let
-in-flight requests finish, exit 0.
+the request path reads plain dicts without locks. SIGTERM: NOT_SERVING, leave membership, keep
+answering until callers have gone quiet (`--drain-seconds` at most), let in-flight requests
+finish, exit 0.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 
 from modelfleet import allocator, event_loop, heap
 from modelfleet.log import event
-from modelfleet.rpc import build_server, set_serving, wait_for_signal
+from modelfleet.rpc import build_server, quiesce, set_serving, wait_for_signal
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
 from modelfleet.errors import Unavailable
 from modelfleet.oip import grpc_service_pb2_grpc
@@ -155,6 +156,8 @@ async def serve(args: argparse.Namespace) -> None:
     await wait_for_signal()
     await set_serving(health, SERVICE_NAMES, False)
     await loop.run_in_executor(None, registration.stop)
+    quiet = await quiesce(lambda: sum(rpc_metrics.counts.values()), args.drain_seconds)
+    event(log, "router.drained", router=router_id, quiet=quiet)
     await server.stop(grace=10)
     await rollouts.close()
     routes.stop()

@@ -1,7 +1,8 @@
 """Graceful shutdown on real processes: requests in flight when SIGTERM arrives still succeed.
 
 A worker on SIGTERM leaves membership first (routers stop sending), finishes what it has, exits 0.
-A router on SIGTERM reports NOT_SERVING, stops accepting, lets in-flight requests finish, exits 0.
+A router on SIGTERM reports NOT_SERVING, answers until its callers go quiet, stops accepting,
+lets in-flight requests finish, exits 0.
 "In flight" is observed, not assumed: the worker's cache-hit counter moves when a request has
 reached the model, and a 20k-row batch on a 300-tree model then takes most of a second to predict
 (well inside the 5 s for which a router keeps the channel to a departed worker open).
@@ -9,8 +10,11 @@ reached the model, and a 20k-row batch on a 300-tree model then takes most of a 
 from __future__ import annotations
 
 import signal
+import threading
+from collections import Counter
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelfleet.demo_models import sample_features
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
@@ -73,3 +77,49 @@ def test_router_sigterm_finishes_the_requests_in_flight_and_exits_0(fleet):
             raise AssertionError("a stopped router answered")
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_router_sigterm_loses_no_call_of_callers_that_follow_not_serving(fleet):
+    """Callers that stop sending once the router reports NOT_SERVING, as a health-checking balancer
+    does, get every call answered. grpc.aio's stop cancels calls that reached the router but no
+    handler yet, so the router first answers until its callers have gone quiet."""
+    fleet.register("t", "v1", seed=1)
+    fleet.start_worker("w1")
+    router = fleet.start_router()
+    stub = predictor(router.address)
+    x = sample_features(1, 1)[0]
+    fleet.wait_for(lambda: predict(stub, "t", x, timeout=10), what="the model to load")
+    leaving = threading.Event()
+    outcomes: list[str] = []
+
+    def follow_health() -> None:
+        try:
+            with grpc.insecure_channel(router.address) as channel:
+                for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="")):
+                    if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        break
+        except grpc.RpcError:
+            pass
+        leaving.set()
+
+    def call_until_leaving() -> None:
+        while not leaving.is_set():
+            try:
+                predict(stub, "t", x, timeout=10)
+                outcomes.append("OK")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+
+    threads = [threading.Thread(target=follow_health)] + [threading.Thread(target=call_until_leaving)
+                                                          for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        fleet.wait_for(lambda: len(outcomes) >= 200, timeout=60, what="steady traffic")
+        router.signal(signal.SIGTERM)
+        assert router.popen.wait(30) == 0
+    finally:
+        leaving.set()
+        for thread in threads:
+            thread.join(30)
+    assert set(outcomes) == {"OK"}, Counter(outcomes)
