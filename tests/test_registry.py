@@ -1,12 +1,16 @@
 """The registry on a real etcd: register, newest serves, pin/unpin, CAS conflicts, validation."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import sha256_file
+from tests.test_cli import cli
 
 
 def test_register_records_artifact_and_serves_newest(fleet):
@@ -86,6 +90,24 @@ def test_concurrent_pins_one_wins_the_other_gets_a_conflict(fleet):
     assert "changed concurrently" in str(outcomes[conflicts[0]])
     route, _ = original("acme")
     assert route.serving == winners[0] and route.pinned
+
+
+def test_a_pin_racing_the_collection_of_its_version_fails_not_found(fleet):
+    """gc removes versions without touching the route; a pin that read the version before must
+    not commit a route onto a version whose record and artifact are gone."""
+    for n in range(1, 5):
+        fleet.register("acme", f"v{n}", seed=n)
+    env = dict(fleet.env(), MODELFLEET_FAILPOINT_DIR=str(fleet.root))
+    pin = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "pin", "acme", "v1"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fleet.wait_for(lambda: any(fleet.root.glob("before_route_write.*.ready")), what="the pin to have read v1")
+    gc = cli(fleet, "gc", "--keep", "2", "--tenant", "acme", "--yes", "--json")
+    assert json.loads(gc.stdout)["removed_versions"] == 2, gc.stderr  # v1 and v2
+    (fleet.root / "before_route_write.go").touch()
+    assert pin.wait(60) == 1
+    assert pin.stderr.read() == "error: tenant 'acme' has no version 'v1'\n"
+    route, _ = fleet.registry.route("acme")
+    assert (route.serving, route.pinned) == ("v4", False)
 
 
 @pytest.mark.parametrize("tenant", ["", "a/b", "..", ".", "x" * 129, "tenant with space", "t\n"])

@@ -69,6 +69,19 @@ def test_rollout_rules(fleet):
         "canary 5%", "canary 10%", "abort", "shadow", "promote"]
 
 
+def test_pinning_or_unpinning_onto_the_rollout_version_ends_the_rollout(fleet):
+    """A canary or shadow of the version that serves would compare a version with itself."""
+    for version, seed in (("v1", 1), ("v2", 2)):
+        fleet.register("acme", version, seed=seed)
+    fleet.registry.start_rollout("acme", "v1", shadow=True)
+    route = fleet.registry.pin("acme", "v1")
+    assert (route.serving, route.shadow, route.canary) == ("v1", None, None)
+    assert fleet.registry.route("acme")[0].in_rollout == set()
+    fleet.registry.start_rollout("acme", "v2", percent=20)  # pinned to v1, canary of the newest
+    route = fleet.registry.unpin("acme")
+    assert (route.serving, route.canary, route.canary_percent) == ("v2", None, None)
+
+
 @pytest.fixture
 def two_version_fleet(fleet):
     fleet.register("acme", "v1", seed=1)

@@ -298,6 +298,8 @@ class Registry:
                       actor: str | None = None, reason: str = "", to_version: str | None = None) -> RouteRecord:
         route, mod_revision = self.route(tenant)
         new_route = change(route)
+        if new_route.serving in new_route.in_rollout:  # a pin or unpin onto the rollout's version ends it:
+            new_route = _ended(new_route, new_route.serving)  # a canary or shadow of what serves is no rollout
         if new_route.serving_sha256 is None:  # serving changed (or a route from an older tool)
             new_route = new_route.with_changes(serving_sha256=self._sha256_of(tenant, new_route.serving))
         failpoints.pause("before_route_write")
@@ -306,10 +308,18 @@ class Registry:
         ops = [txn.put(key, new_route.to_json())]
         if action:
             ops.append(self.history_op(tenant, action, route.serving, to_version or new_route.serving, actor, reason))
+        # Every version the new route names must still be registered when it is written: a
+        # garbage collection that removed one since it was read (gc does not touch the route) fails
+        # this write instead of leaving the tenant on a version with no record or artifact.
+        named = sorted({new_route.serving, *new_route.in_rollout} - {""})
         doing = f"{action or 'update'} {tenant}"
         with etcd_errors(self.client, doing):
-            ok, _ = self.client.transaction(compare=[txn.mod(key) == mod_revision], success=ops, failure=[])
+            ok, _ = self.client.transaction(
+                compare=[txn.mod(key) == mod_revision, *(txn.version(self.keys.version(tenant, v)) > 0 for v in named)],
+                success=ops, failure=[])
         if not ok:
+            for version in named:
+                self.version(tenant, version)  # NotFound: removed meanwhile
             raise Conflict(f"could not {doing}: the route of {tenant!r} changed concurrently "
                            f"(read at revision {mod_revision}); re-read and retry")
         return new_route
