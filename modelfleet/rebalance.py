@@ -63,7 +63,10 @@ def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: flo
 def warmups_for(active: Mapping[str, set[str]], tenants: Collection[str], sizes: Mapping[str, int],
                 before: Sequence[Member], after: Sequence[Member], default_k: int,
                 sizes_after: Mapping[str, int] | None = None) -> list[Warmup]:
-    """The (tenant, version, worker) loads a change needs: new placements of active tenants.
+    """The (tenant, version, worker) loads a change needs: new placements of active tenants, and
+    a new first member even when it was in the shard before. Routers send a tenant's traffic to
+    its first member (affinity), so only that one holds the model; the old second member that
+    a drain promotes to first has never loaded it.
 
     `tenants` are the registered ones, `sizes` their shard-size overrides (others: default_k).
     """
@@ -74,9 +77,9 @@ def warmups_for(active: Mapping[str, set[str]], tenants: Collection[str], sizes:
             continue
         k_before = sizes.get(tenant, default_k)
         k_after = sizes_after.get(tenant, k_before)
-        old = set(shard_for(tenant, before, k_before))
-        for worker_id in shard_for(tenant, after, k_after):
-            if worker_id not in old:
+        old = shard_for(tenant, before, k_before)
+        for position, worker_id in enumerate(shard_for(tenant, after, k_after)):
+            if worker_id not in old or (position == 0 and old[:1] != (worker_id,)):
                 warmups.extend(Warmup(tenant, version, worker_id) for version in sorted(active[tenant]))
     return warmups
 
