@@ -2,6 +2,7 @@
 after etcd returns, a pin made then reaches the router within seconds, with no failures either."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -10,6 +11,7 @@ import grpc
 from modelfleet.demo_models import sample_features
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
+from version_service.membership import list_workers
 
 OUTAGE_S = 20.0
 RECOVERY_S = 5.0
@@ -65,3 +67,23 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
             t.join(30)
     assert failures == []
     assert served_during > 100
+
+
+def test_a_worker_joining_through_an_etcd_stall_goes_live(own_etcd_fleet):
+    """etcd stalls after the worker registered as joining: the warm-up gives up, and going live is
+    retried until etcd answers, rather than the worker exiting."""
+    etcd, fleet = own_etcd_fleet
+    fleet.register("a", "v1", seed=1)
+    fleet.start_worker("w1")
+    joiner = fleet.spawn("w2", ["worker", "--worker-id", "w2", "--lease-ttl", str(fleet.lease_ttl)])
+    fleet.wait_for(lambda: any(w.worker_id == "w2" and w.joining for w in list_workers(fleet.client, fleet.keys)),
+                   joiner, "w2 to register as joining")
+    etcd.proc.send_signal(signal.SIGSTOP)
+    try:
+        fleet.wait_for(lambda: "step=go_live" in joiner.log(), joiner, "w2 to retry going live", timeout=60)
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+    live = fleet.wait_for(lambda: next((w for w in list_workers(fleet.client, fleet.keys)
+                                        if w.worker_id == "w2" and not w.joining), None),
+                          joiner, "w2 to go live once etcd answers", timeout=60)
+    assert live.address and joiner.alive()

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import socket
 import time
+from typing import Callable
 
 from modelfleet import allocator, event_loop, heap
 from modelfleet.errors import InvalidArgument, Unavailable
@@ -79,11 +80,12 @@ async def serve(args: argparse.Namespace) -> None:
                           joining=args.warm_on_join,
                           started=started_stamp())
     membership = LeasedRegistration(client, keys.worker(worker_id), record, ttl=args.lease_ttl)
-    await _join(membership)
+    await _joining_step("register", membership.start)
     if args.warm_on_join:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, warm_before_going_live, client, keys, record, args)
-        await loop.run_in_executor(None, membership.update, dataclasses.replace(record, joining=False))
+        live = dataclasses.replace(record, joining=False)  # kept by the lease keeper if the lease must be renewed
+        await _joining_step("go_live", lambda: membership.update(live))
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
           cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen,
@@ -166,16 +168,18 @@ def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.
         event(log, "worker.warm_before_join_failed", level=logging.WARNING, worker=me.worker_id, error=str(exc))
 
 
-async def _join(membership: LeasedRegistration) -> None:
-    """Registers, retrying while etcd is unreachable, for up to REGISTER_TIMEOUT_S."""
+async def _joining_step(step: str, call: Callable[[], None]) -> None:
+    """Runs a step of joining (blocking), retrying while etcd is unreachable, for up to
+    REGISTER_TIMEOUT_S: an etcd stall of a few seconds must not stop a worker, whichever step
+    it catches (registering, or going live after the warm-up)."""
     deadline = time.monotonic() + REGISTER_TIMEOUT_S
     loop = asyncio.get_running_loop()
     while True:
         try:
-            await loop.run_in_executor(None, membership.start)
+            await loop.run_in_executor(None, call)
             return
         except Unavailable as exc:
             if time.monotonic() >= deadline:
                 raise
-            event(log, "worker.join_retry", level=logging.WARNING, error=str(exc))
+            event(log, "worker.join_retry", level=logging.WARNING, step=step, error=str(exc))
             await asyncio.sleep(0.5)
