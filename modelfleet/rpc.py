@@ -22,10 +22,18 @@ from modelfleet.log import event
 log = logging.getLogger("modelfleet.rpc")
 
 MAX_MESSAGE_BYTES = 64 << 20
+# Clients (a router's channels to its workers) ping every KEEPALIVE_MS to find dead peers, also on
+# an idle PredictStream. gRPC servers by default refuse pings without data more often than every
+# 5 minutes and answer the third with GOAWAY "too_many_pings": after ~100 s idle every worker
+# ended every router's stream, and the first Predict after the pause failed UNAVAILABLE on each
+# member of its shard. So servers accept pings at half the clients' interval, with or without calls.
+KEEPALIVE_MS = 20_000
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),  # GRPC_ARG_HTTP2_MIN_RECV_PING_..._MS
+    ("grpc.keepalive_permit_without_calls", 1),
 ]
 # How soon a client channel connects again after losing its server. gRPC's default waits 1 s, then
 # 1.6 x longer after each failed attempt, up to 120 s. Measured with it: after a 20 s etcd outage
@@ -36,7 +44,7 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reco
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.enable_retries", 0),
     *RECONNECT_OPTIONS,
