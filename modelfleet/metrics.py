@@ -9,6 +9,7 @@ Two kinds, so the request path pays almost nothing:
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
@@ -20,8 +21,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from modelfleet.errors import FailedPrecondition
 from modelfleet.servicer_wrap import UnaryMethod, unary_methods, wrap_methods
+from version_service.schema import is_valid_id
 
 TOP_TENANTS = 20
+INVALID_TENANT = "(invalid)"  # the tenant label of requests whose tenant id breaks the id rule
 _TENANT_TABLE_LIMIT = 50_000  # beyond this many distinct tenants, keep only the busiest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,6 +60,9 @@ class RpcMetrics:
             code = "OK"
             try:
                 return await inner(request, context)
+            except asyncio.CancelledError:  # the caller went away: gRPC sets no code, the caller sees CANCELLED
+                code = "CANCELLED"
+                raise
             except BaseException:
                 status = context.code()
                 code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
@@ -66,6 +72,8 @@ class RpcMetrics:
                 counts[(method, code)] += 1
                 tenant = getattr(request, "tenant_id", None) or getattr(request, "model_name", None)
                 if tenant:
+                    # before validation: a malformed id (up to the message size limit) is no label
+                    tenant = tenant if is_valid_id(tenant) else INVALID_TENANT
                     tenants[tenant] += 1
                     if len(tenants) > _TENANT_TABLE_LIMIT:
                         keep = tenants.most_common(_TENANT_TABLE_LIMIT // 10)

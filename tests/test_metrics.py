@@ -1,6 +1,7 @@
 """Prometheus metrics scraped from a running fleet (the exposition is parsed with prometheus_client)."""
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 
 import grpc
@@ -8,8 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from modelfleet import processes
+from modelfleet.metrics import INVALID_TENANT, RpcMetrics
 from modelfleet.demo_models import sample_features
-from modelfleet.v1 import predictor_pb2
+from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
+from prometheus_client import CollectorRegistry
 from tests.fleet import predict, predictor, stats, worker_stub
 
 
@@ -46,6 +49,9 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     predict(stub, "b", x)
     with pytest.raises(grpc.RpcError):
         predict(stub, "a", [1.0])  # INVALID_ARGUMENT
+    for malformed in ("../x", "x" * 100_000):  # INVALID_ARGUMENT; no label of their own, however long
+        with pytest.raises(grpc.RpcError):
+            predict(stub, malformed, x)
 
     w = scrape(worker_port)
     assert value(w, "modelfleet_worker_cache_events_total", kind="load") == 2
@@ -63,9 +69,11 @@ def test_router_and_worker_expose_requests_cache_and_routing_metrics(fleet):
     r = scrape(router_port)
     assert value(r, "modelfleet_rpc_requests_total", component="router", method="Predict", code="OK") == 6
     assert value(r, "modelfleet_rpc_requests_total", component="router", method="Predict",
-                 code="INVALID_ARGUMENT") == 1
-    assert value(r, "modelfleet_rpc_seconds_count", component="router", method="Predict") == 7
+                 code="INVALID_ARGUMENT") == 3
+    assert value(r, "modelfleet_rpc_seconds_count", component="router", method="Predict") == 9
     assert value(r, "modelfleet_tenant_requests_total", component="router", tenant="a") == 6
+    assert value(r, "modelfleet_tenant_requests_total", component="router", tenant=INVALID_TENANT) == 2
+    assert not any(dict(labels).get("tenant", "").startswith(("..", "xxx")) for _, labels in r)
     assert value(r, "modelfleet_routing_tenants") == 2 and value(r, "modelfleet_routing_etcd_connected") == 1
     _, meta = fleet.client.get(fleet.keys.route("b"))
     assert value(r, "modelfleet_routing_revision") >= meta.mod_revision
@@ -148,3 +156,34 @@ def test_worker_exposes_load_latency_shed_and_negative_cache_hits(fleet):
     assert value(w, "modelfleet_worker_model_load_seconds_count") == loads
     assert value(w, "modelfleet_worker_model_load_seconds_bucket", le="+Inf") == loads
     assert 0.0005 * loads < value(w, "modelfleet_worker_model_load_seconds_sum") < 10 * loads  # seconds, each
+
+
+def test_a_call_its_caller_cancels_is_counted_cancelled_not_unknown():
+    """UNKNOWN and INTERNAL mean a bug (modelfleet.rpc); a caller that gave up is none."""
+    async def cancel_one_call() -> dict:
+        entered = asyncio.Event()
+
+        class Stuck(worker_pb2_grpc.WorkerServicer):
+            async def Predict(self, request, context):
+                entered.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        rpc_metrics = RpcMetrics(CollectorRegistry(), "worker")
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_WorkerServicer_to_server(
+            rpc_metrics.measured(Stuck(), worker_pb2.DESCRIPTOR.services_by_name["Worker"]), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = worker_pb2_grpc.WorkerStub(channel).Predict(predictor_pb2.PredictRequest(tenant_id="acme"))
+                await asyncio.wait_for(entered.wait(), 10)
+                call.cancel()
+            deadline = asyncio.get_running_loop().time() + 10
+            while not rpc_metrics.counts and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)  # the server side hears of the cancel a moment later
+        finally:
+            await server.stop(0)
+        return dict(rpc_metrics.counts)
+
+    assert asyncio.run(cancel_one_call()) == {("Predict", "CANCELLED"): 1}

@@ -33,13 +33,18 @@ _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 ID_RULE = "[A-Za-z0-9._-]{1,128}, not '.' or '..'"
 
 
+def is_valid_id(value: object) -> bool:
+    """Whether `value` may be a tenant id, version or worker id (ID_RULE)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None and value not in (".", "..")
+
+
 def validate_id(kind: str, value: str) -> str:
     """Returns value when it is a valid tenant id, version or worker id; else InvalidArgument.
 
     Identifiers become etcd key segments and log fields, never file paths, but the rule still
     keeps out '/', '..', whitespace and control characters at every entry point.
     """
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value) or value in (".", ".."):
+    if not is_valid_id(value):
         shown = value if isinstance(value, str) and len(value) <= 64 else f"{str(value)[:64]}..."
         raise InvalidArgument(f"invalid {kind} {shown!r}: must be {ID_RULE}")
     return value
