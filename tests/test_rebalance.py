@@ -1,14 +1,18 @@
 """Rebalancing a live fleet: drain, make-before-break warm-ups, shard sizes, zones, agreement."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import grpc
 import pytest
 
+from modelfleet.cli import shards
 from modelfleet.demo_models import sample_features
+from modelfleet.errors import Conflict
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
 from sharding import Member, shard_for
+from sharding.plan import FleetChange
 from tests.fleet import predict, predictor, stats
 from tests.test_cli import cli
 
@@ -142,3 +146,25 @@ def test_bad_rebalance_requests_are_one_clear_error(fleet, argv, needle):
     fleet.client.put(fleet.keys.worker("w1"), '{"worker_id":"w1","address":"127.0.0.1:1"}')
     done = cli(fleet, *argv)
     assert done.returncode == 1 and done.stderr.startswith("error: ") and needle in done.stderr, done.stderr
+
+
+def test_draining_the_last_live_worker_is_refused(fleet):
+    fleet.register("acme", "v1", seed=1)
+    fleet.start_workers([("w1", "default"), ("w2", "default")])
+    assert cli(fleet, "workers", "drain", "w1").returncode == 0
+    done = cli(fleet, "workers", "drain", "w2")
+    assert done.returncode == 1 and "leaves no live worker (live now: w2)" in done.stderr, done.stderr
+    state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
+    assert state == {"w1": "drained", "w2": "live"}
+
+
+def test_a_drain_planned_beside_another_fails_instead_of_draining_what_it_counted_on(fleet):
+    """Each drain alone leaves a live worker; both together would leave none."""
+    fleet.register("acme", "v1", seed=1)
+    fleet.start_workers([("w1", "default"), ("w2", "default")])
+    stale = shards.read_state(argparse.Namespace(etcd=fleet.etcd_endpoint, prefix=fleet.prefix))
+    assert cli(fleet, "workers", "drain", "w1").returncode == 0  # commits after `stale` was read
+    with pytest.raises(Conflict, match="changed concurrently"):
+        shards.commit(stale, FleetChange(drain=("w2",)), [Member("w1", "default")])
+    state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
+    assert state == {"w1": "drained", "w2": "live"}

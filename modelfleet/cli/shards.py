@@ -128,14 +128,20 @@ def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     drains_after = (state.drains | set(change.drain)) - set(change.undrain)
     before = live_members(state.workers, state.drains)
     after = live_members(state.workers, drains_after)
+    if not after:
+        raise FailedPrecondition(f"this change leaves no live worker (live now: "
+                                 f"{', '.join(m.worker_id for m in before) or 'none'}): every tenant would fail; "
+                                 f"start or undrain a worker first")
     sizes_after = dict(change.set_size)
     credentials = tls.channel_credentials(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
                                           getattr(args, "tls_key", ""))
-    active = active_models([state.workers[m.worker_id] for m in before], args.warm_active_minutes * 60,
+    # what the tenants use now: asked of the live workers, or of the drained ones when none is live
+    asked = before or [m for m in state.members if m.worker_id in state.drains]
+    active = active_models([state.workers[m.worker_id] for m in asked], args.warm_active_minutes * 60,
                            credentials=credentials)
     warmups = warmups_for(active, set(state.tenants), state.sizes, before, after, args.shard_size, sizes_after)
     warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, args.json, credentials)
-    commit(state, change)
+    commit(state, change, after)
     summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
                "active_tenants": len(active), "warmups": len(warmups), "loaded": warm.loaded,
                "already_warm": warm.already_warm, "warmup_failures": len(warm.failed)}
@@ -160,11 +166,18 @@ def warm_with_progress(warmups, addresses, quiet: bool, credentials=None) -> War
                            on_progress=lambda r, total: progress.update(task, completed=r.done))
 
 
-def commit(state: FleetState, change: FleetChange) -> None:
-    """One transaction: every drain, undrain and size change, or none (Conflict if etcd moved on)."""
+def commit(state: FleetState, change: FleetChange, after: list[Member]) -> None:
+    """One transaction: every drain, undrain and size change, or none (Conflict if etcd moved on).
+
+    It also fails when a worker meant to stay live was drained or left meanwhile: two drains
+    planned side by side must not together take out workers each of them counted on."""
     client, keys = state.registry.client, state.registry.keys
     txn = client.transactions
     compare, success = [], []
+    for member in after:
+        if member.worker_id not in change.undrain:
+            compare.append(txn.version(keys.drain(member.worker_id)) == 0)
+        compare.append(txn.version(keys.worker(member.worker_id)) > 0)
     record = DrainRecord(since=utc_stamp("seconds"), actor=getpass.getuser(), reason="shards apply")
     for worker_id in change.drain:
         compare.append(txn.version(keys.drain(worker_id)) == 0)
@@ -180,7 +193,7 @@ def commit(state: FleetState, change: FleetChange) -> None:
     with etcd_errors(client, "applying the shard change"):
         ok, _ = client.transaction(compare=compare, success=success, failure=[])
     if not ok:
-        raise Conflict("the fleet changed while applying (a drain, undrain or route was modified concurrently); "
+        raise Conflict("the fleet changed while applying (a drain, undrain, worker or route changed concurrently); "
                        "re-run plan and apply")
 
 
