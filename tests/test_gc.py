@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from tests.test_cli import cli
 
@@ -36,3 +38,25 @@ def test_gc_rejects_a_bad_keep_and_an_unknown_tenant(fleet):
     assert done.returncode == 1 and done.stderr == "error: unknown tenant 'nosuch': no versions registered\n"
     scoped = json.loads(cli(fleet, "gc", "--keep", "1", "--tenant", "acme", "--json").stdout)
     assert scoped["removals"] == {"acme": ["v1"]} and scoped["kept_versions"] == 1  # acme's, not the fleet's
+
+
+def test_a_register_racing_gc_of_the_artifact_it_shares_keeps_it_stored(fleet):
+    """`register` skips storing a file whose artifact exists; gc deletes an artifact no version
+    uses. A registration between the two must not end up serving a deleted artifact."""
+    for n in range(1, 4):
+        fleet.register("old", f"v{n}", seed=n)  # gc --keep 2 removes v1 and its artifact
+    shared = fleet.model_file(1)  # the file of old's v1
+    artifact = fleet.registry.version("old", "v1").artifact
+    env = dict(fleet.env(), MODELFLEET_FAILPOINT_DIR=str(fleet.root))
+    register = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "register", "--tenant", "new",
+                                 "--version", "v1", "--model-file", str(shared)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fleet.wait_for(lambda: any(fleet.root.glob("before_register_write.*.ready")),
+                   what="the register to have found the artifact stored")
+    done = json.loads(cli(fleet, "gc", "--keep", "2", "--tenant", "old", "--yes", "--json").stdout)
+    assert done["removed_versions"] == 1 and done["deleted_artifacts"] == 1
+    assert not (fleet.store_dir / artifact).exists()
+    (fleet.root / "before_register_write.go").touch()
+    assert register.wait(60) == 0, register.stderr.read()
+    assert fleet.registry.version("new", "v1").artifact == artifact
+    assert (fleet.store_dir / artifact).exists()  # stored again before its record was written

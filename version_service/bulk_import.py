@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 from modelfleet.artifact_check import ModelInfo, check_many, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.store import artifact_for, sha256_file
+from version_service.collection_guard import quiet_revision
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry, next_route_on_register
 from version_service.schema import RouteRecord, VersionRecord, utc_stamp, validate_id
@@ -107,6 +108,7 @@ def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_
     progress = on_progress or (lambda phase, done, total: None)
 
     started = time.perf_counter()
+    guard = [quiet_revision(registry.client, registry.keys)]  # before any "already stored" (collection_guard)
     stored = _store_artifacts(registry, rows, result, progress)
     result.artifact_seconds = time.perf_counter() - started
 
@@ -114,7 +116,7 @@ def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_
     done = 0
     for start in range(0, len(rows), batch_size):
         batch = [r for r in rows[start:start + batch_size] if r.source in stored]
-        _register_batch(registry, batch, stored, actor, result)
+        _register_batch(registry, batch, stored, actor, result, guard)
         done += len(rows[start:start + batch_size])
         progress("registering", done, len(rows))
     result.registration_seconds = time.perf_counter() - started
@@ -161,7 +163,10 @@ def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: Import
     return stored
 
 
-def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult) -> None:
+def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult,
+                    guard: list[int]) -> None:
+    """`guard[0]`: the collection guard's revision since which the batch's artifacts are known to
+    be stored; a collection since then fails the write, and the artifacts are checked again."""
     client, keys = registry.client, registry.keys
     txn = client.transactions
     for _ in range(BATCH_ATTEMPTS):
@@ -205,11 +210,18 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
         if not ops:
             result.already_registered += skipped
             return
+        compare.append(txn.mod(keys.gc_guard) == guard[0])
         with etcd_errors(client, "writing a batch of the import"):
             ok, _ = client.transaction(compare=compare, success=ops, failure=[])
         if ok:
             result.registered += registered
             result.already_registered += skipped
             return
+        now = quiet_revision(client, keys)
+        if now != guard[0]:  # a collection ran: it may have taken an artifact this batch shares
+            for row in batch:
+                if not registry.store.exists(stored[row.source][0]):
+                    registry.store.put_file(row.source)
+            guard[0] = now
     raise Conflict("the import kept racing other registry writes on the same tenants; re-run it to resume")
 

@@ -26,6 +26,7 @@ from modelfleet import failpoints
 from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import Store, artifact_for, sha256_file
+from version_service.collection_guard import quiet_revision
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import HistoryRecord, Keys, RouteRecord, VersionRecord, utc_stamp, validate_id
 
@@ -145,6 +146,7 @@ class Registry:
         """
         validate_id("tenant id", tenant)
         validate_id("version", version)
+        guard = quiet_revision(self.client, self.keys)  # before "already stored" (version_service.collection_guard)
         artifact, sha, size, info = self.store_artifact(Path(model_file))
         record = VersionRecord(version=version, artifact=artifact, sha256=sha, num_features=info.num_features,
                                num_classes=info.num_classes, bytes=size, objective=info.objective, created=utc_stamp())
@@ -169,10 +171,17 @@ class Registry:
                                                 actor, ""))
                 unchanged = (txn.version(route_key) == 0 if old is None
                              else txn.mod(route_key) == route_meta.mod_revision)
-                ok, _ = self.client.transaction(compare=[txn.version(version_key) == 0, unchanged], success=ops,
-                                                failure=[])
+                failpoints.pause("before_register_write")
+                ok, _ = self.client.transaction(
+                    compare=[txn.version(version_key) == 0, unchanged, txn.mod(self.keys.gc_guard) == guard],
+                    success=ops, failure=[])
             if ok:
                 return record, True
+            now = quiet_revision(self.client, self.keys)
+            if now != guard:  # a collection ran since the artifact was known stored: it may have gone
+                if not self.store.exists(artifact):
+                    self.store.put_file(Path(model_file))
+                guard = now
         raise Conflict(f"could not register {tenant!r} version {version!r}: the route kept changing; retry")
 
     def pin(self, tenant: str, version: str, actor: str | None = None, reason: str = "") -> RouteRecord:

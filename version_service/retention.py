@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from modelfleet.errors import Conflict, InvalidArgument, NotFound
+from version_service.collection_guard import collecting
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry
 from version_service.schema import RouteRecord, VersionRecord, validate_id
@@ -81,9 +82,10 @@ def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
             skipped.append(tenant)
     deleted = 0
     if registry.store is not None and plan.artifacts:
-        still_used = {r.artifact for _, rs in _all_versions(registry) for r in rs}
-        for artifact in sorted(plan.artifacts - still_used):
-            deleted += bool(registry.store.delete(artifact))
+        with collecting(registry.client, registry.keys):  # registrations wait; versions read after it count
+            still_used = {r.artifact for _, rs in _all_versions(registry) for r in rs}
+            for artifact in sorted(plan.artifacts - still_used):
+                deleted += bool(registry.store.delete(artifact))
     return removed, deleted, skipped
 
 

@@ -87,6 +87,11 @@ class Keys:
     def drain(self, worker_id: str) -> str:
         return f"{self.drains}{worker_id}"
 
+    @property
+    def gc_guard(self) -> str:
+        """Written when a garbage collection starts and ends deleting artifacts (CollectionRecord)."""
+        return f"{self.prefix}/gc"
+
     def history(self, tenant: str) -> str:
         return f"{self.prefix}/history/{tenant}/"
 
@@ -135,6 +140,16 @@ class _Record:
         doc: dict[str, Any] = json.loads(raw)
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionRecord(_Record):
+    """The garbage collector's guard (Keys.gc_guard). `deleting` while it deletes artifacts, with
+    `at` rewritten every few seconds: a register or import waits while it is fresh, and its own
+    write compares the guard unchanged since it made sure its artifacts are in the store."""
+    deleting: bool
+    at: str
+    actor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
