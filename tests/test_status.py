@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import grpc
+import pytest
+
 from modelfleet.demo_models import sample_features
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
@@ -24,7 +27,7 @@ def test_status_reports_workers_routers_models_and_revision(fleet):
     workers = {w["worker_id"]: w for w in doc["workers"]}
     assert set(workers) == {"w1", "w2"} and workers["w1"]["zone"] == "z1"
     assert workers["w1"]["bytes_budget"] == 64 << 20
-    assert sum(w["predictions"] for w in workers.values()) == 6
+    assert sum(w["predictions"] for w in workers.values()) == sum(w["requests"] for w in workers.values()) == 6
     assert sum(w["models"] for w in workers.values()) == 2
     assert all(abs(w["hit_rate"] - 2 / 3) < 1e-3 for w in workers.values() if w["predictions"])
     assert all(w["shed"] == w["negative_hits"] == w["admission_rejections"] == w["artifact_mismatches"] == 0
@@ -32,5 +35,10 @@ def test_status_reports_workers_routers_models_and_revision(fleet):
     (r,) = doc["routers"]
     _, meta = fleet.client.get(fleet.keys.route("b"))
     assert r["etcd_connected"] and r["revision"] >= meta.mod_revision and r["tenants"] == 2
+    with pytest.raises(grpc.RpcError) as refused:  # reaches a worker, which finds no such version
+        predict(stub, "a", sample_features(1, 1)[0], version="v9")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    workers = json.loads(cli(fleet, "status", "--once", "--json").stdout)["workers"]
+    assert sum(w["requests"] for w in workers) == 7 and sum(w["predictions"] for w in workers) == 6
     table = cli(fleet, "status", "--once")
     assert table.returncode == 0 and "w2" in table.stdout and "connected" in table.stdout

@@ -39,11 +39,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.worker_id = worker_id
         self.cache = cache
         self._traced = tracing.tracer() is not None  # the `predict` span: tracing.traced, at registration
-        self.predictions = 0
+        self.requests = 0  # every Predict asked of this worker
+        self.predictions = 0  # those answered
         self._predict_pool = ThreadPoolExecutor(max_workers=predict_threads, thread_name_prefix="predict")
 
     @translate_errors
     async def Predict(self, request: predictor_pb2.PredictRequest, context: grpc.aio.ServicerContext):
+        self.requests += 1
         tenant = validate_id("tenant id", request.tenant_id)
         version = validate_id("version", request.version)
         try:
@@ -90,7 +92,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             worker_id=self.worker_id, bytes_used=self.cache.bytes_used, bytes_budget=self.cache.budget,
             models_loaded=len(self.cache), loads_total=counters.loads, load_failures_total=counters.load_failures,
             evictions_total=counters.evictions, hits_total=counters.hits, misses_total=counters.misses,
-            predictions_total=self.predictions, shed_total=counters.shed,
+            predictions_total=self.predictions, requests_total=self.requests, shed_total=counters.shed,
             negative_cache_hits_total=self.cache.failures.hits, artifact_mismatches_total=counters.artifact_mismatches,
             admission_rejections_total=counters.admission_rejections)
         if request.include_models:

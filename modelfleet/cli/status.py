@@ -52,7 +52,8 @@ def snapshot(args: argparse.Namespace, registry) -> Snapshot:
             row["error"] = stats
         else:
             row.update(models=stats.models_loaded, bytes_used=stats.bytes_used, bytes_budget=stats.bytes_budget,
-                       predictions=stats.predictions_total, hits=stats.hits_total, misses=stats.misses_total,
+                       requests=stats.requests_total, predictions=stats.predictions_total, hits=stats.hits_total,
+                       misses=stats.misses_total,
                        loads=stats.loads_total, evictions=stats.evictions_total,
                        load_failures=stats.load_failures_total, shed=stats.shed_total,
                        negative_hits=stats.negative_cache_hits_total,
@@ -75,9 +76,11 @@ def snapshot(args: argparse.Namespace, registry) -> Snapshot:
 def with_rates(now: Snapshot, before: Snapshot | None) -> Snapshot:
     for worker_id, row in now.workers.items():
         old = before.workers.get(worker_id) if before else None
-        if old and "predictions" in row and "predictions" in old:
+        if old and "requests" in row and "requests" in old:
             elapsed = max(now.at - before.at, 1e-6)
-            row["rps"] = round((row["predictions"] - old["predictions"]) / elapsed, 1)
+            row["rps"] = round((row["requests"] - old["requests"]) / elapsed, 1)  # answered or not
+            failed = (row["requests"] - row["predictions"]) - (old["requests"] - old["predictions"])
+            row["errors_per_s"] = round(failed / elapsed, 1)
             lookups = (row["hits"] - old["hits"]) + (row["misses"] - old["misses"])
             row["hit_rate"] = round((row["hits"] - old["hits"]) / lookups, 4) if lookups else None
         elif "hits" in row:
@@ -94,8 +97,8 @@ def _evictions(row: dict) -> str:
 
 def render(snap: Snapshot) -> Group:
     workers = Table(title=f"{len(snap.workers)} workers")
-    for column in ("worker", "zone", "state", "models", "MB used / budget", "req/s", "hit rate", "loads", "evictions",
-                   "load failures", "failed-load hits", "shed"):
+    for column in ("worker", "zone", "state", "models", "MB used / budget", "req/s", "err/s", "hit rate", "loads",
+                   "evictions", "load failures", "failed-load hits", "shed"):
         workers.add_column(column)
     for row in snap.workers.values():
         if "error" in row:
@@ -103,7 +106,8 @@ def render(snap: Snapshot) -> Group:
             continue
         workers.add_row(row["worker_id"], row["zone"], row["state"], str(row["models"]),
                         f"{row['bytes_used'] / 2**20:.1f} / {row['bytes_budget'] / 2**20:.0f}",
-                        str(row.get("rps", "")), "" if row.get("hit_rate") is None else f"{row['hit_rate']:.1%}",
+                        str(row.get("rps", "")), str(row.get("errors_per_s", "")),
+                        "" if row.get("hit_rate") is None else f"{row['hit_rate']:.1%}",
                         str(row["loads"]), _evictions(row), str(row["load_failures"]), str(row["negative_hits"]),
                         str(row["shed"]))
     routers = Table(title=f"{len(snap.routers)} routers")

@@ -102,7 +102,7 @@ class ModelStats(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., version: _Optional[str] = ..., bytes: _Optional[int] = ..., loads: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "bytes_used", "bytes_budget", "models_loaded", "loads_total", "load_failures_total", "evictions_total", "hits_total", "misses_total", "predictions_total", "models", "shed_total", "negative_cache_hits_total", "artifact_mismatches_total", "admission_rejections_total")
+    __slots__ = ("worker_id", "bytes_used", "bytes_budget", "models_loaded", "loads_total", "load_failures_total", "evictions_total", "hits_total", "misses_total", "predictions_total", "models", "shed_total", "negative_cache_hits_total", "artifact_mismatches_total", "admission_rejections_total", "requests_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     BYTES_USED_FIELD_NUMBER: _ClassVar[int]
     BYTES_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class StatsResponse(_message.Message):
     NEGATIVE_CACHE_HITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_MISMATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_REJECTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     bytes_used: int
     bytes_budget: int
@@ -133,4 +134,5 @@ class StatsResponse(_message.Message):
     negative_cache_hits_total: int
     artifact_mismatches_total: int
     admission_rejections_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., models_loaded: _Optional[int] = ..., loads_total: _Optional[int] = ..., load_failures_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., hits_total: _Optional[int] = ..., misses_total: _Optional[int] = ..., predictions_total: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., shed_total: _Optional[int] = ..., negative_cache_hits_total: _Optional[int] = ..., artifact_mismatches_total: _Optional[int] = ..., admission_rejections_total: _Optional[int] = ...) -> None: ...
+    requests_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., bytes_used: _Optional[int] = ..., bytes_budget: _Optional[int] = ..., models_loaded: _Optional[int] = ..., loads_total: _Optional[int] = ..., load_failures_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., hits_total: _Optional[int] = ..., misses_total: _Optional[int] = ..., predictions_total: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., shed_total: _Optional[int] = ..., negative_cache_hits_total: _Optional[int] = ..., artifact_mismatches_total: _Optional[int] = ..., admission_rejections_total: _Optional[int] = ..., requests_total: _Optional[int] = ...) -> None: ...
