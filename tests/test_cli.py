@@ -172,3 +172,14 @@ def test_a_reader_that_leaves_early_gets_no_traceback(fleet):
     proc.stdout.close()  # before the command writes anything
     stderr = proc.stderr.read().decode()
     assert proc.wait(60) == 128 + signal.SIGPIPE and stderr == "", stderr
+
+
+def test_json_logs_are_json_on_every_line_before_the_exit_line(fleet):
+    """gRPC's C core prints its own plain-text lines (here: the failed bind) unless silenced."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = cli(fleet, "router", "--port", str(taken.getsockname()[1]), "--log-format", "json")
+    *events, last = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and last.startswith("error: cannot listen"), done.stderr
+    assert events and all(json.loads(line)["event"] for line in events), done.stderr

@@ -10,13 +10,31 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
+
+
+def _json_logs(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether this process logs JSON (--log-format json, or MODELFLEET_LOG_FORMAT), read before
+    the parser exists: gRPC's C core reads GRPC_VERBOSITY once, when grpc is imported."""
+    for i, arg in enumerate(argv):
+        if arg == "--log-format" and i + 1 < len(argv):
+            return argv[i + 1].strip().lower() == "json"
+        if arg.startswith("--log-format="):
+            return arg.split("=", 1)[1].strip().lower() == "json"
+    return environ.get("MODELFLEET_LOG_FORMAT", "").strip().lower() == "json"
+
 
 # gRPC's C core prints INFO lines (a failed TLS handshake, ...) straight to stderr, around the
-# one-line error a command prints; ERROR and up only, unless the operator asks for more.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# one-line error a command prints; ERROR and up only, unless the operator asks for more. With
+# JSON logs, none: its plain-text lines would break "one JSON object per line" (what they would
+# report, modelfleet logs as its own events: a failed bind, a lost stream, a failover).
+_OURS = "GRPC_VERBOSITY" not in os.environ  # an operator's own setting wins
+os.environ.setdefault("GRPC_VERBOSITY", "NONE" if _json_logs(sys.argv[1:], os.environ) else "ERROR")
 
-import grpc  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads once
+import grpc  # noqa: E402 - after GRPC_VERBOSITY, which the C core reads once, at import
+
+if _OURS:  # read: children (workers of `up`, tests' servers) choose for their own log format
+    del os.environ["GRPC_VERBOSITY"]
 
 from modelfleet import allocator, config, event_loop, log  # noqa: E402
 from modelfleet.errors import ModelfleetError
