@@ -145,6 +145,9 @@ def test_worker_exposes_load_latency_shed_and_negative_cache_hits(fleet):
         with pytest.raises(grpc.RpcError) as info:
             stub.Predict(predictor_pb2.PredictRequest(tenant_id="fragile", version="v1", features=x), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as info:  # a caller's unknown version: no load failure of the worker's
+        stub.Predict(predictor_pb2.PredictRequest(tenant_id="fragile", version="v9", features=x), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     s = stats(worker.address)
     assert s.shed_total == shed and s.negative_cache_hits_total == 1 and s.load_failures_total == 1

@@ -52,7 +52,7 @@ from cachetools import LRUCache
 
 from modelfleet import tracing
 from modelfleet.config import MAX_QUEUED_LOADS
-from modelfleet.errors import ResourceExhausted
+from modelfleet.errors import NotFound, ResourceExhausted
 from modelfleet.log import event
 from worker.negative_cache import NegativeCache
 from worker.overload import RetryLater
@@ -245,6 +245,8 @@ class ModelCache:
             self._load_counts[key] = self._load_counts.get(key, 0) + 1
             if span is not None:
                 tracing.set_attributes(span, {"bytes": model.nbytes, "load_seconds": ms / 1000})
+            if self.observe_load is not None:  # every load that ran, also one too large to keep
+                self.observe_load(ms / 1000)
             if model.nbytes > self.budget:
                 self._closer.submit(model.close)
                 event(log, "model.too_large_to_cache", level=logging.WARNING, tenant=key[0], version=key[1],
@@ -252,16 +254,17 @@ class ModelCache:
                 raise ResourceExhausted(f"tenant {key[0]!r} version {key[1]!r} needs {model.nbytes} bytes loaded, "
                                         f"more than this worker's whole model cache ({self.budget} bytes)")
         except Exception as exc:
-            if not isinstance(exc, ResourceExhausted):
+            # a caller asking for a version that does not exist is no broken artifact: not counted
+            # as a load failure, nor a warning an operator must chase (the caller hears NOT_FOUND)
+            unknown = isinstance(exc, NotFound)
+            if not isinstance(exc, (ResourceExhausted, NotFound)):
                 self.counters.load_failures += 1
             backoff = self.failures.record(load_key, exc)
-            event(log, "model.load_failed", level=logging.WARNING, tenant=key[0], version=key[1], error=str(exc),
-                  retry_in_s=backoff)
+            event(log, "model.load_failed", level=logging.INFO if unknown else logging.WARNING, tenant=key[0],
+                  version=key[1], error=str(exc), retry_in_s=backoff)
             raise
         self.failures.forget(load_key)
         self._load_ms += (ms - self._load_ms) * 0.2
-        if self.observe_load is not None:
-            self.observe_load(ms / 1000)
         replaced = self._models.pop(key)  # loaded meanwhile from another hint (or none)
         if replaced is not None:
             self._evicted(key, replaced)
