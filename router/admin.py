@@ -56,6 +56,8 @@ class RouterAdminServicer(router_admin_pb2_grpc.RouterAdminServicer):
         if stats is not None and stats.rollout == (route.canary, route.canary_percent, route.shadow):
             response.serving_requests = stats.serving_requests
             response.canary_requests = stats.canary_requests
+            response.serving_errors = stats.serving_errors
+            response.canary_errors = stats.canary_errors
             response.shadow_requests = stats.shadow_requests
             response.shadow_errors = stats.shadow_errors
             response.shadow_dropped = stats.shadow_dropped

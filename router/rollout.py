@@ -46,6 +46,8 @@ class RolloutStats:
     rollout: tuple[str | None, float | None, str | None]
     serving_requests: int = 0
     canary_requests: int = 0
+    serving_errors: int = 0  # of those, failed: a canary that fails its traffic must show
+    canary_errors: int = 0
     shadow_requests: int = 0
     shadow_errors: int = 0
     shadow_dropped: int = 0

@@ -84,6 +84,13 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             except RetryLater as exc:  # every member overloaded: pass the workers' hint on
                 set_retry_hint(context, exc)
                 raise
+            except Exception:
+                if stats is not None:  # the rollout's books: which version failed this request
+                    if request.version == route.canary:
+                        stats.canary_errors += 1
+                    else:
+                        stats.serving_errors += 1
+                raise
             if stats is not None and route.shadow is not None and request.version == route.serving:
                 self.rollouts.shadow(stats, request, response,
                                      lambda r: self.failover.send(r, shard, SHADOW_TIMEOUT_S, hedge=False))

@@ -117,9 +117,16 @@ def test_a_5_percent_canary_gets_5_percent_and_keys_are_sticky(two_version_fleet
     assert again == keyed[:1_000]  # the same key always lands on the same version
     unkeyed = versions([None] * 10_000)  # random: +-1 point is 4.6 standard deviations at 10k
     assert 0.04 <= unkeyed.count("v1") / len(unkeyed) <= 0.06
+    canary_keys = [f"user-{i}" for i, v in enumerate(keyed) if v == "v1"][:3]
+    serving_keys = [f"user-{i}" for i, v in enumerate(keyed) if v == "v2"][:2]
+    for key in canary_keys + serving_keys:  # one feature for an 8-feature model: the worker refuses it
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(stub, "acme", [1.0], metadata=(("x-modelfleet-key", key),))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = json.loads(cli(fleet, "rollout", "acme", "--status", "--json").stdout)
     assert status["canary"] == "v1" and status["routers"] == 1
     assert status["canary_requests"] + status["serving_requests"] >= 21_000
+    assert (status["canary_errors"], status["serving_errors"]) == (3, 2)  # a failing canary shows
 
 
 def test_shadow_never_changes_a_response_and_is_measured(two_version_fleet):

@@ -60,6 +60,8 @@ def status(args: argparse.Namespace, registry) -> int:
         "routers_unanswered": unanswered,
         "serving_requests": sum(r.serving_requests for r in per_router),
         "canary_requests": sum(r.canary_requests for r in per_router),
+        "serving_errors": sum(r.serving_errors for r in per_router),
+        "canary_errors": sum(r.canary_errors for r in per_router),
         "shadow_requests": sum(r.shadow_requests for r in per_router),
         "shadow_errors": sum(r.shadow_errors for r in per_router),
         "shadow_dropped": sum(r.shadow_dropped for r in per_router),
