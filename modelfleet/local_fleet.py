@@ -140,8 +140,7 @@ class LocalFleet:
             raise
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            processes.stop(proc.popen)
+        processes.stop_all([proc.popen for proc in reversed(self.procs)])
         self.registry.close()
         self.client.close()
 

@@ -49,6 +49,20 @@ def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, stdout: IO 
     return subprocess.Popen([*launcher, *argv], env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
 
 
+def stop_all(procs: Sequence[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM to all first, then `stop` each: their shutdowns (a router's drain, a worker's
+    grace) overlap instead of adding up."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+            except ProcessLookupError:
+                pass
+    for proc in procs:
+        stop(proc, timeout)
+
+
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     """SIGTERM, wait up to timeout, then SIGKILL; returns the exit code.
 

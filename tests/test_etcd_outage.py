@@ -69,17 +69,19 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
     assert served_during > 100
 
 
-def test_a_worker_joining_through_an_etcd_stall_goes_live(own_etcd_fleet):
-    """etcd stalls after the worker registered as joining: the warm-up gives up, and going live is
-    retried until etcd answers, rather than the worker exiting."""
+def test_a_worker_joining_through_an_etcd_stall_goes_live(own_etcd_fleet, monkeypatch):
+    """etcd stalls after the worker registered as joining and warmed up: going live is retried
+    until etcd answers, rather than the worker exiting."""
     etcd, fleet = own_etcd_fleet
     fleet.register("a", "v1", seed=1)
     fleet.start_worker("w1")
+    monkeypatch.setenv("MODELFLEET_FAILPOINT_DIR", str(fleet.root))  # held before going live
     joiner = fleet.spawn("w2", ["worker", "--worker-id", "w2", "--lease-ttl", str(fleet.lease_ttl)])
-    fleet.wait_for(lambda: any(w.worker_id == "w2" and w.joining for w in list_workers(fleet.client, fleet.keys)),
-                   joiner, "w2 to register as joining")
+    fleet.wait_for(lambda: any(fleet.root.glob("before_going_live.*.ready")), joiner, "w2 to be about to go live")
+    assert any(w.worker_id == "w2" and w.joining for w in list_workers(fleet.client, fleet.keys))
     etcd.proc.send_signal(signal.SIGSTOP)
     try:
+        (fleet.root / "before_going_live.go").touch()
         fleet.wait_for(lambda: "step=go_live" in joiner.log(), joiner, "w2 to retry going live", timeout=60)
     finally:
         etcd.proc.send_signal(signal.SIGCONT)

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Callable
 
-from modelfleet import allocator, event_loop, heap
+from modelfleet import allocator, event_loop, failpoints, heap
 from modelfleet.errors import InvalidArgument, Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
@@ -84,6 +84,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.warm_on_join:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, warm_before_going_live, client, keys, record, args)
+        await loop.run_in_executor(None, failpoints.pause, "before_going_live")  # inert outside tests
         live = dataclasses.replace(record, joining=False)  # kept by the lease keeper if the lease must be renewed
         await _joining_step("go_live", lambda: membership.update(live))
     await set_serving(health, [SERVICE_NAME], True)
