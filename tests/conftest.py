@@ -1,10 +1,16 @@
 """Session-wide real etcd on free loopback ports; per-test fleets under their own key prefix."""
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
-import pytest
+# Every process the tests start inherits this: gRPC's C core prints INFO lines (a GOAWAY at a
+# server's stop, ...) into the test log otherwise, from the processes that are not the modelfleet
+# CLI (load generators, the naive server). Tests of the CLI's own choice remove it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import pytest  # noqa: E402
 
 from modelfleet.artifact_check import ArtifactChecker
 from modelfleet.etcd_server import EtcdServer

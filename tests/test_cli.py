@@ -176,10 +176,13 @@ def test_a_reader_that_leaves_early_gets_no_traceback(fleet):
 
 def test_json_logs_are_json_on_every_line_before_the_exit_line(fleet):
     """gRPC's C core prints its own plain-text lines (here: the failed bind) unless silenced."""
+    env = {k: v for k, v in fleet.env().items() if k != "GRPC_VERBOSITY"}  # the CLI chooses (conftest sets it)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        done = cli(fleet, "router", "--port", str(taken.getsockname()[1]), "--log-format", "json")
+        done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "router", "--port", str(taken.getsockname()[1]),
+                               "--log-format", "json"], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60)
     *events, last = done.stderr.strip().splitlines()
     assert done.returncode == 1 and last.startswith("error: cannot listen"), done.stderr
     assert events and all(json.loads(line)["event"] for line in events), done.stderr

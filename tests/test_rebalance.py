@@ -148,23 +148,16 @@ def test_bad_rebalance_requests_are_one_clear_error(fleet, argv, needle):
     assert done.returncode == 1 and done.stderr.startswith("error: ") and needle in done.stderr, done.stderr
 
 
-def test_draining_the_last_live_worker_is_refused(fleet):
-    fleet.register("acme", "v1", seed=1)
-    fleet.start_workers([("w1", "default"), ("w2", "default")])
-    assert cli(fleet, "workers", "drain", "w1").returncode == 0
-    done = cli(fleet, "workers", "drain", "w2")
-    assert done.returncode == 1 and "leaves no live worker (live now: w2)" in done.stderr, done.stderr
-    state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
-    assert state == {"w1": "drained", "w2": "live"}
-
-
-def test_a_drain_planned_beside_another_fails_instead_of_draining_what_it_counted_on(fleet):
-    """Each drain alone leaves a live worker; both together would leave none."""
+def test_no_drain_leaves_the_fleet_without_a_live_worker(fleet):
+    """Alone: the last live worker's drain is refused. Side by side: each of two drains planned on
+    the same state leaves a live worker, both together would leave none, so the second conflicts."""
     fleet.register("acme", "v1", seed=1)
     fleet.start_workers([("w1", "default"), ("w2", "default")])
     stale = shards.read_state(argparse.Namespace(etcd=fleet.etcd_endpoint, prefix=fleet.prefix))
     assert cli(fleet, "workers", "drain", "w1").returncode == 0  # commits after `stale` was read
     with pytest.raises(Conflict, match="changed concurrently"):
         shards.commit(stale, FleetChange(drain=("w2",)), [Member("w1", "default")])
+    done = cli(fleet, "workers", "drain", "w2")
+    assert done.returncode == 1 and "leaves no live worker (live now: w2)" in done.stderr, done.stderr
     state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
     assert state == {"w1": "drained", "w2": "live"}
