@@ -37,11 +37,19 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
-def register_demo_tenants(registry: Registry, count: int, model_dir: Path) -> None:
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM during start-up, noticed at the next step."""
+
+
+def register_demo_tenants(registry: Registry, count: int, model_dir: Path,
+                          stopping: threading.Event | None = None) -> None:
     """Trains one real model per demo tenant (objectives rotate) and registers it as v1;
-    every tenth tenant also gets a v2, so pinning has something to pin."""
+    every tenth tenant also gets a v2, so pinning has something to pin. Stops between tenants
+    once `stopping` is set."""
     model_dir.mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):
+        if stopping is not None and stopping.is_set():
+            raise _Stopped
         tenant = demo_tenant(i)
         objective = OBJECTIVES[(i - 1) % len(OBJECTIVES)]
         for version, seed in (("v1", i), ("v2", 100_000 + i)) if i % 10 == 0 else (("v1", i),):
@@ -60,28 +68,31 @@ def run(args: argparse.Namespace) -> int:
     home.mkdir(parents=True, exist_ok=True)
     # no data_dir: the server makes a temporary one and owns it, so cleanup() removes it (~60 MB a run)
     etcd = EtcdServer(client_port=etcd_port, log_path=home / "etcd.log")
-    stopping, starting = threading.Event(), threading.Event()
-    starting.set()
+    # The handlers only set `stopping`; start-up looks at it between its steps (each tenant, each
+    # process started). Raising from a handler instead could leave a lock held mid-step, and the
+    # clean-up would then wait on it forever.
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
 
-    def on_signal(*_) -> None:
-        stopping.set()
-        if starting.is_set():  # start-up (training, registering, starting) is abandoned, not finished first
-            starting.clear()  # once: a second Ctrl-C must not cut the clean-up short
-            raise KeyboardInterrupt
+    def step_done() -> None:
+        if stopping.is_set():
+            raise _Stopped
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     fleet: LocalFleet | None = None
     try:
         print(f"starting etcd on 127.0.0.1:{etcd_port} ...", flush=True)
         etcd.start()
+        step_done()
         fleet = LocalFleet(args.etcd, args.prefix, home, store_dir=Path(args.store), lease_ttl=args.lease_ttl)
         print(f"training and registering {args.demo_tenants} demo tenants into {args.store} ...", flush=True)
-        register_demo_tenants(fleet.registry, args.demo_tenants, home / "demo-models")
+        register_demo_tenants(fleet.registry, args.demo_tenants, home / "demo-models", stopping)
         fleet.registry.close()  # nothing more to check: the checker's child goes now, not when idle
+        step_done()
         print(f"starting {args.workers} workers and a router ...", flush=True)
         fleet.start_workers([(f"worker-{n}", f"zone-{'abc'[(n - 1) % 3]}") for n in range(1, args.workers + 1)],
                             cache_bytes=args.cache_bytes)
+        step_done()
         router = fleet.start_router(port=args.port, shard_size=args.shard_size).address
         example = ",".join(f"{v:.3f}" for v in sample_features(1, 1, DEMO_FEATURES)[0])
         print(f"""
@@ -98,7 +109,6 @@ logs in {home}
       {router} modelfleet.v1.Predictor/Predict
 
 Ctrl-C stops everything.""", flush=True)
-        starting.clear()
         while not stopping.wait(0.5):
             for proc in fleet.procs:
                 if not proc.alive():
@@ -106,14 +116,11 @@ Ctrl-C stops everything.""", flush=True)
                           file=sys.stderr)
                     stopping.set()
         return 0
-    except (ChildProcessError, KeyboardInterrupt) as exc:
+    except (ChildProcessError, _Stopped) as exc:
         if stopping.is_set():  # Ctrl-C or SIGTERM during start-up: a clean stop, not an error
             return 0
-        if isinstance(exc, KeyboardInterrupt):
-            raise
         raise FailedPrecondition(str(exc).splitlines()[0]) from None
     finally:
-        starting.clear()
         print("stopping the demo fleet ...", flush=True)
         if fleet is not None:
             fleet.stop()
