@@ -350,7 +350,10 @@ def etcd_endpoints(spec: str) -> list[tuple[str, int]]:
     for part in spec.split(","):
         part = part.strip().removeprefix("http://").removeprefix("https://")
         host, _, number_text = part.rpartition(":")
-        if not host or not number_text.isdigit() or int(number_text) > 65535:
-            raise ValueError(f"bad etcd endpoint {part!r}: expected host:port with a port from 0 to 65535")
-        endpoints.append((host, int(number_text)))
+        try:
+            if not host:
+                raise argparse.ArgumentTypeError("no host")
+            endpoints.append((host, port(number_text)))
+        except argparse.ArgumentTypeError:
+            raise ValueError(f"bad etcd endpoint {part!r}: expected host:port with a port from 0 to 65535") from None
     return endpoints

@@ -72,8 +72,10 @@ class RpcMetrics:
                 counts[(method, code)] += 1
                 tenant = getattr(request, "tenant_id", None) or getattr(request, "model_name", None)
                 if tenant:
-                    # before validation: a malformed id (up to the message size limit) is no label
-                    tenant = tenant if is_valid_id(tenant) else INVALID_TENANT
+                    # before validation: a malformed id (up to the message size limit) is no label;
+                    # one counted already passed this check (the table holds only valid ids)
+                    if tenant not in tenants and not is_valid_id(tenant):
+                        tenant = INVALID_TENANT
                     tenants[tenant] += 1
                     if len(tenants) > _TENANT_TABLE_LIMIT:
                         keep = tenants.most_common(_TENANT_TABLE_LIMIT // 10)

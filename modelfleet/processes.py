@@ -53,31 +53,29 @@ def stop_all(procs: Sequence[subprocess.Popen], timeout: float = 10.0) -> None:
     """SIGTERM to all first, then `stop` each: their shutdowns (a router's drain, a worker's
     grace) overlap instead of adding up."""
     for proc in procs:
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-            except ProcessLookupError:
-                pass
+        _ask_to_stop(proc)
     for proc in procs:
         stop(proc, timeout)
 
 
-def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-    """SIGTERM, wait up to timeout, then SIGKILL; returns the exit code.
-
-    A stopped (SIGSTOP) process is continued first, or it would never see the SIGTERM.
-    """
+def _ask_to_stop(proc: subprocess.Popen) -> None:
+    """SIGTERM; a stopped (SIGSTOP) process is continued first, or it would never see it."""
     if proc.poll() is None:
         try:
             proc.send_signal(signal.SIGCONT)
             proc.terminate()
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
         except ProcessLookupError:
             pass
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+    """SIGTERM (`_ask_to_stop`), wait up to timeout, then SIGKILL; returns the exit code."""
+    _ask_to_stop(proc)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
     return proc.returncode
 
 

@@ -28,18 +28,24 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
+def start_up(tmp_path: Path, *argv: str) -> tuple[subprocess.Popen, list[str], threading.Thread, Path, dict, int]:
+    """`modelfleet up ARGV` on free ports, its home and TMPDIR under tmp_path; its output lines
+    are collected in the returned list. Returns (process, output, reader, scratch, env, router port)."""
     etcd_port, router_port = processes.free_port(), processes.free_port()
     scratch = tmp_path / "tmp"  # its temporary files (etcd's data) go here, to be checked for leftovers
     scratch.mkdir()
     env = dict(os.environ, MODELFLEET_HOME=str(tmp_path / "home"), MODELFLEET_STORE=str(tmp_path / "store"),
                MODELFLEET_ETCD=f"127.0.0.1:{etcd_port}", PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
-    up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", "--workers", "2", "--demo-tenants", "6",
-                           "--port", str(router_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+    up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", *argv, "--port", str(router_port)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")), daemon=True)
     reader.start()
+    return up, output, reader, scratch, env, router_port
+
+
+def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
+    up, output, reader, scratch, env, router_port = start_up(tmp_path, "--workers", "2", "--demo-tenants", "6")
     try:
         stub = predictor(f"127.0.0.1:{router_port}")
         x = sample_features(1, 1, 8)[0]
@@ -78,17 +84,7 @@ def test_up_serves_the_demo_fleet_and_stops_cleanly(tmp_path):
 
 def test_sigterm_during_start_up_stops_at_once_and_leaves_nothing(tmp_path):
     """Training and registering many demo tenants is abandoned, not finished first."""
-    etcd_port, router_port = processes.free_port(), processes.free_port()
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    env = dict(os.environ, MODELFLEET_HOME=str(tmp_path / "home"), MODELFLEET_STORE=str(tmp_path / "store"),
-               MODELFLEET_ETCD=f"127.0.0.1:{etcd_port}", PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch))
-    up = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "up", "--demo-tenants", "5000",
-                           "--port", str(router_port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(up.stdout.readline, "")), daemon=True)
-    reader.start()
+    up, output, reader, scratch, _, _ = start_up(tmp_path, "--demo-tenants", "5000")
     try:
         processes.wait_for(lambda: any("training and registering" in line for line in output), 60,
                            what="start-up to reach the demo tenants")

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 from modelfleet.artifact_check import ModelInfo, check_many, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.store import artifact_for, sha256_file
-from version_service.collection_guard import quiet_revision
+from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry, next_route_on_register
 from version_service.schema import RouteRecord, VersionRecord, utc_stamp, validate_id
@@ -108,7 +108,7 @@ def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_
     progress = on_progress or (lambda phase, done, total: None)
 
     started = time.perf_counter()
-    guard = [quiet_revision(registry.client, registry.keys)]  # before any "already stored" (collection_guard)
+    guard = quiet_revision(registry.client, registry.keys)  # before any "already stored" (collection_guard)
     stored = _store_artifacts(registry, rows, result, progress)
     result.artifact_seconds = time.perf_counter() - started
 
@@ -116,7 +116,7 @@ def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_
     done = 0
     for start in range(0, len(rows), batch_size):
         batch = [r for r in rows[start:start + batch_size] if r.source in stored]
-        _register_batch(registry, batch, stored, actor, result, guard)
+        guard = _register_batch(registry, batch, stored, actor, result, guard)
         done += len(rows[start:start + batch_size])
         progress("registering", done, len(rows))
     result.registration_seconds = time.perf_counter() - started
@@ -164,9 +164,9 @@ def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: Import
 
 
 def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult,
-                    guard: list[int]) -> None:
-    """`guard[0]`: the collection guard's revision since which the batch's artifacts are known to
-    be stored; a collection since then fails the write, and the artifacts are checked again."""
+                    guard: int) -> int:
+    """Returns the collection guard's revision since which the artifacts are known to be stored:
+    `guard` given, a newer one after a collection failed the write (collection_guard)."""
     client, keys = registry.client, registry.keys
     txn = client.transactions
     for _ in range(BATCH_ATTEMPTS):
@@ -209,19 +209,15 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
                 ops.append(txn.put(key, current[tenant].to_json()))
         if not ops:
             result.already_registered += skipped
-            return
-        compare.append(txn.mod(keys.gc_guard) == guard[0])
+            return guard
+        compare.append(txn.mod(keys.gc_guard) == guard)
         with etcd_errors(client, "writing a batch of the import"):
             ok, _ = client.transaction(compare=compare, success=ops, failure=[])
         if ok:
             result.registered += registered
             result.already_registered += skipped
-            return
-        now = quiet_revision(client, keys)
-        if now != guard[0]:  # a collection ran: it may have taken an artifact this batch shares
-            for row in batch:
-                if not registry.store.exists(stored[row.source][0]):
-                    registry.store.put_file(row.source)
-            guard[0] = now
+            return guard
+        guard = restored_after_collection(client, keys, registry.store, guard,
+                                          [(stored[row.source][0], row.source) for row in batch])
     raise Conflict("the import kept racing other registry writes on the same tenants; re-run it to resume")
 

@@ -20,7 +20,8 @@ import getpass
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator
 
 from modelfleet.errors import Unavailable
 from version_service.etcd_client import EtcdClient, etcd_errors
@@ -42,6 +43,18 @@ def quiet_revision(client: EtcdClient, keys: Keys, wait_s: float = WAIT_S) -> in
         if time.monotonic() >= deadline:
             raise Unavailable(f"a garbage collection has been deleting artifacts for over {wait_s:.0f} s; retry")
         time.sleep(0.2)
+
+
+def restored_after_collection(client: EtcdClient, keys: Keys, store, guard: int,
+                               artifacts: Iterable[tuple[str, Path]]) -> int:
+    """After a write that compared `guard` and failed: the guard's revision now. If a collection
+    ran since `guard`, each (artifact, source file) it may have deleted is stored again first."""
+    now = quiet_revision(client, keys)
+    if now != guard:
+        for artifact, source in artifacts:
+            if not store.exists(artifact):
+                store.put_file(source)
+    return now
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from modelfleet import failpoints
 from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import Store, artifact_for, sha256_file
-from version_service.collection_guard import quiet_revision
+from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import HistoryRecord, Keys, RouteRecord, VersionRecord, utc_stamp, validate_id
 
@@ -177,11 +177,8 @@ class Registry:
                     success=ops, failure=[])
             if ok:
                 return record, True
-            now = quiet_revision(self.client, self.keys)
-            if now != guard:  # a collection ran since the artifact was known stored: it may have gone
-                if not self.store.exists(artifact):
-                    self.store.put_file(Path(model_file))
-                guard = now
+            guard = restored_after_collection(self.client, self.keys, self.store, guard,
+                                              [(artifact, Path(model_file))])
         raise Conflict(f"could not register {tenant!r} version {version!r}: the route kept changing; retry")
 
     def pin(self, tenant: str, version: str, actor: str | None = None, reason: str = "") -> RouteRecord:

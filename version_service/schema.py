@@ -144,9 +144,9 @@ class _Record:
 
 @dataclass(frozen=True, slots=True)
 class CollectionRecord(_Record):
-    """The garbage collector's guard (Keys.gc_guard). `deleting` while it deletes artifacts, with
-    `at` rewritten every few seconds: a register or import waits while it is fresh, and its own
-    write compares the guard unchanged since it made sure its artifacts are in the store."""
+    """The garbage collector's guard (Keys.gc_guard): `deleting`, under a lease, while it deletes
+    artifacts; quiet, without one, after (version_service.collection_guard says why). `at` and
+    `actor` are for operators."""
     deleting: bool
     at: str
     actor: str = ""

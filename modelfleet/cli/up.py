@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from modelfleet.config import _default_home, etcd_endpoints
 from modelfleet.demo_models import OBJECTIVES, sample_features, train_model_text
@@ -42,14 +43,13 @@ class _Stopped(Exception):
 
 
 def register_demo_tenants(registry: Registry, count: int, model_dir: Path,
-                          stopping: threading.Event | None = None) -> None:
+                          step_done: Callable[[], None] = lambda: None) -> None:
     """Trains one real model per demo tenant (objectives rotate) and registers it as v1;
-    every tenth tenant also gets a v2, so pinning has something to pin. Stops between tenants
-    once `stopping` is set."""
+    every tenth tenant also gets a v2, so pinning has something to pin. `step_done` is called
+    before each tenant (it raises to stop)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     for i in range(1, count + 1):
-        if stopping is not None and stopping.is_set():
-            raise _Stopped
+        step_done()
         tenant = demo_tenant(i)
         objective = OBJECTIVES[(i - 1) % len(OBJECTIVES)]
         for version, seed in (("v1", i), ("v2", 100_000 + i)) if i % 10 == 0 else (("v1", i),):
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         step_done()
         fleet = LocalFleet(args.etcd, args.prefix, home, store_dir=Path(args.store), lease_ttl=args.lease_ttl)
         print(f"training and registering {args.demo_tenants} demo tenants into {args.store} ...", flush=True)
-        register_demo_tenants(fleet.registry, args.demo_tenants, home / "demo-models", stopping)
+        register_demo_tenants(fleet.registry, args.demo_tenants, home / "demo-models", step_done)
         fleet.registry.close()  # nothing more to check: the checker's child goes now, not when idle
         step_done()
         print(f"starting {args.workers} workers and a router ...", flush=True)
