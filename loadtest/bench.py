@@ -420,8 +420,7 @@ class Bench:
             [(f"w{i}", "default") for i in range(1, args.workers + 1)],
             cache_bytes=int(self.worker_cache_models * model_bytes * 1.05))
         self.bare = start_bare_proxy(self.workers[0].address, self.root / "bare_proxy.log", env)
-        self.routers = [self.fleet.start_router(shard_size=min(args.shard_size, args.workers))
-                        for _ in range(args.routers)]
+        self.routers = self.fleet.start_routers(args.routers, shard_size=min(args.shard_size, args.workers))
         wait_serving(self.naive[1], self.naive[0], "naive_server")
         wait_serving(self.bare[1], self.bare[0], "bare_proxy")
 

@@ -115,14 +115,25 @@ class LocalFleet:
 
     def start_router(self, *, port: int = 0, shard_size: int = 2, extra: tuple[str, ...] = (),
                      health_credentials: grpc.ChannelCredentials | None = None) -> Proc:
-        port = port or processes.free_port()
-        proc = self.spawn(f"router-{port}", ["router", "--port", str(port), "--shard-size", str(shard_size), *extra])
-        proc.address = f"127.0.0.1:{port}"
-        with tls.channel(proc.address, health_credentials, options=_PROBE_OPTIONS, aio=False) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            self.wait_for(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                          == health_pb2.HealthCheckResponse.SERVING, proc, "the router to serve")
-        return proc
+        return self.start_routers(1, port=port, shard_size=shard_size, extra=extra,
+                                  health_credentials=health_credentials)[0]
+
+    def start_routers(self, count: int, *, port: int = 0, shard_size: int = 2, extra: tuple[str, ...] = (),
+                      health_credentials: grpc.ChannelCredentials | None = None) -> list[Proc]:
+        """Starts `count` routers side by side (on free ports, or `port` for one); returns once each serves."""
+        ports = [port] if port and count == 1 else [processes.free_port() for _ in range(count)]
+        procs = []
+        for port in ports:
+            proc = self.spawn(f"router-{port}", ["router", "--port", str(port), "--shard-size", str(shard_size),
+                                                 *extra])
+            proc.address = f"127.0.0.1:{port}"
+            procs.append(proc)
+        for proc in procs:
+            with tls.channel(proc.address, health_credentials, options=_PROBE_OPTIONS, aio=False) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                self.wait_for(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                              == health_pb2.HealthCheckResponse.SERVING, proc, "the router to serve")
+        return procs
 
     def wait_for(self, predicate: Callable[[], T], proc: Proc | None = None, what: str = "condition",
                  timeout: float = START_TIMEOUT) -> T:

@@ -36,8 +36,7 @@ def test_a_flooding_tenant_does_not_hurt_tenants_that_share_one_worker(fleet):
     fleet.register(noisy, "v1", seed=7, num_trees=300, num_leaves=63)
     for tenant in chosen:
         fleet.register(tenant, "v1", seed=1)
-    for w in WORKERS:
-        fleet.start_worker(w)
+    fleet.start_workers([(w, "default") for w in WORKERS])
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]

@@ -25,8 +25,7 @@ def running(etcd, tmp_path_factory, artifact_checker):
         fleet.register(tenant, "v1", seed=seed, objective=objective)
     fleet.register("pinny", "v1", seed=11)
     fleet.register("pinny", "v2", seed=12)
-    for n in range(1, 4):
-        fleet.start_worker(f"w{n}")
+    fleet.start_workers([(f"w{n}", "default") for n in range(1, 4)])
     router = fleet.start_router()
     stub = predictor(router.address)
     fleet.wait_for(lambda: predict(stub, "reg", sample_features(0, 1)[0]), what="first predict")

@@ -31,7 +31,7 @@ def loaded(address: str) -> set[str]:
 
 def test_drain_warms_the_new_member_first_then_moves_traffic_and_undrain_restores(fleet):
     fleet.register("acme", "v1", seed=1)
-    workers = {w: fleet.start_worker(w) for w in ("w1", "w2", "w3")}
+    workers = {w.name: w for w in fleet.start_workers([(w, "default") for w in ("w1", "w2", "w3")])}
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     first, second = router_shard(router.address, "acme")
@@ -64,8 +64,7 @@ def test_a_joining_worker_warms_the_active_tenants_it_will_own_before_going_live
     tenants = [f"t{i:02d}" for i in range(16)]
     for i, tenant in enumerate(tenants):
         fleet.register(tenant, "v1", seed=1 + i % 3)
-    fleet.start_worker("w1")
-    fleet.start_worker("w2")
+    fleet.start_workers([("w1", "default"), ("w2", "default")])
     router = fleet.start_router(shard_size=1)
     stub = predictor(router.address)
     for tenant in tenants:
@@ -93,9 +92,8 @@ def _live(fleet):
 
 def test_shard_size_change_reaches_every_router_within_a_second(fleet):
     fleet.register("hot", "v1", seed=1)
-    for w in ("w1", "w2", "w3", "w4"):
-        fleet.start_worker(w)
-    routers = [fleet.start_router(shard_size=2) for _ in range(2)]
+    fleet.start_workers([(w, "default") for w in ("w1", "w2", "w3", "w4")])
+    routers = fleet.start_routers(2, shard_size=2)
     assert all(len(router_shard(r.address, "hot")) == 2 for r in routers)
     fleet.register("hot", "v2", seed=2)
     fleet.registry.start_rollout("hot", "v1", percent=10)
@@ -116,9 +114,8 @@ def test_routers_cli_and_plan_agree_on_every_shard_and_zones_spread(fleet):
     for tenant in tenants:
         fleet.register(tenant, "v1", seed=1)
     zones = {"w1": "a", "w2": "a", "w3": "a", "w4": "b", "w5": "b"}
-    for worker_id, zone in zones.items():
-        fleet.start_worker(worker_id, zone=zone)
-    routers = [fleet.start_router(shard_size=2) for _ in range(2)]
+    fleet.start_workers(list(zones.items()))
+    routers = fleet.start_routers(2, shard_size=2)
     shards = {t: router_shard(routers[0].address, t) for t in tenants}
     for tenant in tenants:
         assert router_shard(routers[1].address, tenant) == shards[tenant]

@@ -86,8 +86,7 @@ def test_pinning_or_unpinning_onto_the_rollout_version_ends_the_rollout(fleet):
 def two_version_fleet(fleet):
     fleet.register("acme", "v1", seed=1)
     fleet.register("acme", "v2", seed=2)  # serving
-    for w in ("w1", "w2"):
-        fleet.start_worker(w)
+    fleet.start_workers([("w1", "default"), ("w2", "default")])
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     fleet.wait_for(lambda: predict(stub, "acme", X), what="first predict")

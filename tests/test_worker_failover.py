@@ -12,7 +12,7 @@ def _acme_on_two_workers(fleet):
     """Tenant acme on a two-worker shard behind a router: the workers, the router, its stub, a row,
     the member that answers acme (affinity) and the other one."""
     fleet.register("acme", "v1", seed=1)
-    workers = {n: fleet.start_worker(n) for n in ("w1", "w2")}
+    workers = {w.name: w for w in fleet.start_workers([("w1", "default"), ("w2", "default")])}
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
@@ -34,8 +34,7 @@ def test_sigkill_of_a_shard_member_is_absorbed_by_the_other(fleet):
 
 def test_sigterm_worker_leaves_membership_at_once(fleet):
     fleet.register("acme", "v1", seed=1)
-    w1 = fleet.start_worker("w1")
-    fleet.start_worker("w2")
+    w1, _ = fleet.start_workers([("w1", "default"), ("w2", "default")])
     w1.signal(15)
     assert w1.popen.wait(15) == 0
     ids = [w.worker_id for w in list_workers(fleet.client, fleet.keys)]
