@@ -6,6 +6,7 @@ server demand client certificates signed by that CA; `--tls-ca` is what a client
 """
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -20,16 +21,35 @@ def _read(path: str, what: str) -> bytes:
         raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
+def _check_pair(cert: str, key: str) -> None:
+    """gRPC only says a server with a bad certificate cannot bind its port, and a channel's fails
+    on the first call: checked here, the error says which file is wrong and why."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise InvalidArgument(f"TLS certificate {cert} and key {key} are not a valid PEM certificate chain and "
+                              f"its private key: {exc.reason or exc}") from None
+
+
+def _check_ca(path: str, what: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise InvalidArgument(f"{what} {path} is not a PEM certificate: {exc.reason or exc}") from None
+
+
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
     """None when no certificate is configured (plaintext, for the demo and loopback tests)."""
     if not cert and not key and not client_ca:
         return None
     if not cert or not key:
         raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
-    return grpc.ssl_server_credentials(
-        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
-        root_certificates=_read(client_ca, "client CA") if client_ca else None,
-        require_client_auth=bool(client_ca))
+    pair = (_read(key, "TLS key"), _read(cert, "TLS certificate"))
+    root = _read(client_ca, "client CA") if client_ca else None
+    _check_pair(cert, key)
+    if client_ca:
+        _check_ca(client_ca, "client CA")
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=bool(client_ca))
 
 
 def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials | None:
@@ -38,9 +58,13 @@ def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelC
         return None
     if bool(cert) != bool(key):
         raise InvalidArgument("a client certificate needs both --tls-cert and --tls-key")
-    return grpc.ssl_channel_credentials(root_certificates=_read(ca, "TLS CA") if ca else None,
-                                        private_key=_read(key, "TLS key") if key else None,
-                                        certificate_chain=_read(cert, "TLS certificate") if cert else None)
+    root = _read(ca, "TLS CA") if ca else None
+    private_key, chain = (_read(key, "TLS key"), _read(cert, "TLS certificate")) if cert else (None, None)
+    if cert:
+        _check_pair(cert, key)
+    if ca:
+        _check_ca(ca, "TLS CA")
+    return grpc.ssl_channel_credentials(root_certificates=root, private_key=private_key, certificate_chain=chain)
 
 
 def listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:

@@ -3,9 +3,15 @@
 A thin translator in front of the Predictor servicer, nothing more: a V2 request becomes a
 `PredictRequest` (model_name = tenant id, model_version = version, empty = the serving one), goes
 down the very same route -> shard -> forward path (rollouts, failover, deadlines, errors), and the
-`PredictResponse` becomes a V2 response. What V2 needs and Predict does not know is the model's
-shape, so the feature and class counts come from the version record (immutable once registered,
-read from etcd once per router and kept in a small LRU).
+`PredictResponse` becomes a V2 response.
+
+ModelInfer reads nothing from etcd, so it serves through an etcd outage as Predict does: the
+input's row width travels with the request (`features_per_row`) and the worker that holds the
+model refuses a width its model does not take; the output's shape follows from the answer
+(values / rows). Only ModelMetadata and ModelReady for a version the route does not name read a
+version record: from etcd each time (control-plane calls, so a version gc removed is NOT_FOUND at
+once), and while etcd is unreachable the last one read (a version name always means the same
+artifact: the registry never reuses one).
 
 The tensor contract:
 - exactly one input, FP64 (or FP32), shape [rows, num_features] (or [num_features]: one row), as
@@ -24,10 +30,10 @@ import grpc
 import numpy as np
 from cachetools import LRUCache
 
-from modelfleet.errors import FailedPrecondition, InvalidArgument, NotFound
+from modelfleet.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
-from modelfleet.rpc import translate_errors
+from modelfleet.rpc import MAX_MESSAGE_BYTES, translate_errors
 from modelfleet.v1 import predictor_pb2
 from router.servicer import PredictorServicer
 from version_service.routing_cache import RoutingCache
@@ -41,6 +47,8 @@ OUTPUT_DATATYPE = "FP64"
 # datatype -> (little-endian numpy dtype of raw contents, the InferTensorContents field)
 INPUT_DATATYPES = {"FP64": (np.dtype("<f8"), "fp64_contents"), "FP32": (np.dtype("<f4"), "fp32_contents")}
 VERSION_CACHE_SIZE = 4096
+# What one request may carry to a worker (modelfleet.rpc), less room for the message's other fields.
+MAX_FEATURE_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
 
 VersionInfo = Callable[[str, str], VersionRecord]
 VersionList = Callable[[str], Iterable[Any]]
@@ -57,7 +65,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """`predictor` is the router's PredictorServicer; `version_info(tenant, version)` reads a version
     record (blocking, e.g. Registry.version); `versions(tenant)`, optional, lists the registered
     versions (VersionRecords or strings, e.g. Registry.versions) for ModelMetadata; without it the
-    versions the route names are reported."""
+    versions the route names are reported (also while etcd is unreachable)."""
 
     def __init__(self, predictor: PredictorServicer, routes: RoutingCache, version_info: VersionInfo,
                  versions: VersionList | None = None, *, cache_size: int = VERSION_CACHE_SIZE) -> None:
@@ -84,11 +92,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @translate_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):
+        """Ready: the tenant has a route, the version (if one is named) is registered, and there is a
+        live worker to answer (what ModelInfer needs; the KServe V2 "ready for inferencing")."""
         tenant = validate_id("tenant id", request.name)
         route = self.routes.route(tenant)
-        if route is None:
+        if route is None or not self.routes.live_members():
             return pb.ModelReadyResponse(ready=False)
-        if request.version:
+        if request.version and request.version not in _named_versions(route):
             try:
                 await self._record(tenant, request.version)
             except NotFound:
@@ -100,11 +110,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         tenant = request.name
         route = self._route(tenant)
         record = await self._record(tenant, request.version or route.serving)
+        versions = _named_versions(route)
         if self._versions is not None:
-            listed = await asyncio.get_running_loop().run_in_executor(None, self._versions, tenant)
-            versions = [getattr(v, "version", v) for v in listed]
-        else:
-            versions = list(dict.fromkeys(v for v in (route.newest, route.serving, route.canary, route.shadow) if v))
+            try:
+                listed = await asyncio.get_running_loop().run_in_executor(None, self._versions, tenant)
+                versions = [getattr(v, "version", v) for v in listed]
+            except Unavailable:
+                pass  # etcd unreachable: the versions the route names
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=tenant, versions=versions, platform=PLATFORM,
@@ -122,21 +134,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             if output.name != OUTPUT_NAME:
                 raise InvalidArgument(f"model {tenant!r} has no output {output.name!r}; its one output is "
                                       f"{OUTPUT_NAME!r}")
-        expected = request.model_version or route.serving
-        _check_features(tenant, await self._record(tenant, expected), features.shape[1])
-
         predict = predictor_pb2.PredictRequest(tenant_id=tenant, version=request.model_version,
-                                               features=features.reshape(-1).tolist())
+                                               features=features.reshape(-1).tolist(),
+                                               features_per_row=features.shape[1])
         answer = await self.predictor.Predict(predict, context)
 
-        record = await self._record(tenant, answer.model_version)
-        if answer.model_version != expected:  # a canary answered: it must take the same features
-            _check_features(tenant, record, features.shape[1])
         predictions = np.asarray(answer.predictions, dtype="<f8")
-        shape = _output_shape(rows, record)
-        if predictions.size != int(np.prod(shape)):
+        if predictions.size == 0 or predictions.size % rows:
             raise FailedPrecondition(f"model {tenant!r} version {answer.model_version!r} answered "
-                                     f"{predictions.size} values for {rows} rows; its record says shape {shape}")
+                                     f"{predictions.size} values for {rows} rows")
+        classes = predictions.size // rows
+        shape = [rows, classes] if classes > 1 else [rows]
         output = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT_NAME, datatype=OUTPUT_DATATYPE, shape=shape)
         response = pb.ModelInferResponse(model_name=tenant, model_version=answer.model_version, id=request.id)
         if raw:
@@ -155,23 +163,29 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return route
 
     async def _record(self, tenant: str, version: str) -> VersionRecord:
-        """The version record, from the LRU or read once (blocking) off the event loop."""
+        """The version record, read (blocking, off the event loop); while etcd is unreachable, the
+        one last read, if any."""
         key = (tenant, version)
-        record = self._records.get(key)
-        if record is None:
+        try:
             record = await asyncio.get_running_loop().run_in_executor(None, self._version_info, tenant, version)
-            self._records[key] = record
+        except NotFound:
+            self._records.pop(key, None)
+            raise
+        except Unavailable:
+            if key not in self._records:
+                raise
+            return self._records[key]
+        self._records[key] = record
         return record
+
+
+def _named_versions(route: RouteRecord) -> list[str]:
+    """The versions a route names, each registered while the route names it (registry writes check)."""
+    return list(dict.fromkeys(v for v in (route.newest, route.serving, route.canary, route.shadow) if v))
 
 
 def _output_shape(rows: int, record: VersionRecord) -> list[int]:
     return [rows, record.num_classes] if record.num_classes > 1 else [rows]
-
-
-def _check_features(tenant: str, record: VersionRecord, got: int) -> None:
-    if got != record.num_features:
-        raise InvalidArgument(f"model {tenant!r} version {record.version!r} takes {record.num_features} features "
-                              f"per row; the input tensor has {got}")
 
 
 def _decode_input(request: pb.ModelInferRequest) -> tuple[int, np.ndarray]:
@@ -189,6 +203,10 @@ def _decode_input(request: pb.ModelInferRequest) -> tuple[int, np.ndarray]:
                               f"(or [features] for one row), every dimension at least 1")
     rows, width = shape
     count = rows * width
+    if count * 8 > MAX_FEATURE_BYTES:
+        raise ResourceExhausted(f"input {tensor.name!r} of shape {list(tensor.shape)} is {count * 8} bytes as FP64, "
+                                f"over the {MAX_FEATURE_BYTES} a request may carry to a worker; send fewer rows "
+                                f"per request")
     dtype, field = INPUT_DATATYPES[tensor.datatype]
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:

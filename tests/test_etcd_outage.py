@@ -9,6 +9,8 @@ import time
 import grpc
 
 from modelfleet.demo_models import sample_features
+from modelfleet.oip import grpc_service_pb2 as pb
+from modelfleet.oip import grpc_service_pb2_grpc
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
 from version_service.membership import list_workers
@@ -23,12 +25,14 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
     for i, tenant in enumerate(tenants):
         fleet.register(tenant, "v1", seed=i)
     fleet.register("a", "v2", seed=10)  # a serves v2
-    fleet.start_workers([("w1", "default"), ("w2", "default")])
+    workers = fleet.start_workers([("w1", "default"), ("w2", "default")])
     router = fleet.start_router(shard_size=2)
     stub = predictor(router.address)
     x = sample_features(1, 1)[0]
     for tenant in tenants:
         fleet.wait_for(lambda: predict(stub, tenant, x), what="warm-up")
+    oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(router.address))
+    assert oip.ModelMetadata(pb.ModelMetadataRequest(name="c"), timeout=5).inputs  # read before the outage
 
     failures: list[str] = []
     served = [0]
@@ -51,6 +55,12 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
         outage_started = time.monotonic()
         done = cli(fleet, "pin", "a", "v1", timeout=60)  # an admin write while etcd is down
         assert done.returncode == 1 and "unavailable" in done.stderr, done.stderr
+        # The Open Inference Protocol serves too: ModelInfer reads nothing from etcd (b never
+        # went through it before), metadata read before the outage is answered from the router.
+        request = pb.ModelInferRequest(model_name="b")
+        request.inputs.add(name="features", datatype="FP64", shape=[1, 8]).contents.fp64_contents.extend(x)
+        assert len(oip.ModelInfer(request, timeout=5).outputs[0].contents.fp64_contents) == 1
+        assert list(oip.ModelMetadata(pb.ModelMetadataRequest(name="c"), timeout=5).inputs[0].shape) == [-1, 8]
         before = served[0]
         fleet.wait_for(lambda: time.monotonic() - outage_started >= OUTAGE_S, timeout=OUTAGE_S + 30,
                        what="the outage to last 20 s")
@@ -67,6 +77,10 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
             t.join(30)
     assert failures == []
     assert served_during > 100
+    for worker in workers:  # no live worker: no model is ready for inferencing (KServe V2)
+        worker.signal(signal.SIGTERM)
+    fleet.wait_for(lambda: not oip.ModelReady(pb.ModelReadyRequest(name="a"), timeout=5).ready,
+                   what="ModelReady to follow the workers out")
 
 
 def test_a_worker_joining_through_an_etcd_stall_goes_live(own_etcd_fleet, monkeypatch):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from tests.test_cli import cli
+from version_service.retention import apply_gc, plan_gc
 
 
 def test_gc_keeps_what_matters_and_deletes_only_unshared_artifacts(fleet):
@@ -60,3 +61,33 @@ def test_a_register_racing_gc_of_the_artifact_it_shares_keeps_it_stored(fleet):
     assert register.wait(60) == 0, register.stderr.read()
     assert fleet.registry.version("new", "v1").artifact == artifact
     assert (fleet.store_dir / artifact).exists()  # stored again before its record was written
+
+
+def test_a_version_name_gc_removed_is_never_taken_by_another_model(fleet):
+    """Caches key models by (tenant, version) (workers, the routers' OIP records): a name gc freed
+    must not come back meaning another artifact, or a worker still holding the old model would
+    answer for the new one. The same artifact may come back."""
+    for n in range(1, 4):
+        fleet.register("acme", f"v{n}", seed=n)
+    done = json.loads(cli(fleet, "gc", "--keep", "1", "--tenant", "acme", "--yes", "--json").stdout)
+    assert done["removed_versions"] == 2
+    refused = cli(fleet, "register", "--tenant", "acme", "--version", "v1", "--model-file", str(fleet.model_file(9)))
+    assert refused.returncode == 1
+    assert "version 'v1' was registered before with another artifact" in refused.stderr
+    assert "removed by gc" in refused.stderr and "register this one under a new version" in refused.stderr
+    manifest = fleet.root / "manifest.csv"
+    manifest.write_text(f"tenant,version,artifact\nacme,v2,{fleet.model_file(9)}\n")
+    imported = cli(fleet, "import", str(manifest))
+    assert imported.returncode == 1 and "line 2: tenant 'acme' version 'v2' was registered before" in imported.stderr
+    assert [v.version for v in fleet.registry.versions("acme")] == ["v3"]
+    record, created = fleet.registry.register("acme", "v1", fleet.model_file(1))  # its own artifact again
+    assert created and sorted(v.version for v in fleet.registry.versions("acme")) == ["v1", "v3"]
+
+
+def test_gc_removes_more_versions_than_one_transaction_holds(fleet):
+    model = fleet.model_file(1)
+    for n in range(1, 72):
+        fleet.registry.register("many", f"v{n:03d}", model)
+    removed, _, skipped = apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1))
+    assert (removed, skipped) == (70, [])
+    assert [v.version for v in fleet.registry.versions("many")] == ["v071"]

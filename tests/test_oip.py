@@ -21,6 +21,7 @@ from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
 from tests.conftest import new_prefix
 from tests.fleet import REPO_ROOT, Fleet
+from version_service.retention import apply_gc, plan_gc
 
 TENANTS = {"reg": ("regression", 1), "multi": ("multiclass", 3)}
 CLASSES = {"reg": 1, "multi": 3}
@@ -182,6 +183,31 @@ def test_model_metadata_of_unknown_model_or_version_is_not_found(running, name, 
     _, _, stub = running
     err = rpc_error(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=TIMEOUT))
     assert err.code() == grpc.StatusCode.NOT_FOUND and name in err.details()
+
+
+def test_a_version_gc_removed_is_not_ready_at_once_and_a_new_width_is_served(running):
+    """Readiness and metadata of a version follow the registry, not what the router read before;
+    ModelInfer takes whatever width the version that answers takes (the worker checks it)."""
+    fleet, _, stub = running
+    for n in (1, 2):
+        fleet.register("gcd", f"v{n}", seed=20 + n)
+    fleet.wait_for(lambda: stub.ModelReady(pb.ModelReadyRequest(name="gcd"), timeout=TIMEOUT).ready,
+                   what="the route to reach the router")
+    assert stub.ModelReady(pb.ModelReadyRequest(name="gcd", version="v1"), timeout=TIMEOUT).ready
+    assert stub.ModelMetadata(pb.ModelMetadataRequest(name="gcd", version="v1"), timeout=TIMEOUT).inputs
+    apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="gcd"))
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="gcd", version="v1"), timeout=TIMEOUT).ready
+    err = rpc_error(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="gcd", version="v1"), timeout=TIMEOUT))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    fleet.registry.register("gcd", "v3", fleet.model_file(23, num_features=10))
+    fleet.wait_for(lambda: list(stub.ModelMetadata(pb.ModelMetadataRequest(name="gcd"), timeout=TIMEOUT)
+                                .inputs[0].shape) == [-1, 10], what="v3 to serve")
+    x = sample_features(23, 4, num_features=10)
+    response = infer(stub, "gcd", x, "raw-fp64")
+    assert response.model_version == "v3"
+    np.testing.assert_allclose(output_values(response), reference(fleet, "gcd", "v3", x), atol=1e-9)
+    err = rpc_error(lambda: infer(stub, "gcd", sample_features(23, 5), "fp64"))  # 5 x 8 = 40 = 4 x 10
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes 10 features per row" in err.details()
 
 
 # -- bad requests -----------------------------------------------------------------------------

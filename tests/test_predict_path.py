@@ -62,6 +62,21 @@ def test_explicit_version_is_served(running):
     np.testing.assert_allclose(response.predictions, reference(fleet, "pinny", "v1", x), atol=1e-9)
 
 
+def test_a_batch_that_says_its_row_width_is_never_read_with_another(running):
+    """40 values are 5 rows of 8 or 4 rows of 10: a caller that says 10 per row to an 8-feature
+    model is refused, not answered for rows it did not mean."""
+    fleet, stub = running
+    x = sample_features(4, 5)
+    request = predictor_pb2.PredictRequest(tenant_id="reg", features=x.reshape(-1), features_per_row=8)
+    np.testing.assert_allclose(stub.Predict(request, timeout=10).predictions, reference(fleet, "reg", "v1", x),
+                               atol=1e-9)
+    request.features_per_row = 10
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.Predict(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "takes 8 features per row; the request's rows have 10" in refused.value.details()
+
+
 def _served_version(stub, tenant: str) -> str:
     return predict(stub, tenant, sample_features(5, 1)[0]).model_version
 

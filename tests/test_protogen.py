@@ -24,7 +24,8 @@ def test_public_contract_names_and_numbers():
     req = predictor_pb2.PredictRequest.DESCRIPTOR
     resp = predictor_pb2.PredictResponse.DESCRIPTOR
     assert req.full_name == "modelfleet.v1.PredictRequest"
-    assert {f.name: f.number for f in req.fields} == {"tenant_id": 1, "features": 2, "version": 3, "artifact_sha256": 4}
+    assert {f.name: f.number for f in req.fields} == {"tenant_id": 1, "features": 2, "version": 3, "artifact_sha256": 4,
+                                                       "features_per_row": 5}
     assert {f.name: f.number for f in resp.fields} == {"predictions": 1, "model_version": 2, "worker_id": 3}
     service = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"]
     assert service.full_name == "modelfleet.v1.Predictor" and "Predict" in service.methods_by_name

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 import trustme
 
+from modelfleet import tls
 from modelfleet.demo_models import sample_features
+from modelfleet.errors import InvalidArgument
 from modelfleet.etcd_server import EtcdServer, find_etcd_binary
 from modelfleet.local_fleet import LocalFleet
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc, router_admin_pb2, router_admin_pb2_grpc
@@ -99,10 +103,10 @@ def tls_stub(address: str, pki, cert: str | None, ca: str = "ca"):
 
 def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(fleet, pki):
     fleet.register("a", "v1", seed=1)
-    tls = ("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], "--tls-client-ca", pki["ca"],
-           "--tls-ca", pki["ca"])
-    fleet.start_worker("w1", extra=tls)
-    router = fleet.start_router(shard_size=1, extra=tls, health_credentials=grpc.ssl_channel_credentials(
+    tls_flags = ("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], "--tls-client-ca", pki["ca"],
+                 "--tls-ca", pki["ca"])
+    fleet.start_worker("w1", extra=tls_flags)
+    router = fleet.start_router(shard_size=1, extra=tls_flags, health_credentials=grpc.ssl_channel_credentials(
         root_certificates=Path(pki["ca"]).read_bytes(), private_key=Path(pki["client_key"]).read_bytes(),
         certificate_chain=Path(pki["client_cert"]).read_bytes()))
     assert predict(tls_stub(router.address, pki, "client"), "a", X).model_version == "v1"  # router -> worker: mTLS too
@@ -166,12 +170,10 @@ def test_etcd_over_mutual_tls_serves_and_refuses_clients_without_the_right_crede
     """Production etcd speaks TLS with client certificates: CLI, worker and router connect with
     --etcd-ca/--etcd-cert/--etcd-key; a client that does not trust the CA, or has no certificate,
     gets a one-line 'unavailable' error and changes nothing."""
-    from modelfleet.tls import channel_credentials
-
     etcd = EtcdServer(data_dir=tmp_path / "etcd", tls_cert=pki["server_cert"], tls_key=pki["server_key"],
                       tls_ca=pki["ca"], client_cert_auth=True).start()
     try:
-        fleet = fleet_on_private_etcd(etcd, tmp_path / "fleet", credentials=channel_credentials(
+        fleet = fleet_on_private_etcd(etcd, tmp_path / "fleet", credentials=tls.channel_credentials(
             pki["ca"], pki["client_cert"], pki["client_key"]))
         creds = ("--etcd-ca", pki["ca"], "--etcd-cert", pki["client_cert"], "--etcd-key", pki["client_key"])
         for refused in ((), creds[:2], ("--etcd-ca", pki["other_ca"], *creds[2:])):
@@ -186,3 +188,26 @@ def test_etcd_over_mutual_tls_serves_and_refuses_clients_without_the_right_crede
         fleet.stop()
     finally:
         etcd.cleanup()
+
+
+def test_a_bad_certificate_key_or_ca_is_named_not_blamed_on_the_port(fleet, pki, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    cases = {  # flags -> what the one error line must say
+        ("--tls-cert", str(garbage), "--tls-key", pki["server_key"]): f"TLS certificate {garbage} and key",
+        ("--tls-cert", pki["server_cert"], "--tls-key", pki["client_key"]): "not a valid PEM certificate chain",
+        ("--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"], "--tls-client-ca", str(garbage)):
+            f"client CA {garbage} is not a PEM certificate",
+    }
+    for flags, says in cases.items():
+        with pytest.raises(InvalidArgument, match=re.escape(says)):
+            tls.server_credentials(*(flags[i + 1] for i in range(0, len(flags), 2)))
+    with pytest.raises(InvalidArgument, match=re.escape(f"TLS CA {garbage} is not a PEM certificate")):
+        tls.channel_credentials(str(garbage))
+    with pytest.raises(InvalidArgument, match="not a valid PEM certificate chain"):
+        tls.channel_credentials(pki["ca"], pki["client_cert"], pki["server_key"])
+    done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "router", "--port", "0", "--tls-cert",
+                           pki["server_cert"], "--tls-key", pki["client_key"]], env=fleet.env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "port is in use" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: TLS certificate"), done.stderr

@@ -27,9 +27,11 @@ from modelfleet.store import artifact_for, sha256_file
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry, next_route_on_register
-from version_service.schema import RouteRecord, VersionRecord, utc_stamp, validate_id
+from version_service.schema import RetiredRecord, RouteRecord, VersionRecord, retired_conflict, utc_stamp, validate_id
 
-RECORDS_PER_TXN = 40  # 3 puts and up to 2 compares each: within etcd's 128 operations per transaction
+# 3 puts and up to 2 compares each, or 3 reads each (route, version, tombstone): within etcd's 128
+# operations per transaction
+RECORDS_PER_TXN = 40
 BATCH_ATTEMPTS = 5
 
 
@@ -171,13 +173,18 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
     txn = client.transactions
     for _ in range(BATCH_ATTEMPTS):
         tenants = list(dict.fromkeys(r.tenant for r in batch))
-        version_keys = list(dict.fromkeys(keys.version(r.tenant, r.version) for r in batch))
+        pairs = list(dict.fromkeys((r.tenant, r.version) for r in batch))
+        version_keys = [keys.version(t, v) for t, v in pairs]
         with etcd_errors(client, "reading a batch of the import"):
             _, reads = client.transaction(compare=[], success=[txn.get(keys.route(t)) for t in tenants]
-                                          + [txn.get(k) for k in version_keys], failure=[])
+                                          + [txn.get(k) for k in version_keys]
+                                          + [txn.get(keys.retired_version(t, v)) for t, v in pairs], failure=[])
         routes = {t: (RouteRecord.from_json(r[0][0]), r[0][1].mod_revision) if r else (None, 0)
                   for t, r in zip(tenants, reads[:len(tenants)])}
-        existing = {k: VersionRecord.from_json(r[0][0]) for k, r in zip(version_keys, reads[len(tenants):]) if r}
+        version_reads = reads[len(tenants):len(tenants) + len(pairs)]
+        existing = {k: VersionRecord.from_json(r[0][0]) for k, r in zip(version_keys, version_reads) if r}
+        retired = {k: RetiredRecord.from_json(r[0][0])
+                   for k, r in zip(version_keys, reads[len(tenants) + len(pairs):]) if r}
         compare, ops, registered, skipped = [], [], 0, 0
         current = {t: route for t, (route, _) in routes.items()}
         for row in batch:
@@ -190,6 +197,8 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
                         f"with a different artifact (sha256 {existing[key].sha256[:12]}..., manifest {sha[:12]}...)")
                 skipped += 1
                 continue
+            if key in retired and (why := retired_conflict(row.tenant, row.version, retired[key], sha)):
+                raise AlreadyExists(f"line {row.line}: {why}")
             record = VersionRecord(version=row.version, artifact=artifact, sha256=sha, num_features=info.num_features,
                                    num_classes=info.num_classes, bytes=size, objective=info.objective,
                                    created=utc_stamp())

@@ -28,9 +28,11 @@ from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, Inval
 from modelfleet.store import Store, artifact_for, sha256_file
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import HistoryRecord, Keys, RouteRecord, VersionRecord, utc_stamp, validate_id
+from version_service.schema import (HistoryRecord, Keys, RetiredRecord, RouteRecord, VersionRecord, retired_conflict,
+                                    utc_stamp, validate_id)
 
 _REGISTER_ATTEMPTS = 8
+_RETIRED_PER_TXN = 60  # 2 operations each: within etcd's 128 per transaction
 
 
 def default_actor() -> str:
@@ -154,14 +156,20 @@ class Registry:
         txn = self.client.transactions
         for _ in range(_REGISTER_ATTEMPTS):
             with etcd_errors(self.client, f"registering {tenant} version {version}"):
-                raw_version, _ = self.client.get(version_key)
-                if raw_version is not None:
-                    existing = VersionRecord.from_json(raw_version)
+                # One read of both: gc turns a record into its tombstone in one transaction.
+                _, (found, retired) = self.client.transaction(
+                    compare=[], success=[txn.get(version_key), txn.get(self.keys.retired_version(tenant, version))],
+                    failure=[])
+                if found:
+                    existing = VersionRecord.from_json(found[0][0])
                     if existing.sha256 == record.sha256:
                         return existing, False
                     raise AlreadyExists(
                         f"tenant {tenant!r} version {version!r} is already registered with a different "
                         f"artifact (sha256 {existing.sha256[:12]}..., this file {record.sha256[:12]}...)")
+                if retired and (why := retired_conflict(tenant, version, RetiredRecord.from_json(retired[0][0]),
+                                                        record.sha256)):
+                    raise AlreadyExists(why)
                 raw_route, route_meta = self.client.get(route_key)
                 old = RouteRecord.from_json(raw_route) if raw_route is not None else None
                 route = next_route_on_register(old, version, record.sha256)
@@ -275,15 +283,21 @@ class Registry:
                   for name, value in changes.items()}
         return self._update_route(tenant, "", lambda r: r.with_changes(**values))
 
-    def delete_versions(self, tenant: str, versions: list[str], route_revision: int) -> None:
-        """Removes version records, if the route is still at `route_revision` and keeps none of them."""
+    def delete_versions(self, tenant: str, records: list[VersionRecord], route_revision: int) -> None:
+        """Removes version records, if the route is still at `route_revision` and keeps none of them,
+        leaving each one's tombstone (RetiredRecord: the name stays its artifact's)."""
         route_key = self.keys.route(tenant)
         txn = self.client.transactions
-        ops = [txn.delete(self.keys.version(tenant, v)) for v in versions]
-        with etcd_errors(self.client, f"deleting versions of {tenant}"):
-            ok, _ = self.client.transaction(compare=[txn.mod(route_key) == route_revision], success=ops, failure=[])
-        if not ok:
-            raise Conflict(f"the route of {tenant!r} changed while collecting garbage; re-run")
+        retired = utc_stamp()
+        for start in range(0, len(records), _RETIRED_PER_TXN):
+            ops = [op for r in records[start:start + _RETIRED_PER_TXN] for op in (
+                txn.delete(self.keys.version(tenant, r.version)),
+                txn.put(self.keys.retired_version(tenant, r.version), RetiredRecord(r.sha256, retired).to_json()))]
+            with etcd_errors(self.client, f"deleting versions of {tenant}"):
+                ok, _ = self.client.transaction(compare=[txn.mod(route_key) == route_revision], success=ops,
+                                                failure=[])
+            if not ok:
+                raise Conflict(f"the route of {tenant!r} changed while collecting garbage; re-run")
 
     def history_op(self, tenant: str, action: str, from_version: str, to_version: str, actor: str | None,
                     reason: str):

@@ -76,7 +76,7 @@ def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
     removed, skipped = 0, []
     for tenant, records in plan.removals.items():
         try:
-            registry.delete_versions(tenant, [r.version for r in records], plan.route_revisions[tenant])
+            registry.delete_versions(tenant, records, plan.route_revisions[tenant])
             removed += len(records)
         except Conflict:
             skipped.append(tenant)

@@ -73,6 +73,10 @@ class Keys:
     def version(self, tenant: str, version: str) -> str:
         return f"{self.versions(tenant)}{version}"
 
+    def retired_version(self, tenant: str, version: str) -> str:
+        """A version gc removed (RetiredRecord): its name stays taken by its artifact."""
+        return f"{self.prefix}/retired/{tenant}/{version}"
+
     @property
     def workers(self) -> str:
         return f"{self.prefix}/workers/"
@@ -206,6 +210,25 @@ class VersionRecord(_Record):
     bytes: int
     created: str
     objective: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetiredRecord(_Record):
+    """What is left of a version gc removed (Keys.retired_version): its artifact's digest. A version
+    name always means one model, so every cache keyed by (tenant, version) (workers, routers'
+    OIP records) stays right: registering the name again is refused unless it is the same artifact."""
+
+    sha256: str
+    retired: str
+
+
+def retired_conflict(tenant: str, version: str, retired: RetiredRecord, sha256: str) -> str | None:
+    """Why `version` of `tenant` cannot be registered with `sha256` again, None when it can."""
+    if retired.sha256 == sha256:
+        return None
+    return (f"tenant {tenant!r} version {version!r} was registered before with another artifact (sha256 "
+            f"{retired.sha256[:12]}..., this one {sha256[:12]}...) and removed by gc at {retired.retired}; a version "
+            f"name always means one model: register this one under a new version")
 
 
 def utc_stamp(timespec: str = "milliseconds") -> str:

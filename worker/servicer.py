@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from modelfleet import tracing
-from modelfleet.errors import ModelfleetError
+from modelfleet.errors import InvalidArgument, ModelfleetError
 from modelfleet.rpc import translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import validate_id
@@ -54,6 +54,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             set_retry_hint(context, exc)
             raise
         features = request.features
+        per_row = request.features_per_row
+        if per_row and per_row != model.num_features:  # the caller's row width, when it says one
+            raise InvalidArgument(f"tenant {tenant!r} version {version!r} takes {model.num_features} features "
+                                  f"per row; the request's rows have {per_row}")
         if self._traced:
             tracing.set_attributes(tracing.current_span(), {
                 "version": version, "rows": len(features) // max(1, model.num_features),

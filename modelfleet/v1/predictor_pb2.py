@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelfleet/v1/predictor.proto\x12\rmodelfleet.v1\"_\n\x0ePredictRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\x01\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t\"P\n\x0fPredictResponse\x12\x13\n\x0bpredictions\x18\x01 \x03(\x01\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t2U\n\tPredictor\x12H\n\x07Predict\x12\x1d.modelfleet.v1.PredictRequest\x1a\x1e.modelfleet.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmodelfleet/v1/predictor.proto\x12\rmodelfleet.v1\"y\n\x0ePredictRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\x01\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x04 \x01(\t\x12\x18\n\x10\x66\x65\x61tures_per_row\x18\x05 \x01(\r\"P\n\x0fPredictResponse\x12\x13\n\x0bpredictions\x18\x01 \x03(\x01\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t2U\n\tPredictor\x12H\n\x07Predict\x12\x1d.modelfleet.v1.PredictRequest\x1a\x1e.modelfleet.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'modelfleet.v1.predictor_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=48
-  _globals['_PREDICTREQUEST']._serialized_end=143
-  _globals['_PREDICTRESPONSE']._serialized_start=145
-  _globals['_PREDICTRESPONSE']._serialized_end=225
-  _globals['_PREDICTOR']._serialized_start=227
-  _globals['_PREDICTOR']._serialized_end=312
+  _globals['_PREDICTREQUEST']._serialized_end=169
+  _globals['_PREDICTRESPONSE']._serialized_start=171
+  _globals['_PREDICTRESPONSE']._serialized_end=251
+  _globals['_PREDICTOR']._serialized_start=253
+  _globals['_PREDICTOR']._serialized_end=338
 # @@protoc_insertion_point(module_scope)

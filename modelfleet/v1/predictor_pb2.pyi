@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("tenant_id", "features", "version", "artifact_sha256")
+    __slots__ = ("tenant_id", "features", "version", "artifact_sha256", "features_per_row")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_PER_ROW_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     features: _containers.RepeatedScalarFieldContainer[float]
     version: str
     artifact_sha256: str
-    def __init__(self, tenant_id: _Optional[str] = ..., features: _Optional[_Iterable[float]] = ..., version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ...) -> None: ...
+    features_per_row: int
+    def __init__(self, tenant_id: _Optional[str] = ..., features: _Optional[_Iterable[float]] = ..., version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., features_per_row: _Optional[int] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "model_version", "worker_id")
