@@ -11,8 +11,10 @@ Invariants:
 - ejection reorders, it never removes: an ejected worker is still tried after the others, so
   when every member of a shard is ejected, requests still go somewhere;
 - at most one probe per worker is outstanding (`probe_until`); a probe whose answer never
-  comes (cancelled because another member answered first) frees the slot (`abandoned`), and
-  a lost one frees it after PROBE_TIMEOUT_S;
+  comes (cancelled because another member answered first, or never sent) frees the slot
+  (`abandoned`, called only by the request the probe was handed to: another request's
+  cancelled attempt on that worker must not let a second probe go), and a lost one frees it
+  after PROBE_TIMEOUT_S;
 - any success from a worker clears its state (it answered, so it is not hung or dead);
 - state exists only for workers with a recent failure, and is dropped when they leave the
   fleet (`forget`), so memory is bounded by the fleet size.
@@ -66,11 +68,17 @@ class OutlierEjector:
 
     def order(self, members: list[str]) -> list[str]:
         """members with the ejected ones moved to the end, except a worker whose probe is due."""
+        return self.order_with_probes(members)[0]
+
+    def order_with_probes(self, members: list[str]) -> tuple[list[str], tuple[str, ...]]:
+        """(order, the workers handed to this request as probes): the caller owes `abandoned` for
+        each probe it cancels or never sends."""
         if not self._ejected:
-            return members
+            return members, ()
         now = self._clock()
         first: list[str] = []
         last: list[str] = []
+        probes: tuple[str, ...] = ()
         for worker_id in members:
             state = self._states.get(worker_id)
             if state is None or not state.ejected_until:
@@ -78,10 +86,11 @@ class OutlierEjector:
             elif now >= state.ejected_until and now >= state.probe_until:
                 state.probe_until = now + PROBE_TIMEOUT_S
                 self.counters.probes += 1
+                probes += (worker_id,)
                 first.append(worker_id)  # the probe keeps its place, so it really gets the request
             else:
                 last.append(worker_id)
-        return first + last if last else first
+        return (first + last if last else first), probes
 
     def success(self, worker_id: str) -> None:
         state = self._states.pop(worker_id, None)
@@ -116,7 +125,8 @@ class OutlierEjector:
                   backoff_s=state.backoff, consecutive=state.consecutive)
 
     def abandoned(self, worker_id: str) -> None:
-        """An attempt on worker_id was cancelled unanswered: if it was a probe, another may go."""
+        """The probe of worker_id handed to a request was cancelled unanswered or never sent:
+        another may go."""
         state = self._states.get(worker_id)
         if state is not None and state.probe_until:
             state.probe_until = 0.0

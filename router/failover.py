@@ -42,12 +42,14 @@ from modelfleet.v1 import predictor_pb2
 from router.counters import RouterCounters
 from router.hedging import HedgePolicy
 from router.worker_pool import WorkerPool
+from worker.failure_scope import is_model_failure
 from worker.overload import RetryLater, retry_hint
 
 ATTEMPT_FLOOR_S = 0.1  # no attempt timeout shorter than this: short deadlines go to one member
 _TIME_LEFT_S = 0.005  # less than this left counts as the caller's deadline, not the worker's
 
 _FAILOVER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+_DETAILS_CHARS = 300  # of each member's message in an "every worker ... failed" error
 
 
 class _Attempt:
@@ -98,7 +100,7 @@ class Failover:
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadline = now + budget_s
-        order = ejector.order(pool.choose_order(shard, self.spill_inflight))
+        order, probes = ejector.order_with_probes(pool.choose_order(shard, self.spill_inflight))
         request.artifact_sha256 = artifact or ""
         hedge_delay = self.hedging.delay() if hedge and len(order) > 1 else None
         hedge_at = None if hedge_delay is None else now + hedge_delay
@@ -164,12 +166,15 @@ class Failover:
                     try:
                         response = await attempt.call  # done: returns or raises at once
                     except grpc.aio.AioRpcError as exc:
-                        code, hint = exc.code(), None
+                        code, hint, model_failure = exc.code(), None, False
                         if attempt.span is not None:
                             tracing.end_forward(attempt.span, code.name)
                         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                             hint = retry_hint(exc.trailing_metadata())
-                        if not self._may_retry(attempt, code, hint, deadline - loop.time(), failures, overloaded_ms):
+                        elif code == grpc.StatusCode.UNAVAILABLE:
+                            model_failure = is_model_failure(exc.trailing_metadata())
+                        if not self._may_retry(attempt, code, exc.details(), hint, model_failure,
+                                               deadline - loop.time(), failures, overloaded_ms):
                             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                                 continue  # the caller's deadline: nothing left to try with
                             raise _passthrough(exc) from None
@@ -235,10 +240,12 @@ class Failover:
                 if attempt.span is not None:
                     tracing.end_forward(attempt.span, "CANCELLED", "lost")
                 pool.inflight[attempt.worker_id] -= 1
-                ejector.abandoned(attempt.worker_id)
-            if ejector.active:
+                if attempt.worker_id in probes:
+                    ejector.abandoned(attempt.worker_id)
+            if probes:
                 for worker_id in order[next_index:]:  # a probe handed out but never sent
-                    ejector.abandoned(worker_id)
+                    if worker_id in probes:
+                        ejector.abandoned(worker_id)
             outstanding.clear()
 
         tenant = request.tenant_id
@@ -246,21 +253,25 @@ class Failover:
             raise DeadlineExceeded(f"deadline exceeded for tenant {tenant!r} after trying "
                                    f"{'; '.join(failures) or 'no worker'}")
         if overloaded_ms and len(overloaded_ms) == len(failures):
-            raise RetryLater(f"every worker of tenant {tenant!r}'s shard is overloaded", max(overloaded_ms))
-        raise Unavailable(f"every worker of tenant {tenant!r}'s shard failed: {'; '.join(failures)}"
-                          if failures else f"no live worker in tenant {tenant!r}'s shard")
+            raise RetryLater(f"every worker in the shard of tenant {tenant!r} is overloaded", max(overloaded_ms))
+        raise Unavailable(f"every worker in the shard of tenant {tenant!r} failed: {'; '.join(failures)}"
+                          if failures else f"no live worker in the shard of tenant {tenant!r}")
 
-    def _may_retry(self, attempt: _Attempt, code: grpc.StatusCode, hint: int | None, time_left: float,
-                   failures: list[str], overloaded_ms: list[int]) -> bool:
-        """Whether a failed attempt makes way for the next member (recording why), or ends the request."""
+    def _may_retry(self, attempt: _Attempt, code: grpc.StatusCode, details: str, hint: int | None,
+                   model_failure: bool, time_left: float, failures: list[str], overloaded_ms: list[int]) -> bool:
+        """Whether a failed attempt makes way for the next member (recording why), or ends the request.
+        `model_failure`: the worker said its UNAVAILABLE is about the model's load (the store or etcd
+        unreachable, worker.failure_scope): the next member may manage, and the worker is not at fault."""
         worker_id = attempt.worker_id
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and time_left <= _TIME_LEFT_S:
             failures.append(f"{worker_id}: no answer before the deadline")
             return False
         if code in _FAILOVER or code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            if not attempt.timed_out:  # a timed-out attempt was counted against its worker already
+            if model_failure:
+                self.pool.ejector.success(worker_id)  # it answered: alive
+            elif not attempt.timed_out:  # a timed-out attempt was counted against its worker already
                 self.pool.ejector.failure(worker_id, code.name)
-            failures.append(f"{worker_id}: {code.name}")
+            failures.append(f"{worker_id}: {code.name}" + (f" ({details[:_DETAILS_CHARS]})" if details else ""))
             return True
         if hint is not None:  # RESOURCE_EXHAUSTED with a retry hint: busy, not broken
             overloaded_ms.append(hint)

@@ -24,6 +24,7 @@ from router.hedging import HedgePolicy
 from router.worker_pool import WorkerPool
 from tests.scripted_worker import HANG, REQUEST, ScriptedFleet, err, ok
 from version_service.schema import WorkerRecord, started_stamp
+from worker.failure_scope import FAILURE_KEY, MODEL
 from worker.overload import RETRY_AFTER_KEY, RetryLater
 
 
@@ -163,10 +164,47 @@ def test_every_member_hung_is_deadline_exceeded_and_every_member_down_is_unavail
                           "both hung calls to be cancelled")  # at the deadline: the router's or gRPC's
         failover, pool, workers, counters = await setup({"a": [err(0, grpc.StatusCode.UNAVAILABLE)],
                                                          "b": [err(0, grpc.StatusCode.CANCELLED)]})
-        with pytest.raises(Unavailable, match="a: UNAVAILABLE; b: CANCELLED"):
+        with pytest.raises(Unavailable, match=re.escape("a: UNAVAILABLE (UNAVAILABLE!); b: CANCELLED (CANCELLED!)")):
             await failover.send(REQUEST, ("a", "b"), 1.0)
         failover, pool, workers, counters = await setup({"b": [ok(0, "b")]})
         assert (await failover.send(REQUEST, ("gone", "b"), 1.0)).worker_id == "b"  # left the fleet: skipped
+    run(go)
+
+
+def test_a_model_failure_fails_over_without_blaming_the_worker_and_its_message_reaches_the_caller(run):
+    """UNAVAILABLE marked as the model's (the store or etcd unreachable for its load) tries the next
+    member but never ejects: the worker is healthy for every other tenant."""
+    async def go(setup, fleet):
+        store_down = err(0, grpc.StatusCode.UNAVAILABLE, ((FAILURE_KEY, MODEL),))
+        failover, pool, workers, counters = await setup({"a": [store_down], "b": [ok(0, "b")]}, eject_after=1)
+        for _ in range(3):
+            assert (await failover.send(REQUEST, ("a", "b"), 1.0)).worker_id == "b"
+        assert pool.ejector.ejected() == [] and counters.ejections == 0 and len(workers["a"].calls) == 3
+        failover, pool, workers, counters = await setup({"a": [store_down], "b": [store_down]}, eject_after=1)
+        with pytest.raises(Unavailable, match=re.escape("a: UNAVAILABLE (UNAVAILABLE!); b: UNAVAILABLE (UNAVAILABLE!)")):
+            await failover.send(REQUEST, ("a", "b"), 1.0)
+        assert pool.ejector.ejected() == []
+        failover, pool, workers, counters = await setup({"a": [err(0, grpc.StatusCode.UNAVAILABLE)],
+                                                         "b": [ok(0, "b")]}, eject_after=1)
+        await failover.send(REQUEST, ("a", "b"), 1.0)
+        assert pool.ejector.ejected() == ["a"]  # unmarked: the worker's own failure
+    run(go)
+
+
+def test_requests_answered_elsewhere_while_a_probe_is_out_send_no_second_probe(run):
+    """One probe per ejected worker at a time: requests that put the ejected worker last and are
+    answered by another member must not free the probe they never held."""
+    async def go(setup, fleet):
+        failover, pool, workers, counters = await setup({"a": [HANG], "b": [ok(0, "b")]}, eject_after=1)
+        await failover.send(REQUEST, ("a", "b"), 0.3)  # a's attempt times out: ejected for 1 s
+        assert pool.ejector.ejected() == ["a"]
+        await fleet.until(lambda: pool.ejector._states["a"].ejected_until <= time.monotonic(), "the back-off to end")
+        probe = asyncio.ensure_future(failover.send(REQUEST, ("a", "b"), 2.0))  # a first: the probe, hung
+        await fleet.until(lambda: len(workers["a"].calls) == 2, "the probe to reach a")
+        for _ in range(5):
+            assert (await failover.send(REQUEST, ("a", "b"), 2.0)).worker_id == "b"
+        assert len(workers["a"].calls) == 2 and counters.probes == 1
+        assert (await probe).worker_id == "b"
     run(go)
 
 

@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from modelfleet import tracing
-from modelfleet.errors import InvalidArgument, ModelfleetError
+from modelfleet.errors import InvalidArgument, ModelfleetError, Unavailable
 from modelfleet.rpc import translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import validate_id
 from worker.artifact_hint import artifact_hint
+from worker.failure_scope import mark_model_failure
 from worker.model_cache import ModelCache
 from worker.overload import RetryLater, set_retry_hint
 
@@ -52,6 +53,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             model, loaded = await self.cache.get(tenant, version, artifact_hint(request))
         except RetryLater as exc:
             set_retry_hint(context, exc)
+            raise
+        except Unavailable:  # the store or etcd, for this model's load: not this worker's health
+            mark_model_failure(context)
             raise
         features = request.features
         per_row = request.features_per_row
@@ -86,6 +90,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             _, loaded = await self.cache.get(tenant, version, artifact_hint(request), warm=True)
         except RetryLater as exc:
             set_retry_hint(context, exc)
+            raise
+        except Unavailable:
+            mark_model_failure(context)
             raise
         return worker_pb2.WarmResponse(loaded=loaded, load_ms=(time.perf_counter() - started) * 1000)
 
