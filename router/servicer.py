@@ -76,7 +76,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                 tracing.set_attributes(span, {"version": request.version, "shard": shard})
         try:
             remaining = context.time_remaining()
-            artifact = route.serving_sha256 if request.version == route.serving else None
+            artifact = route.serving_sha256 if request.version == route.serving else route.artifact_of(request.version)
             try:
                 response = await self.failover.send(request, shard,
                                                     remaining if remaining is not None else self.default_deadline,
@@ -93,7 +93,8 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                 raise
             if stats is not None and route.shadow is not None and request.version == route.serving:
                 self.rollouts.shadow(stats, request, response,
-                                     lambda r: self.failover.send(r, shard, SHADOW_TIMEOUT_S, hedge=False))
+                                     lambda r: self.failover.send(r, shard, SHADOW_TIMEOUT_S, hedge=False,
+                                                                  artifact=route.shadow_sha256))
             return response
         finally:
             self.quotas.release(tenant)

@@ -11,6 +11,7 @@ import grpc
 from modelfleet.demo_models import sample_features
 from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
+from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
 from version_service.membership import list_workers
@@ -33,6 +34,12 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
         fleet.wait_for(lambda: predict(stub, tenant, x), what="warm-up")
     oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(router.address))
     assert oip.ModelMetadata(pb.ModelMetadataRequest(name="c"), timeout=5).inputs  # read before the outage
+    fleet.register("d", "v1", seed=20)
+    fleet.register("d", "v2", seed=21)
+    fleet.registry.start_rollout("d", "v1", percent=100)  # a canary no worker has loaded yet
+    admin = router_admin_pb2_grpc.RouterAdminStub(grpc.insecure_channel(router.address))
+    fleet.wait_for(lambda: admin.Rollout(router_admin_pb2.RolloutStatusRequest(tenant_id="d"),
+                                         timeout=5).canary_version == "v1", what="the canary to reach the router")
 
     failures: list[str] = []
     served = [0]
@@ -61,6 +68,8 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
         request.inputs.add(name="features", datatype="FP64", shape=[1, 8]).contents.fp64_contents.extend(x)
         assert len(oip.ModelInfer(request, timeout=5).outputs[0].contents.fp64_contents) == 1
         assert list(oip.ModelMetadata(pb.ModelMetadataRequest(name="c"), timeout=5).inputs[0].shape) == [-1, 8]
+        # The canary's artifact digest is in the route too: its first load needs no etcd.
+        assert predict(stub, "d", x, timeout=5).model_version == "v1"
         before = served[0]
         fleet.wait_for(lambda: time.monotonic() - outage_started >= OUTAGE_S, timeout=OUTAGE_S + 30,
                        what="the outage to last 20 s")

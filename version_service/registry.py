@@ -220,7 +220,7 @@ class Registry:
             raise InvalidArgument("a rollout is either --percent P (canary) or --shadow")
         if percent is not None and not 0 < percent <= 100:
             raise InvalidArgument(f"--percent must be in (0, 100], got {percent}")
-        self.version(tenant, version)
+        sha256 = self.version(tenant, version).sha256  # NotFound for an unknown version
 
         def start(route: RouteRecord) -> RouteRecord:
             if version == route.serving:
@@ -229,8 +229,8 @@ class Registry:
                 raise FailedPrecondition(f"tenant {tenant!r} already has a rollout of "
                                          f"{sorted(route.in_rollout)[0]!r}: promote or abort it first")
             if shadow:
-                return route.with_changes(shadow=version, canary=None, canary_percent=None)
-            return route.with_changes(canary=version, canary_percent=float(percent), shadow=None)
+                return route.with_changes(shadow=version, shadow_sha256=sha256, canary=None, canary_percent=None)
+            return route.with_changes(canary=version, canary_sha256=sha256, canary_percent=float(percent), shadow=None)
 
         action = "shadow" if shadow else f"canary {percent:g}%"
         return self._update_route(tenant, action, start, actor, reason, to_version=version)
@@ -242,7 +242,8 @@ class Registry:
         if version is None:
             raise FailedPrecondition(f"tenant {tenant!r} has no rollout to promote")
         return self._update_route(
-            tenant, "promote", lambda r: _ended(r, version).with_changes(serving=version, pinned=version != r.newest),
+            tenant, "promote", lambda r: _ended(r, version).with_changes(
+                serving=version, pinned=version != r.newest, serving_sha256=r.artifact_of(version)),
             actor, reason)
 
     def abort(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:

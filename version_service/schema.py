@@ -156,6 +156,9 @@ class CollectionRecord(_Record):
     actor: str = ""
 
 
+_DIGESTS = (("serving", "serving_sha256"), ("canary", "canary_sha256"), ("shadow", "shadow_sha256"))
+
+
 @dataclass(frozen=True, slots=True)
 class RouteRecord(_Record):
     """Which version serves a tenant. `serving` is `newest` unless `pinned`.
@@ -172,8 +175,10 @@ class RouteRecord(_Record):
     version record by whoever changes `serving`. Routers send it with each request so that a
     worker loading the model needs no etcd read (see worker.model_cache); None (a route
     written by an older tool) only means the worker reads the version record itself.
-    `with_changes` drops it whenever `serving` changes without it, so it can never name
-    another version's artifact.
+    `canary_sha256` and `shadow_sha256` are the same for the rollout's version, so a canary or
+    shadow that a worker has to load needs no etcd either (through an etcd outage too).
+    `with_changes` drops each digest whenever its version changes without it, so none can ever
+    name another version's artifact.
     """
 
     serving: str
@@ -187,11 +192,22 @@ class RouteRecord(_Record):
     burst: float | None = None
     max_inflight: int | None = None
     serving_sha256: str | None = None
+    canary_sha256: str | None = None
+    shadow_sha256: str | None = None
 
     def with_changes(self, **changes: Any) -> "RouteRecord":
-        if changes.get("serving", self.serving) != self.serving and "serving_sha256" not in changes:
-            changes["serving_sha256"] = None
+        for name, digest in _DIGESTS:
+            if changes.get(name, getattr(self, name)) != getattr(self, name) and digest not in changes:
+                changes[digest] = None
         return replace(self, **changes)
+
+    def artifact_of(self, version: str) -> str | None:
+        """The artifact digest of `version` as the route names it, None when it names none."""
+        if version == self.serving:
+            return self.serving_sha256
+        if version == self.canary:
+            return self.canary_sha256
+        return self.shadow_sha256 if version == self.shadow else None
 
     @property
     def in_rollout(self) -> set[str]:
