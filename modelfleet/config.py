@@ -120,8 +120,12 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
 
 
+MAX_BYTE_SIZE = (1 << 63) - 1  # what the Stats reply (int64) and every counter can carry
+
+
 def byte_size(text: str) -> int:
-    """Parses '512MiB', '2GiB', '1000000' into bytes; negative, NaN and infinite sizes are refused."""
+    """Parses '512MiB', '2GiB', '1000000' into bytes; negative, NaN, infinite and sizes over
+    MAX_BYTE_SIZE are refused. Whole numbers are read exactly (not through a float)."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 1000, "mb": 10**6, "gb": 10**9, "b": 1}
     lowered = str(text).strip().lower()
     scale = 1
@@ -130,11 +134,13 @@ def byte_size(text: str) -> int:
             lowered, scale = lowered[: -len(suffix)], unit
             break
     try:
-        value = _finite(lowered) * scale
+        value = int(lowered.strip()) * scale if lowered.strip().lstrip("+-").isdigit() else _finite(lowered) * scale
     except ValueError:
         raise ValueError(f"expected a byte size like 512MiB, 2GiB or 1000000, got {text!r}") from None
     if value < 0:
         raise ValueError(f"expected a byte size >= 0, got {text!r}")
+    if value > MAX_BYTE_SIZE:
+        raise ValueError(f"expected a byte size of at most {MAX_BYTE_SIZE} (8 EiB), got {text!r}")
     return int(value)
 
 

@@ -120,6 +120,7 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("worker",), {"MODELFLEET_CACHE_BYTES": "12XB"}, "MODELFLEET_CACHE_BYTES"),
     (("worker", "--cache-bytes", "0"), {}, "byte size > 0"),
     (("worker", "--cache-bytes", "1e999GiB"), {}, "byte size like"),
+    (("worker", "--cache-bytes", "99999999999999999999"), {}, "at most 9223372036854775807"),  # int64 in Stats
     (("worker", "--max-queued-loads", "-1"), {}, ">= 0"),
     (("worker", "--load-threads", "0"), {}, ">= 1"),
     (("router", "--default-deadline", "nan"), {}, "finite"),

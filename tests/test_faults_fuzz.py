@@ -179,6 +179,25 @@ def test_messages_near_and_over_the_64_mib_limit(running, size):
     _all_alive(fleet)
 
 
+def test_a_batch_whose_answer_outgrows_the_limit_is_refused_before_any_work(running):
+    """3 classes of 2 features: 2.9M rows are a 46 MB request and a 70 MB answer. The worker
+    refuses it up front, naming the most rows it can answer, instead of predicting for seconds
+    (other tenants waiting) and then failing to send."""
+    fleet, stub, _, channel = running
+    fleet.registry.register("wide", "v1", fleet.model_file(31, "multiclass", num_features=2))
+    fleet.wait_for(lambda: predict(stub, "wide", [0.5, 0.5]), what="the tenant to serve")
+    call = channel.unary_unary("/modelfleet.v1.Predictor/Predict", request_serializer=lambda b: b,
+                               response_deserializer=predictor_pb2.PredictResponse.FromString)
+    raw = _raw_request("wide", 2 * 2_900_000)
+    with pytest.raises(grpc.RpcError) as refused:
+        call(raw, timeout=60)
+    del raw
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3 per row" in refused.value.details() and "send at most 2793472 rows" in refused.value.details()
+    assert predict(stub, "wide", [0.5, 0.5]).model_version == "v1"
+    _all_alive(fleet)
+
+
 def test_everything_still_alive_and_serving_after_the_fuzzing(running):
     fleet, stub, _, _ = running
     _all_alive(fleet)

@@ -5,8 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from modelfleet.errors import NotFound
+from modelfleet.store import LocalStore
 from tests.test_cli import cli
 from version_service.retention import apply_gc, plan_gc
+from worker.loading import ModelLoader
 
 
 def test_gc_keeps_what_matters_and_deletes_only_unshared_artifacts(fleet):
@@ -91,3 +96,15 @@ def test_gc_removes_more_versions_than_one_transaction_holds(fleet):
     removed, _, skipped = apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1))
     assert (removed, skipped) == (70, [])
     assert [v.version for v in fleet.registry.versions("many")] == ["v071"]
+
+
+def test_a_worker_that_read_a_removed_version_answers_not_found_not_a_missing_artifact(fleet):
+    """Workers keep version records they read; once gc removes the version and its artifact, a
+    load of it is NOT_FOUND (what a worker that never saw it answers), not FAILED_PRECONDITION."""
+    for n in range(1, 4):
+        fleet.register("acme", f"v{n}", seed=n)
+    loader = ModelLoader(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
+    loader.load("acme", "v1").close()  # the record is kept
+    apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="acme"))
+    with pytest.raises(NotFound, match="tenant 'acme' has no version 'v1'"):
+        loader.load("acme", "v1")

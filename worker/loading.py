@@ -13,7 +13,7 @@ import time
 from cachetools import LRUCache
 
 from modelfleet import tracing
-from modelfleet.errors import FailedPrecondition, NotFound
+from modelfleet.errors import FailedPrecondition, NotFound, Unavailable
 from modelfleet.store import Store, artifact_for
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import Keys, VersionRecord
@@ -21,9 +21,11 @@ from worker.predictor import LoadedModel
 
 
 class ModelLoader:
-    """Version records never change once written, so they are cached: a model evicted and
-    loaded again costs no etcd round trip (the common case when the working set outgrows the
-    cache), and a worker can reload a model it has seen while etcd is away."""
+    """Version records never change once written (gc removes them, and a removed version's name
+    never comes back meaning another artifact), so they are cached: a model evicted and loaded
+    again costs no etcd round trip (the common case when the working set outgrows the cache), and
+    a worker can reload a model it has seen while etcd is away. A load whose artifact is gone
+    re-reads the record: the version may be gone too (NOT_FOUND)."""
 
     def __init__(self, client: EtcdClient, keys: Keys, store: Store, records: int = 20_000) -> None:
         self.client = client
@@ -47,6 +49,15 @@ class ModelLoader:
             self._records[key] = record
         return record
 
+    def _still_registered(self, tenant: str, version: str) -> None:
+        """NotFound when gc has removed the version whose artifact is missing or damaged, rather
+        than blaming the artifact (the record read before may be a removed version's); an etcd
+        that cannot say leaves the artifact's error to stand."""
+        try:
+            self.record_sha256(tenant, version, fresh=True)
+        except Unavailable:
+            pass
+
     def record_sha256(self, tenant: str, version: str, fresh: bool = False) -> str:
         """The artifact digest the version record names; `fresh` reads etcd even if cached."""
         if fresh:
@@ -63,7 +74,12 @@ class ModelLoader:
             path, sha256, num_features = record.artifact, record.sha256, record.num_features
         else:
             path, sha256, num_features = artifact_for(artifact), artifact, None
-        data = self.store.read_verified(path, sha256, what)
+        try:
+            data = self.store.read_verified(path, sha256, what)
+        except FailedPrecondition:
+            if artifact is None:
+                self._still_registered(tenant, version)
+            raise
         parse_started = time.perf_counter()
         try:
             model = LoadedModel.from_model_text(data)  # bytes: no decode and encode round trip

@@ -241,13 +241,11 @@ class ModelCache:
                                                            self._timed_load, key, artifact)
             finally:
                 self._inflight.pop(load_key, None)
-            self.counters.loads += 1
-            self._load_counts[key] = self._load_counts.get(key, 0) + 1
             if span is not None:
                 tracing.set_attributes(span, {"bytes": model.nbytes, "load_seconds": ms / 1000})
             if self.observe_load is not None:  # every load that ran, also one too large to keep
                 self.observe_load(ms / 1000)
-            if model.nbytes > self.budget:
+            if model.nbytes > self.budget:  # a refusal, not a load: loads - models cached = evictions
                 self._closer.submit(model.close)
                 event(log, "model.too_large_to_cache", level=logging.WARNING, tenant=key[0], version=key[1],
                       bytes=model.nbytes, budget=self.budget)
@@ -263,6 +261,8 @@ class ModelCache:
             event(log, "model.load_failed", level=logging.INFO if unknown else logging.WARNING, tenant=key[0],
                   version=key[1], error=str(exc), retry_in_s=backoff)
             raise
+        self.counters.loads += 1
+        self._load_counts[key] = self._load_counts.get(key, 0) + 1
         self.failures.forget(load_key)
         self._load_ms += (ms - self._load_ms) * 0.2
         replaced = self._models.pop(key)  # loaded meanwhile from another hint (or none)

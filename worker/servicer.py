@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from modelfleet import tracing
-from modelfleet.errors import InvalidArgument, ModelfleetError, Unavailable
-from modelfleet.rpc import translate_errors
+from modelfleet.errors import InvalidArgument, ModelfleetError, ResourceExhausted, Unavailable
+from modelfleet.rpc import MAX_MESSAGE_BYTES, translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import validate_id
 from worker.artifact_hint import artifact_hint
@@ -33,6 +33,9 @@ from worker.overload import RetryLater, set_retry_hint
 # 100 rows, 100 trees): client -> worker 906 -> 1150 rps; through the router 800 -> 820 rps,
 # p99 ~13 -> ~15 ms (the hop's CPU competes with the pool's threads on two cores).
 INLINE_MAX_WALKS = 4096
+# Values a response may carry (8 bytes each, within modelfleet.rpc.MAX_MESSAGE_BYTES, less room
+# for the other fields): a multiclass batch's answer is rows x classes, larger than its request.
+MAX_ANSWER_VALUES = (MAX_MESSAGE_BYTES - (64 << 10)) // 8
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -70,6 +73,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if len(features) // max(1, model.num_features) * model.num_trees <= INLINE_MAX_WALKS:
                 predictions = model.predict(features)
             else:
+                answer_values = len(features) // max(1, model.num_features) * model.num_classes
+                if answer_values > MAX_ANSWER_VALUES:  # refused before seconds of work that cannot be sent
+                    raise ResourceExhausted(
+                        f"the answer would be {answer_values} values ({model.num_classes} per row), over the "
+                        f"{MAX_ANSWER_VALUES} a response may carry; send at most "
+                        f"{MAX_ANSWER_VALUES // model.num_classes} rows per request")
                 # Taken on the loop before any await: a hit's model is in the cache, a miss's is
                 # kept alive by the cache's delivery hold until this step ends, even if evicted.
                 with model.borrow(while_closing=True):
