@@ -140,7 +140,8 @@ class LocalStore:
         return self.root / validate_artifact(artifact)
 
     def put_file(self, source: str | Path) -> StoredArtifact:
-        """Copies source into the store (idempotent: an artifact with the same digest is kept)."""
+        """Copies source into the store (idempotent: an intact artifact with the same digest is
+        kept; one damaged since it was stored is written again)."""
         source = Path(source)
         data = source.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
@@ -149,7 +150,7 @@ class LocalStore:
         if not self._swept:
             remove_stale_temp_files(self.root)
             self._swept = True
-        if not (target.is_file() and target.stat().st_size == len(data)):
+        if not self._intact(artifact, sha, len(data)):
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
             try:
@@ -162,6 +163,12 @@ class LocalStore:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         return StoredArtifact(artifact=artifact, sha256=sha, size=len(data))
+
+    def _intact(self, artifact: str, sha256: str, size: int) -> bool:
+        try:
+            return self._path(artifact).stat().st_size == size and bool(self.read_verified(artifact, sha256, ""))
+        except (OSError, FailedPrecondition):
+            return False
 
     def read_verified(self, artifact: str, sha256: str, what: str) -> bytes:
         """The artifact's bytes, or FailedPrecondition naming `what` when missing or corrupt.

@@ -47,6 +47,12 @@ _RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "
                               "ServiceUnavailable", "InternalError", "503", "500"})
 
 _LOADER = botocore.loaders.create_loader()  # caches parsed service models; safe to share
+# A store that accepts connections and then says nothing must fail a load in seconds, not minutes
+# (a load holds one of a worker's few load threads meanwhile): artifacts are KB to a few MB, and a
+# healthy S3 never pauses 5 s between bytes. Worst case per read: 2 x (2 + 5) s.
+CONNECT_TIMEOUT_S = 2.0
+READ_TIMEOUT_S = 5.0
+MAX_ATTEMPTS = 2
 
 
 class S3Store:
@@ -54,8 +60,8 @@ class S3Store:
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  cache: DiskCache | None = None, region_name: str | None = None,
-                 connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 max_attempts: int = 3, max_pool_connections: int = 16) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
+                 max_attempts: int = MAX_ATTEMPTS, max_pool_connections: int = 16) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
@@ -94,14 +100,16 @@ class S3Store:
     # -- the Store interface ------------------------------------------------------------------
 
     def put_file(self, source: str | Path) -> StoredArtifact:
-        """Uploads source under its digest; a no-op when the object is already stored intact."""
+        """Uploads source under its digest; a no-op when the object is already stored intact (its
+        size and the sha256 in its metadata, which only this code writes: an object put there by
+        anything else is written again)."""
         data = Path(source).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         artifact = artifact_for(sha)
         key = self.key_for(artifact)
         head = self._head(key, f"storing {artifact}", tolerate_denied=True)
         if head is not None and head.get("ContentLength") == len(data) and \
-                head.get("Metadata", {}).get("sha256", sha) == sha:
+                head.get("Metadata", {}).get("sha256") == sha:
             return StoredArtifact(artifact=artifact, sha256=sha, size=len(data))
         md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
         try:

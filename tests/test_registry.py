@@ -39,6 +39,17 @@ def test_register_is_idempotent_and_refuses_a_different_artifact(fleet):
         fleet.registry.register("acme", "v1", fleet.model_file(2))
 
 
+def test_registering_a_stored_artifact_again_repairs_a_damaged_copy(fleet):
+    """A register that finds its artifact stored skips the check (the same digest was checked when
+    stored) but not the store's own look: a copy damaged since (same size even) is written again,
+    so the version it records can load."""
+    path = fleet.register("a", "v1", seed=1)
+    stored = fleet.store_dir / fleet.registry.version("a", "v1").artifact
+    stored.write_bytes(b"x" * stored.stat().st_size)
+    fleet.registry.register("b", "v1", path)
+    assert stored.read_bytes() == path.read_bytes()
+
+
 def test_pin_holds_through_new_versions_and_unpin_returns_to_newest(fleet):
     fleet.register("acme", "v1", seed=1)
     fleet.register("acme", "v2", seed=2)

@@ -129,6 +129,10 @@ def test_put_repairs_a_damaged_object(s3_endpoint, raw_s3, model_file):
     raw_s3.put_object(Bucket=BUCKET, Key=store.key_for(stored.artifact), Body=b"truncated")
     store.put_file(model_file)
     assert store.read_verified(stored.artifact, stored.sha256, "t") == model_file.read_bytes()
+    same_size = b"x" * stored.size  # overwritten by something else: the size alone does not say intact
+    raw_s3.put_object(Bucket=BUCKET, Key=store.key_for(stored.artifact), Body=same_size)
+    store.put_file(model_file)
+    assert store.read_verified(stored.artifact, stored.sha256, "t") == model_file.read_bytes()
 
 
 def test_corrupt_object_is_failed_precondition_naming_what(s3_endpoint, raw_s3, model_file):

@@ -142,7 +142,8 @@ def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: Import
             result.rejected.append(f"{source}: {exc.strerror}")
             continue
         hashed[source] = (sha, size)
-        if registry.store.exists(artifact_for(sha)):
+        if registry.store.exists(artifact_for(sha)):  # checked when stored; put_file repairs a damaged copy
+            registry.store.put_file(source)
             stored[source] = (artifact_for(sha), sha, size, read_header(source.read_text(errors="replace"),
                                                                          str(source)))
         else:

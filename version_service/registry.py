@@ -132,9 +132,10 @@ class Registry:
             raise InvalidArgument(f"model file {str(path)!r} {what}")
         sha = sha256_file(path)
         artifact = artifact_for(sha)
-        if self.store.exists(artifact):  # stored => already checked; the header is enough
+        if self.store.exists(artifact):  # stored => these bytes were checked; the header is enough
+            stored = self.store.put_file(path)  # a no-op, unless the stored copy was damaged since
             info = read_header(path.read_text(errors="replace"), str(path))
-            return artifact, sha, path.stat().st_size, info
+            return stored.artifact, stored.sha256, stored.size, info
         info = self.checker.check(path)
         stored = self.store.put_file(path)
         return stored.artifact, stored.sha256, stored.size, info
