@@ -21,6 +21,8 @@ from modelfleet.errors import FailedPrecondition, InvalidArgument, Unavailable
 from modelfleet.store import STALE_TEMP_SECONDS, TEMP_PREFIX, LocalStore, Store, StoredArtifact, open_store
 from modelfleet.store_cache import DiskCache
 from modelfleet.store_s3 import S3Store
+from version_service.registry import Registry
+from version_service.retention import apply_gc, plan_gc
 
 BUCKET = "modelfleet-test"
 AWS_ENV = {
@@ -395,3 +397,24 @@ def test_local_store_sweeps_what_killed_writers_left_on_its_first_write(tmp_path
     assert stale.exists()  # opening does not sweep: workers open stores only to read
     store.put_file(model_file)
     assert not stale.exists() and fresh.exists()
+
+
+def test_gc_that_cannot_reach_the_store_leaves_its_artifacts_to_the_next_gc(fleet, s3_endpoint, dead_endpoint):
+    """The versions go first (etcd), then their artifacts (the store): a store that is down for the
+    second step must not orphan the artifacts once nothing names them any more."""
+    live = new_store(s3_endpoint)
+    registry = Registry(fleet.client, fleet.keys, live, checker=fleet.checker)
+    for n in range(1, 4):
+        registry.register("acme", f"v{n}", fleet.model_file(n))
+    artifacts = [v.artifact for v in registry.versions("acme")]
+    down = Registry(fleet.client, fleet.keys, S3Store(BUCKET, live.prefix, endpoint_url=dead_endpoint),
+                    checker=fleet.checker)
+    with pytest.raises(Unavailable):
+        apply_gc(down, plan_gc(down, keep=1))
+    assert [v.version for v in registry.versions("acme")] == ["v3"]  # gone from etcd
+    assert all(live.exists(a) for a in artifacts)
+    again = plan_gc(registry, keep=1)
+    assert again.removals == {} and again.artifacts == set(artifacts[:2])  # written down, not forgotten
+    assert apply_gc(registry, again) == (0, 2, [])
+    assert [live.exists(a) for a in artifacts] == [False, False, True]
+    assert plan_gc(registry, keep=1).artifacts == set()  # crossed off

@@ -4,6 +4,10 @@ A version is kept when it is among a tenant's newest K, or serving, or pinned, o
 (canary or shadow). An artifact is deleted only when no remaining version of any tenant uses it
 (artifacts are content-addressed and shared). Each tenant's removal is one transaction that
 fails if the route changed since it was read, so a pin or rollout racing the collection wins.
+
+Artifacts to delete are written down (Keys.gc_pending) before any version goes and crossed off
+once deleted: a collection stopped by an unreachable store (or a kill) leaves them for the next
+one, which deletes them first; otherwise they would be orphaned, no version left to name them.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from modelfleet.errors import Conflict, InvalidArgument, NotFound
 from version_service.collection_guard import collecting
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry
-from version_service.schema import RouteRecord, VersionRecord, validate_id
+from version_service.schema import RouteRecord, VersionRecord, utc_stamp, validate_id
 
 
 @dataclass
@@ -23,6 +27,7 @@ class GcPlan:
     removals: dict[str, list[VersionRecord]] = field(default_factory=dict)
     route_revisions: dict[str, int] = field(default_factory=dict)
     artifacts: set[str] = field(default_factory=set)  # no longer used by any kept version
+    pending: set[str] = field(default_factory=set)  # written down by a collection that did not finish
     kept_versions: int = 0
 
     @property
@@ -43,6 +48,7 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
     with etcd_errors(client, "reading versions for garbage collection"):
         versions_resp = client.get_prefix_response(keys.all_versions)  # all: artifacts are shared
         routes_resp = client.get_prefix_response(keys.routes, revision=versions_resp.header.revision)
+        pending_resp = client.get_prefix_response(keys.gc_pending, revision=versions_resp.header.revision)
     routes = {keys.tenant_of_route(kv.key.decode()): (RouteRecord.from_json(kv.value), kv.mod_revision)
               for kv in routes_resp.kvs}
     by_tenant: dict[str, list[tuple[int, VersionRecord]]] = defaultdict(list)
@@ -67,13 +73,17 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
         if in_scope:  # with --tenant, what that tenant keeps
             plan.kept_versions += len(records) - len(removable)
         used |= {r.artifact for r in records if r not in removable}
-    plan.artifacts = {r.artifact for rs in plan.removals.values() for r in rs} - used
+    pending = {kv.key.decode()[len(keys.gc_pending):] for kv in pending_resp.kvs}  # a past collection's
+    plan.artifacts = ({r.artifact for rs in plan.removals.values() for r in rs} | pending) - used
+    plan.pending = pending
     return plan
 
 
 def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
     """(versions removed, artifacts deleted, tenants skipped because their route changed)."""
     removed, skipped = 0, []
+    if registry.store is not None:
+        _write_down(registry, sorted(plan.artifacts - plan.pending))
     for tenant, records in plan.removals.items():
         try:
             registry.delete_versions(tenant, records, plan.route_revisions[tenant])
@@ -84,9 +94,21 @@ def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
     if registry.store is not None and plan.artifacts:
         with collecting(registry.client, registry.keys):  # registrations wait; versions read after it count
             still_used = {r.artifact for _, rs in _all_versions(registry) for r in rs}
-            for artifact in sorted(plan.artifacts - still_used):
-                deleted += bool(registry.store.delete(artifact))
+            for artifact in sorted(plan.artifacts):
+                if artifact not in still_used:
+                    deleted += bool(registry.store.delete(artifact))
+                with etcd_errors(registry.client, "crossing off a collected artifact"):
+                    registry.client.delete(registry.keys.gc_pending_artifact(artifact))
     return removed, deleted, skipped
+
+
+def _write_down(registry: Registry, artifacts: list[str]) -> None:
+    """Keys.gc_pending for each artifact, before the versions that name them go."""
+    txn, stamp = registry.client.transactions, utc_stamp()
+    for start in range(0, len(artifacts), 100):
+        with etcd_errors(registry.client, "writing down the artifacts to collect"):
+            registry.client.transaction(compare=[], failure=[], success=[
+                txn.put(registry.keys.gc_pending_artifact(a), stamp) for a in artifacts[start:start + 100]])
 
 
 def _all_versions(registry: Registry):

@@ -78,6 +78,15 @@ class Keys:
         return f"{self.prefix}/retired/{tenant}/{version}"
 
     @property
+    def gc_pending(self) -> str:
+        """Artifacts a garbage collection is deleting (value: when it decided to), so a collection
+        that could not reach the store leaves them for the next one, not orphaned for good."""
+        return f"{self.prefix}/gc-pending/"
+
+    def gc_pending_artifact(self, artifact: str) -> str:
+        return f"{self.gc_pending}{artifact}"
+
+    @property
     def workers(self) -> str:
         return f"{self.prefix}/workers/"
 
