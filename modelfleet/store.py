@@ -253,7 +253,11 @@ def open_store(spec: str, cache_dir: str | Path | None = None,
         from modelfleet.store_cache import DiskCache  # noqa: PLC0415 (keeps boto3 off LocalStore's path)
         from modelfleet.store_s3 import S3Store  # noqa: PLC0415
 
-        cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes > 0 else None
+        try:
+            cache = DiskCache(cache_dir, cache_bytes) if cache_dir is not None and cache_bytes > 0 else None
+        except OSError as exc:
+            raise FailedPrecondition(f"cannot use {cache_dir} as the store's disk cache (--store-cache-dir, "
+                                     f"MODELFLEET_STORE_CACHE_DIR; '' for none): {exc.strerror}") from None
         return S3Store(bucket, prefix, endpoint_url=endpoint, cache=cache)
     raise InvalidArgument(f"unsupported model store scheme {scheme + '://'!r} in {spec!r}: {_SPEC_HELP}")
 

@@ -418,3 +418,11 @@ def test_gc_that_cannot_reach_the_store_leaves_its_artifacts_to_the_next_gc(flee
     assert apply_gc(registry, again) == (0, 2, [])
     assert [live.exists(a) for a in artifacts] == [False, False, True]
     assert plan_gc(registry, keep=1).artifacts == set()  # crossed off
+
+
+def test_an_unusable_disk_cache_directory_is_named_with_its_flag(tmp_path, s3_endpoint):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache directory should go")
+    with pytest.raises(FailedPrecondition, match="--store-cache-dir, MODELFLEET_STORE_CACHE_DIR") as refused:
+        open_store(f"s3://{BUCKET}/x", endpoint_url=s3_endpoint, cache_dir=blocker / "cache", cache_bytes=1 << 20)
+    assert str(blocker / "cache") in str(refused.value) and "Not a directory" in str(refused.value)
