@@ -42,3 +42,7 @@ def test_status_reports_workers_routers_models_and_revision(fleet):
     assert sum(w["requests"] for w in workers) == 7 and sum(w["predictions"] for w in workers) == 6
     table = cli(fleet, "status", "--once")
     assert table.returncode == 0 and "w2" in table.stdout and "connected" in table.stdout
+    fleet.start_router(shard_size=1, extra=("--auth", "1"))  # status brings no key: this one refuses it
+    done = cli(fleet, "status", "--once", "--json")
+    errors = [r.get("error") for r in json.loads(done.stdout)["routers"]]
+    assert done.returncode == 1 and sorted(errors, key=str) == [None, "UNAUTHENTICATED"], done.stdout

@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"workers": list(snap.workers.values()), "routers": list(snap.routers.values())}))
         else:
             Console().print(render(snap))
-        return 0
+        # A script must not read a fleet with an unanswering member as healthy (as rollout --status).
+        return 1 if any("error" in row for row in (*snap.workers.values(), *snap.routers.values())) else 0
     before = None
     with Live(console=Console(), refresh_per_second=4, screen=False) as live:
         while True:
