@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ class S3Store:
         self._session = boto3.session.Session(botocore_session=core, region_name=region_name)
         self.client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
         self._lock = threading.Lock()
+        self._downloading: dict[str, Future] = {}  # key -> the GET in flight (_download_once)
         self.downloads = 0  # GETs that fetched an artifact (cache misses), for stats and tests
 
     def __repr__(self) -> str:
@@ -129,8 +131,7 @@ class S3Store:
             if data is not None:
                 return data
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
-            data = response["Body"].read()
+            data, downloaded = self._download_once(key)
         except ClientError as exc:
             if _code(exc) in _MISSING_CODES:
                 raise FailedPrecondition(
@@ -138,13 +139,11 @@ class S3Store:
             raise self._translate(exc, f"reading artifact {artifact}", what) from None
         except BotoCoreError as exc:
             raise self._translate(exc, f"reading artifact {artifact}", what) from None
-        with self._lock:
-            self.downloads += 1
         got = hashlib.sha256(data).hexdigest()
         if got != sha256:
             raise FailedPrecondition(
                 f"{what}: artifact is corrupt (sha256 {got[:12]}..., expected {sha256[:12]}...)")
-        if cacheable:
+        if cacheable and downloaded:
             try:
                 self.cache.put(sha256, data)
             except OSError:
@@ -168,6 +167,35 @@ class S3Store:
         return self._head(self.key_for(artifact), f"looking up {artifact}") is not None
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _download_once(self, key: str) -> tuple[bytes, bool]:
+        """(the object's bytes, whether this call downloaded them): one GET per key at a time, its
+        outcome shared by every thread that asks meanwhile. Tenants often share an artifact (one
+        model for many, fleets from templates), and their cold loads come together: without this,
+        one GET per load thread for the same bytes. Raises what the GET raised; each caller
+        words it for its own tenant."""
+        with self._lock:
+            pending = self._downloading.get(key)
+            if pending is None:
+                pending = self._downloading[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result(), False
+        try:
+            data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except BaseException as exc:
+            pending.set_exception(exc)
+            raise
+        else:
+            pending.set_result(data)
+            with self._lock:
+                self.downloads += 1
+            return data, True
+        finally:
+            with self._lock:
+                del self._downloading[key]
 
     def _head(self, key: str, doing: str, tolerate_denied: bool = False) -> dict[str, Any] | None:
         """HEAD of `key`, or None when there is no such object."""

@@ -426,3 +426,25 @@ def test_an_unusable_disk_cache_directory_is_named_with_its_flag(tmp_path, s3_en
     with pytest.raises(FailedPrecondition, match="--store-cache-dir, MODELFLEET_STORE_CACHE_DIR") as refused:
         open_store(f"s3://{BUCKET}/x", endpoint_url=s3_endpoint, cache_dir=blocker / "cache", cache_bytes=1 << 20)
     assert str(blocker / "cache") in str(refused.value) and "Not a directory" in str(refused.value)
+
+
+def test_tenants_sharing_an_artifact_cold_at_once_download_it_once(s3_endpoint, model_file, raw_s3):
+    """Loads run on a worker's load threads: 16 tenants of one artifact, cold together, would
+    otherwise GET it once per thread. A failed GET is every waiter's error, each in its own words."""
+    store = new_store(s3_endpoint)
+    stored = store.put_file(model_file)
+    gets = count_gets(store)
+    started = threading.Barrier(8)
+
+    def read(n: int) -> bytes:
+        started.wait()
+        return store.read_verified(stored.artifact, stored.sha256, f"tenant t{n}")
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(read, range(8))) == {model_file.read_bytes()}
+    assert 1 <= len(gets) < 8  # at most the threads that came after the first GET ended
+    raw_s3.delete_object(Bucket=BUCKET, Key=store.key_for(stored.artifact))
+    with ThreadPoolExecutor(8) as pool:
+        errors = [f.exception() for f in [pool.submit(lambda n=n: read(n)) for n in range(8)]]
+    assert all(isinstance(e, FailedPrecondition) for e in errors)
+    assert sorted(str(e).split(":")[0] for e in errors) == [f"tenant t{n}" for n in range(8)]
