@@ -24,8 +24,11 @@ def _read(path: str, what: str) -> bytes:
 def _check_pair(cert: str, key: str) -> None:
     """gRPC only says a server with a bad certificate cannot bind its port, and a channel's fails
     on the first call: checked here, the error says which file is wrong and why."""
+    def no_pass_phrase() -> bytes:  # else OpenSSL asks on the terminal; gRPC takes no encrypted key
+        raise InvalidArgument(f"TLS key {key} is encrypted: give its decrypted PEM")
+
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_pass_phrase)
     except ssl.SSLError as exc:
         raise InvalidArgument(f"TLS certificate {cert} and key {key} are not a valid PEM certificate chain and "
                               f"its private key: {exc.reason or exc}") from None

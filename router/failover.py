@@ -271,7 +271,10 @@ class Failover:
                 self.pool.ejector.success(worker_id)  # it answered: alive
             elif not attempt.timed_out:  # a timed-out attempt was counted against its worker already
                 self.pool.ejector.failure(worker_id, code.name)
-            failures.append(f"{worker_id}: {code.name}" + (f" ({details[:_DETAILS_CHARS]})" if details else ""))
+            # A worker's word on its model (the store or etcd unreachable) is the caller's business;
+            # a transport's message (internal addresses, gRPC internals) is not.
+            failures.append(f"{worker_id}: {code.name}" + (f" ({details[:_DETAILS_CHARS]})" if model_failure and details
+                                                            else ""))
             return True
         if hint is not None:  # RESOURCE_EXHAUSTED with a retry hint: busy, not broken
             overloaded_ms.append(hint)

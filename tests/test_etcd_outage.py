@@ -7,14 +7,18 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from modelfleet.demo_models import sample_features
+from modelfleet.errors import FailedPrecondition
 from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
+from modelfleet.store import LocalStore
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
 from version_service.membership import list_workers
+from worker.loading import ModelLoader
 
 OUTAGE_S = 20.0
 RECOVERY_S = 5.0
@@ -112,3 +116,22 @@ def test_a_worker_joining_through_an_etcd_stall_goes_live(own_etcd_fleet, monkey
                                         if w.worker_id == "w2" and not w.joining), None),
                           joiner, "w2 to go live once etcd answers", timeout=60)
     assert live.address and joiner.alive()
+
+
+def test_a_worker_keeps_a_record_it_read_through_an_outage_and_a_missing_artifact(own_etcd_fleet):
+    """A load whose artifact is missing asks etcd whether the version is gone; etcd away, the
+    record the worker read before must stay, so the model loads again once the artifact is back."""
+    etcd, fleet = own_etcd_fleet
+    fleet.register("acme", "v1", seed=1)
+    loader = ModelLoader(fleet.client, fleet.keys, LocalStore(fleet.store_dir))
+    loader.load("acme", "v1").close()
+    artifact = fleet.store_dir / fleet.registry.version("acme", "v1").artifact
+    etcd.stop()
+    try:
+        artifact.rename(artifact.with_suffix(".away"))
+        with pytest.raises(FailedPrecondition, match="missing"):
+            loader.load("acme", "v1")
+        artifact.with_suffix(".away").rename(artifact)
+        loader.load("acme", "v1").close()  # before: Unavailable, the record forgotten
+    finally:
+        etcd.start()

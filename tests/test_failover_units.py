@@ -164,7 +164,7 @@ def test_every_member_hung_is_deadline_exceeded_and_every_member_down_is_unavail
                           "both hung calls to be cancelled")  # at the deadline: the router's or gRPC's
         failover, pool, workers, counters = await setup({"a": [err(0, grpc.StatusCode.UNAVAILABLE)],
                                                          "b": [err(0, grpc.StatusCode.CANCELLED)]})
-        with pytest.raises(Unavailable, match=re.escape("a: UNAVAILABLE (UNAVAILABLE!); b: CANCELLED (CANCELLED!)")):
+        with pytest.raises(Unavailable, match=re.escape("a: UNAVAILABLE; b: CANCELLED")):
             await failover.send(REQUEST, ("a", "b"), 1.0)
         failover, pool, workers, counters = await setup({"b": [ok(0, "b")]})
         assert (await failover.send(REQUEST, ("gone", "b"), 1.0)).worker_id == "b"  # left the fleet: skipped

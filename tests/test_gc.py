@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -89,13 +90,27 @@ def test_a_version_name_gc_removed_is_never_taken_by_another_model(fleet):
     assert created and sorted(v.version for v in fleet.registry.versions("acme")) == ["v1", "v3"]
 
 
-def test_gc_removes_more_versions_than_one_transaction_holds(fleet):
+def test_gc_removes_more_versions_than_one_transaction_holds_and_counts_a_partial_one(fleet, monkeypatch):
     model = fleet.model_file(1)
     for n in range(1, 72):
         fleet.registry.register("many", f"v{n:03d}", model)
-    removed, _, skipped = apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1))
+        fleet.registry.register("some", f"v{n:03d}", model)
+    removed, _, skipped = apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="many"))
     assert (removed, skipped) == (70, [])
     assert [v.version for v in fleet.registry.versions("many")] == ["v071"]
+    # The route changes between two batches: the second is refused, the first stays done and counted.
+    monkeypatch.setenv("MODELFLEET_FAILPOINT_DIR", str(fleet.root))
+    outcome = {}
+    gc = threading.Thread(target=lambda: outcome.update(
+        result=apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="some"))))
+    gc.start()
+    fleet.wait_for(lambda: any(fleet.root.glob("between_retire_batches.*.ready")), what="the first batch")
+    (fleet.root / "before_route_write.go").touch()  # the pin's own failpoint: let it through
+    fleet.registry.pin("some", "v071")
+    (fleet.root / "between_retire_batches.go").touch()
+    gc.join(60)
+    removed, _, skipped = outcome["result"]
+    assert (removed, skipped) == (60, ["some"]) and len(fleet.registry.versions("some")) == 11
 
 
 def test_a_worker_that_read_a_removed_version_answers_not_found_not_a_missing_artifact(fleet):

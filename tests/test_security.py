@@ -211,3 +211,15 @@ def test_a_bad_certificate_key_or_ca_is_named_not_blamed_on_the_port(fleet, pki,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "port is in use" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: TLS certificate"), done.stderr
+
+
+def test_an_encrypted_key_is_refused_not_asked_for(pki, tmp_path):
+    """gRPC takes no encrypted key; OpenSSL would ask for its pass phrase on the terminal."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(pki["server_key"]).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(InvalidArgument, match="is encrypted"):
+        tls.server_credentials(pki["server_cert"], str(encrypted))

@@ -135,9 +135,11 @@ class Registry:
         if self.store.exists(artifact):  # stored => these bytes were checked; the header is enough
             stored = self.store.put_file(path)  # a no-op, unless the stored copy was damaged since
             info = read_header(path.read_text(errors="replace"), str(path))
-            return stored.artifact, stored.sha256, stored.size, info
-        info = self.checker.check(path)
-        stored = self.store.put_file(path)
+        else:
+            info = self.checker.check(path)
+            stored = self.store.put_file(path)
+        if stored.sha256 != sha:  # rewritten while being registered: what was checked is not what was read
+            raise Conflict(f"model file {str(path)!r} changed while it was being registered; register it again")
         return stored.artifact, stored.sha256, stored.size, info
 
     # -- writes ----------------------------------------------------------------------------
@@ -291,7 +293,9 @@ class Registry:
         route_key = self.keys.route(tenant)
         txn = self.client.transactions
         retired = utc_stamp()
-        for start in range(0, len(records), _RETIRED_PER_TXN):
+        for start in range(0, len(records), _RETIRED_PER_TXN):  # one transaction per batch
+            if start:
+                failpoints.pause("between_retire_batches")
             ops = [op for r in records[start:start + _RETIRED_PER_TXN] for op in (
                 txn.delete(self.keys.version(tenant, r.version)),
                 txn.put(self.keys.retired_version(tenant, r.version), RetiredRecord(r.sha256, retired).to_json()))]
@@ -299,7 +303,10 @@ class Registry:
                 ok, _ = self.client.transaction(compare=[txn.mod(route_key) == route_revision], success=ops,
                                                 failure=[])
             if not ok:
-                raise Conflict(f"the route of {tenant!r} changed while collecting garbage; re-run")
+                error = Conflict(f"the route of {tenant!r} changed while collecting garbage ({start} of "
+                                 f"{len(records)} versions removed); re-run")
+                error.removed = start
+                raise error
 
     def history_op(self, tenant: str, action: str, from_version: str, to_version: str, actor: str | None,
                     reason: str):

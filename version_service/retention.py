@@ -88,7 +88,8 @@ def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
         try:
             registry.delete_versions(tenant, records, plan.route_revisions[tenant])
             removed += len(records)
-        except Conflict:
+        except Conflict as exc:  # possibly after some batches of this tenant's versions went
+            removed += getattr(exc, "removed", 0)
             skipped.append(tenant)
     deleted = 0
     if registry.store is not None and plan.artifacts:

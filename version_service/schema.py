@@ -9,6 +9,9 @@ Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
     {prefix}/history/{tenant}/{event_id}  HistoryRecord -- who changed what serves a tenant, when, why
     {prefix}/routers/{router_id}          RouterRecord  -- a live router, under its lease (admin tools)
     {prefix}/apikeys/{key_id}             ApiKeyRecord  -- a caller's key: its sha256 and its tenants
+    {prefix}/gc                           CollectionRecord -- the garbage collector's guard
+    {prefix}/retired/{tenant}/{version}   RetiredRecord -- a version gc removed; its name keeps its artifact
+    {prefix}/gc-pending/{artifact}        a timestamp   -- an artifact gc is deleting (the next one finishes)
 
 Routers hold routes/, workers/ and drains/ in memory (one small record per tenant) and send the
 serving artifact's digest with each request; workers read a versions/ record only when a request

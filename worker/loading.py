@@ -54,9 +54,14 @@ class ModelLoader:
         than blaming the artifact (the record read before may be a removed version's); an etcd
         that cannot say leaves the artifact's error to stand."""
         try:
-            self.record_sha256(tenant, version, fresh=True)
+            with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
+                raw, _ = self.client.get(self.keys.version(tenant, version))
         except Unavailable:
-            pass
+            return  # the record kept stays: the artifact may be readable again before etcd is
+        if raw is None:
+            with self._records_lock:
+                self._records.pop((tenant, version), None)
+            raise NotFound(f"tenant {tenant!r} has no version {version!r}")
 
     def record_sha256(self, tenant: str, version: str, fresh: bool = False) -> str:
         """The artifact digest the version record names; `fresh` reads etcd even if cached."""
