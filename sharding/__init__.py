@@ -14,7 +14,7 @@ Modules: ``hashing`` (hashes and the score finaliser), ``member`` (member sets),
 from sharding.cache import ShardCache
 from sharding.fleet import fleet_shards
 from sharding.hashing import tenant_hash, worker_hash
-from sharding.member import Member
+from sharding.member import MAX_SHARD_SIZE, Member
 from sharding.rendezvous import shard_for
 
-__all__ = ["Member", "ShardCache", "fleet_shards", "shard_for", "tenant_hash", "worker_hash"]
+__all__ = ["MAX_SHARD_SIZE", "Member", "ShardCache", "fleet_shards", "shard_for", "tenant_hash", "worker_hash"]

@@ -32,14 +32,15 @@ def fleet_shards(tenants: Sequence[str], members: Sequence[Member], k: int | np.
     """Ordered shards of all ``tenants`` as int32 indices into ``members``.
 
     ``k`` is one shard size for all tenants or an integer array with one per tenant. The
-    result has shape (len(tenants), max k); a row holds min(k_i, len(members)) indices
-    followed by -1 padding.
+    result has shape (len(tenants), min(max k, len(members))): no row can hold more members
+    than there are, so one tenant's huge k costs no T x k array. A row holds
+    min(k_i, len(members)) indices followed by -1 padding.
     """
     pm = prepare(members)
     t = len(tenants)
     ks, kmax = _shard_sizes(k, t)
-    out = np.full((t, kmax), -1, dtype=np.int32)
     kk = min(kmax, pm.n)  # columns that can hold a member
+    out = np.full((t, kk), -1, dtype=np.int32)
     if t == 0 or kk == 0:
         return out
 
@@ -54,7 +55,7 @@ def fleet_shards(tenants: Sequence[str], members: Sequence[Member], k: int | np.
         out[start:stop, :kk] = to_caller[cols]
 
     if ks is not None:
-        out[np.arange(kmax)[None, :] >= ks[:, None]] = -1
+        out[np.arange(kk)[None, :] >= ks[:, None]] = -1
     return out
 
 

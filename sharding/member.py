@@ -8,7 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+
 from sharding.hashing import worker_hash
+
+# The most workers one tenant's shard may name: set-shard-size, shard plans and routes all stop here.
+MAX_SHARD_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)

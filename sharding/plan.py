@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sharding.fleet import fleet_shards
-from sharding.member import Member
+from sharding.member import MAX_SHARD_SIZE, Member
 
 WARMUPS_IN_JSON = 1000
 
@@ -288,8 +288,8 @@ def placement_counts(uid: np.ndarray, universe: int) -> np.ndarray:
 def _check_size(what: str, k: object) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"{what} must be an integer >= 1, got {k!r}")
-    if k < 1:
-        raise ValueError(f"{what} must be >= 1, got {k}")
+    if not 1 <= k <= MAX_SHARD_SIZE:
+        raise ValueError(f"{what} must be between 1 and {MAX_SHARD_SIZE}, got {k}")
 
 
 def _apply_sizes(ks: np.ndarray, index: dict[str, int], pairs) -> None:
@@ -312,6 +312,11 @@ def _apply_workers(members: list[Member], draining: set[str],
             raise ValueError(f"cannot add worker {m.worker_id!r}: a worker with that id already exists")
         present.add(m.worker_id)
         after.append(m)
+    named = Counter([*change.remove, *change.drain, *change.undrain])
+    twice = sorted(w for w, n in named.items() if n > 1)
+    if twice:
+        raise ValueError(f"worker {twice[0]!r} is named more than once among --remove-worker, --drain and "
+                         f"--undrain: give each worker one change")
     for w in change.remove:
         if w not in present:
             raise ValueError(f"cannot remove worker {w!r}: no such worker")
@@ -339,7 +344,7 @@ def _resize_only(tenants: list[str], live: list[Member], before: np.ndarray,
 
     Same live set, so an unresized row is unchanged; only the output width (max k) may differ.
     """
-    width = int(k_after.max()) if len(tenants) else 0
+    width = min(int(k_after.max()), len(live)) if len(tenants) else 0  # as fleet_shards: no wider than the fleet
     out = np.full((len(tenants), width), -1, dtype=np.int32)
     keep = min(width, before.shape[1])
     out[:, :keep] = before[:, :keep]

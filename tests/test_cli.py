@@ -131,6 +131,9 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("up", "--workers", "0"), {}, ">= 1"),
     (("predict", "acme", "--features", "1", "--timeout", "inf"), {}, "finite"),
     (("status", "--interval", "0"), {}, "> 0"),
+    (("set-shard-size", "acme", "abc"), {}, "or 'default'"),
+    (("set-shard-size", "acme", "5000"), {}, "from 1 to 1024"),
+    (("shards", "plan", "--set-size", "acme", "5000"), {}, "acme: expected a whole number from 1 to 1024"),
 ])
 def test_bad_settings_are_usage_errors_that_name_the_flag(monkeypatch, capsys, argv, env, needle):
     """Refused by the command line's parser (exit 2), before anything starts, whether the value came

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 
 import grpc
 import pytest
@@ -132,7 +133,7 @@ def test_routers_cli_and_plan_agree_on_every_shard_and_zones_spread(fleet):
 
 @pytest.mark.parametrize("argv,needle", [
     (("shards", "plan", "--drain", "nope"), "nope"),
-    (("shards", "plan", "--set-size", "t", "0"), "size"),
+    (("shards", "plan", "--drain", "w1", "--undrain", "w1"), "named more than once"),
     (("shards", "apply", "--add-worker", "w9@z"), "joins by starting it"),
     (("shards", "apply"), "nothing to apply"),
     (("workers", "drain", "ghost"), "ghost"),
@@ -158,3 +159,12 @@ def test_no_drain_leaves_the_fleet_without_a_live_worker(fleet):
     assert done.returncode == 1 and "leaves no live worker (live now: w2)" in done.stderr, done.stderr
     state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
     assert state == {"w1": "drained", "w2": "live"}
+    # A drain is not leased: it outlives its worker's process, is shown, and can be lifted.
+    w1 = next(p for p in fleet.procs if p.name == "w1")
+    w1.signal(signal.SIGTERM)
+    assert w1.popen.wait(15) == 0
+    state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
+    assert state == {"w1": "drained (not running)", "w2": "live"}
+    done = cli(fleet, "workers", "--json", "undrain", "w1")  # the parent's --json holds for the action
+    assert done.returncode == 0 and json.loads(done.stdout) == {"applied": True, "undrained_not_running": "w1"}
+    assert fleet.client.get(fleet.keys.drain("w1"))[0] is None

@@ -184,6 +184,17 @@ def test_drain_is_remove_but_stays_listed(fleet16):
     assert sorted(back.warmups) == sorted((t, "worker-05") for t, _ in drained.warmups)
 
 
+def test_a_worker_named_in_two_changes_and_a_size_over_the_limit_are_refused(fleet16):
+    tenants, members = fleet16
+    w = members[0].worker_id
+    with pytest.raises(ValueError, match="named more than once"):
+        plan_change(tenants, members, (), {}, 3, FleetChange(drain=(w,), undrain=(w,)))
+    with pytest.raises(ValueError, match="named more than once"):
+        plan_change(tenants, members, (), {}, 3, FleetChange(remove=(w,), drain=(w,)))
+    with pytest.raises(ValueError, match="between 1 and 1024"):
+        plan_change(tenants, members, (), {}, 3, FleetChange(set_size=((tenants[0], 1025),)))
+
+
 def test_set_size_only_touches_that_tenant(fleet16):
     tenants, members = fleet16
     t0 = tenants[123]
@@ -224,8 +235,8 @@ def test_short_shards_counted_after(fleet16):
     (FleetChange(undrain=("worker-01",)), {}, "not draining"),
     (FleetChange(drain=("worker-01",)), {"draining": ("worker-01",)}, "already draining"),
     (FleetChange(add=(Member("worker-01"),)), {}, "already exists"),
-    (FleetChange(remove=("worker-01", "worker-01")), {}, "no such worker"),
-    (FleetChange(set_size=(("tenant-000001", 0),)), {}, ">= 1"),
+    (FleetChange(remove=("worker-01", "worker-01")), {}, "named more than once"),
+    (FleetChange(set_size=(("tenant-000001", 0),)), {}, "between 1 and 1024"),
     (FleetChange(set_size=(("ghost", 2),)), {}, "ghost"),
     (FleetChange(set_size=(("tenant-000001", 2), ("tenant-000001", 3))), {}, "twice"),
     (FleetChange(), {"default_k": 0}, "default_k"),

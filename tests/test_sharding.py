@@ -232,12 +232,21 @@ def test_fleet_shards_equals_shard_for(tenant_list, members, data):
     t = len(tenant_list)
     ks = np.array(data.draw(st.lists(st.integers(1, 12), min_size=t, max_size=t)), dtype=np.int64)
     rows = fleet_shards(tenant_list, members, ks)
-    assert rows.dtype == np.int32 and rows.shape == (t, int(ks.max()) if t else 0)
+    assert rows.dtype == np.int32 and rows.shape == (t, min(int(ks.max()), len(members)) if t else 0)
     assert fleet_rows_as_ids(rows, members) == [shard_for(x, members, int(k)) for x, k in zip(tenant_list, ks)]
     k = data.draw(st.integers(1, 12))
     rows = fleet_shards(tenant_list, members, k)
-    assert rows.shape == (t, k)
+    assert rows.shape == (t, min(k, len(members)))
     assert fleet_rows_as_ids(rows, members) == [shard_for(x, members, k) for x in tenant_list]
+
+
+def test_one_huge_shard_size_costs_no_tenants_x_k_array():
+    """No row can hold more members than there are: 100k tenants, one of them at k = 10**9."""
+    tenants = [f"t{i}" for i in range(100_000)]
+    ks = np.full(len(tenants), 2, dtype=np.int64)
+    ks[0] = 10**9
+    rows = fleet_shards(tenants, [Member(f"w{i}") for i in range(3)], ks)
+    assert rows.shape == (100_000, 3) and (rows[0] >= 0).all() and (rows[1:, 2] == -1).all()
 
 
 @settings(max_examples=60)

@@ -14,7 +14,7 @@ import pyetcd
 from pyetcd import exceptions as etcd_exceptions
 
 from modelfleet.config import etcd_endpoints
-from modelfleet.errors import Unavailable
+from modelfleet.errors import FailedPrecondition, Unavailable
 from modelfleet.rpc import RECONNECT_OPTIONS
 
 EtcdClient = pyetcd.MultiEndpointEtcd3Client
@@ -91,6 +91,10 @@ def etcd_errors(client: EtcdClient, doing: str) -> Iterator[None]:
         raise Unavailable(f"etcd at {describe(client)} unavailable while {doing}: {exc}") from exc
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
+        if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" not in (exc.details() or ""):
+            # etcd's own word for a request it will not take (a duplicate key in a transaction,
+            # too many operations): a bug to report, not a credentials problem to chase
+            raise FailedPrecondition(f"etcd at {describe(client)} refused {doing}: {exc.details()}") from None
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.INVALID_ARGUMENT):
             raise _auth_error(describe(client), exc) from None

@@ -26,6 +26,7 @@ from modelfleet import failpoints
 from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.store import Store, artifact_for, sha256_file
+from sharding import MAX_SHARD_SIZE
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import (HistoryRecord, Keys, RetiredRecord, RouteRecord, VersionRecord, retired_conflict,
@@ -258,8 +259,8 @@ class Registry:
 
     def set_shard_size(self, tenant: str, shard_size: int | None) -> RouteRecord:
         """Gives a hot tenant a larger shard (None: back to the routers' default)."""
-        if shard_size is not None and not 1 <= shard_size <= 1024:
-            raise InvalidArgument(f"shard size must be between 1 and 1024, got {shard_size}")
+        if shard_size is not None and not 1 <= shard_size <= MAX_SHARD_SIZE:
+            raise InvalidArgument(f"shard size must be between 1 and {MAX_SHARD_SIZE}, got {shard_size}")
         return self._update_route(tenant, "", lambda r: r.with_changes(shard_size=shard_size))
 
     def set_limits(self, tenant: str, rate: float | None = None, burst: float | None = None,

@@ -9,7 +9,6 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
-from modelfleet.errors import InvalidArgument
 from modelfleet.store import open_store
 from sharding import shard_for
 from version_service.etcd_client import connect_args
@@ -60,8 +59,7 @@ def rollback(args: argparse.Namespace) -> int:
 
 def set_shard_size(args: argparse.Namespace) -> int:
     """Shortcut for a size change without warm-up (`shards apply --set-size` warms first)."""
-    size = None if args.size == "default" else _positive_int(args.size)
-    route = open_registry(args).set_shard_size(args.tenant, size)
+    route = open_registry(args).set_shard_size(args.tenant, args.size)
     console.print(f"{args.tenant} shard size: {route.shard_size or 'default'}")
     return 0
 
@@ -96,13 +94,6 @@ def limit_value(kind: type) -> Callable[[str], object]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number or 'default', got {text!r}") from None
     return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidArgument(f"size must be a number or 'default', got {text!r}") from None
 
 
 def versions(args: argparse.Namespace) -> int:
@@ -162,10 +153,14 @@ def workers(args: argparse.Namespace) -> int:
     rows = [{**asdict(w), "drained": w.worker_id in drains,
              "state": "drained" if w.worker_id in drains else "joining" if w.joining else "live"}
             for w in sorted(records.values(), key=lambda w: w.worker_id)]
-    if args.json:
+    # A drain outlives its worker's process (it is not leased): shown, so it can be lifted
+    # before the worker comes back drained.
+    rows += [{"worker_id": w, "address": "", "zone": "", "started": "", "drained": True,
+              "state": "drained (not running)"} for w in sorted(set(drains) - set(records))]
+    if getattr(args, "json", False):
         print(json.dumps(rows))
         return 0
-    table = Table(title=f"{len(rows)} workers")
+    table = Table(title=f"{len(records)} workers")
     for column in ("worker", "address", "zone", "state", "started"):
         table.add_column(column)
     for row in rows:

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("set-shard-size", admin.set_shard_size, "give a tenant a larger (or default) shard",
                   config.ETCD, config.PREFIX)
     sub.add_argument("tenant")
-    sub.add_argument("size", help="workers in the tenant's shard, or 'default'")
+    sub.add_argument("size", type=shards.shard_size_or_default,
+                     help=f"workers in the tenant's shard (1 to {shards.MAX_SHARD_SIZE}), or 'default'")
 
     sub = command("set-limits", admin.set_limits, "a tenant's load-shedding limits on each router (show, "
                   "set, or 'default')", config.ETCD, config.PREFIX)
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES, *ETCD_ACCESS,
                            *WORKER_CLIENT_TLS)
         sub.add_argument("worker_id")
-        sub.add_argument("--json", action="store_true", help="print JSON")
+        # SUPPRESS: `workers --json drain W` keeps the parent's --json instead of this one's default
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
         sub.set_defaults(handler=handler)
 
     group = commands.add_parser("shards", help="plan, apply and report shard changes",

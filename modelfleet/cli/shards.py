@@ -17,9 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from modelfleet import tls
-from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument
+from modelfleet import config
+from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.rebalance import WarmupResult, active_models, run_warmups, warmups_for
-from sharding import Member
+from sharding import MAX_SHARD_SIZE, Member
 from sharding.plan import FleetChange, ShardPlan, plan_change
 from sharding.report import isolation_report, simulated_fleet
 from version_service.etcd_client import connect_args, etcd_errors
@@ -54,7 +55,7 @@ def read_state(args: argparse.Namespace) -> FleetState:
 
 def change_from_args(args: argparse.Namespace) -> FleetChange:
     try:
-        sizes = tuple((validate_id("tenant id", t), int(k)) for t, k in (args.set_size or ()))
+        sizes = tuple((validate_id("tenant id", t), k) for t, k in (args.set_size or ()))
         return FleetChange(add=tuple(FleetChange.parse_worker(s) for s in args.add_worker or ()),
                            remove=tuple(args.remove_worker or ()), drain=tuple(args.drain or ()),
                            undrain=tuple(args.undrain or ()), set_size=sizes)
@@ -74,8 +75,34 @@ def add_change_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remove-worker", action="append", metavar="ID", help="a worker that will leave")
     parser.add_argument("--drain", action="append", metavar="ID", help="take a worker out of every shard")
     parser.add_argument("--undrain", action="append", metavar="ID", help="put a drained worker back")
-    parser.add_argument("--set-size", action="append", nargs=2, metavar=("TENANT", "K"), help="a tenant's shard size")
+    parser.add_argument("--set-size", action=SizeOverride, nargs=2, metavar=("TENANT", "K"),
+                        help=f"a tenant's shard size (1 to {MAX_SHARD_SIZE})")
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+SHARD_SIZE_TYPE = config.whole(1, MAX_SHARD_SIZE)
+
+
+def shard_size_or_default(text: str) -> int | None:
+    """A flag type: a shard size, or None for 'default' (the routers' --shard-size)."""
+    if text == "default":
+        return None
+    try:
+        return SHARD_SIZE_TYPE(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or 'default'") from None
+
+
+class SizeOverride(argparse.Action):
+    """`--set-size TENANT K`, appended as (tenant, K); a K that is no shard size is a usage error."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        tenant, size = values
+        try:
+            pair = (tenant, SHARD_SIZE_TYPE(size))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, f"{tenant}: {exc}") from None
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), pair])
 
 
 # -- plan ---------------------------------------------------------------------------------------
@@ -83,11 +110,19 @@ def plan(args: argparse.Namespace) -> int:
     state = read_state(args)
     change = change_from_args(args)
     result = make_plan(state, change, args.shard_size)
+    no_live_worker = not live_after(state, change)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "leaves_no_live_worker": no_live_worker}))
         return 0
     print_plan(result)
+    if no_live_worker:
+        console.print("[red]this change leaves no live worker: every tenant would fail, and apply refuses it[/red]")
     return 0
+
+
+def live_after(state: FleetState, change: FleetChange) -> list[Member]:
+    """The workers left live once `change` is applied (a removed worker leaves, as a drained one)."""
+    return live_members(state.workers, (state.drains | set(change.drain) | set(change.remove)) - set(change.undrain))
 
 
 def print_plan(result: ShardPlan) -> None:
@@ -102,7 +137,9 @@ def print_plan(result: ShardPlan) -> None:
                   f"{result.placements_after} after")
     console.print(f"moved placements: {result.moved_placements} ({result.moved_fraction:.2%}); "
                   f"tenants whose shard changes: {result.tenants_changed}")
-    console.print(f"new placements to warm (before traffic shifts, active tenants only): {len(result.warmups)}")
+    console.print(f"new placements (apply warms those of the tenants active then, before traffic shifts): "
+                  f"{len(result.warmups)}")
+
     if result.short_shard_tenants:
         console.print(f"[yellow]{result.short_shard_tenants} tenants ask for more workers than are live: "
                       f"their shard is every live worker[/yellow]")
@@ -115,8 +152,10 @@ def apply(args: argparse.Namespace) -> int:
         raise FailedPrecondition(
             "a worker joins by starting it (`modelfleet worker --worker-id ID --zone Z`): it warms the active "
             "tenants it will own before it takes traffic; use `shards plan --add-worker` to preview")
-    if change.remove:  # leaving the fleet for good = drained now, stopped by its orchestrator later
-        change = FleetChange(drain=change.drain + change.remove, undrain=change.undrain, set_size=change.set_size)
+    if change.remove:  # leaving the fleet for good = drained now (if not yet), stopped by its orchestrator later
+        drained = read_state(args).drains
+        change = FleetChange(drain=change.drain + tuple(w for w in change.remove if w not in drained),
+                             undrain=change.undrain, set_size=change.set_size)
     if change.empty:
         raise InvalidArgument("nothing to apply: give --drain, --undrain, --remove-worker or --set-size")
     return apply_change(args, change)
@@ -125,9 +164,8 @@ def apply(args: argparse.Namespace) -> int:
 def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     state = read_state(args)
     result = make_plan(state, change, args.shard_size)
-    drains_after = (state.drains | set(change.drain)) - set(change.undrain)
     before = live_members(state.workers, state.drains)
-    after = live_members(state.workers, drains_after)
+    after = live_after(state, change)
     if not after:
         raise FailedPrecondition(f"this change leaves no live worker (live now: "
                                  f"{', '.join(m.worker_id for m in before) or 'none'}): every tenant would fail; "
@@ -202,7 +240,25 @@ def drain(args: argparse.Namespace) -> int:
 
 
 def undrain(args: argparse.Namespace) -> int:
-    return apply_change(args, FleetChange(undrain=(validate_id("worker id", args.worker_id),)))
+    worker_id = validate_id("worker id", args.worker_id)
+    state = read_state(args)
+    if worker_id not in state.workers:  # not running: no shard holds it, nothing to warm
+        keys = state.registry.keys
+        with etcd_errors(state.registry.client, f"undraining {worker_id}"):
+            lifted = state.registry.client.delete(keys.drain(worker_id))
+        if not lifted:
+            raise NotFound(f"cannot undrain worker {worker_id!r}: no such worker, and no drain of it")
+        _print(args, {"applied": True, "undrained_not_running": worker_id},
+               f"{worker_id} is not running: its drain is lifted, and it takes traffic when it starts")
+        return 0
+    return apply_change(args, FleetChange(undrain=(worker_id,)))
+
+
+def _print(args: argparse.Namespace, doc: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc))
+    else:
+        console.print(text)
 
 
 # -- report -------------------------------------------------------------------------------------
