@@ -168,6 +168,7 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
     end = measure_from + spec["duration"]
     latencies: list[float] = []
     errors: Counter = Counter()
+    late: list[float] = []  # calls sent in the window and answered after it: a stall must show in p99
     response_bytes = 0
     callers = spec["concurrency"]
     # A priming run (run_cells) stops after this many requests, or at `end`, whichever is first.
@@ -195,10 +196,14 @@ async def _run_cell(spec: dict, channels: dict[str, grpc.aio.Channel]) -> dict:
                     response_bytes += len(response)
                 else:
                     errors[code] += 1
+            elif done > end and started >= measure_from:
+                late.append(done - started)
+                if code is not None:
+                    errors[code] += 1
 
     await asyncio.gather(*(caller(k) for k in range(callers)))
     return {"latencies": np.asarray(latencies, dtype=np.float64).tobytes(), "errors": dict(errors),
-            "response_bytes": response_bytes}
+            "late": np.asarray(late, dtype=np.float64).tobytes(), "response_bytes": response_bytes}
 
 
 def _generator_main(conn) -> None:
@@ -234,7 +239,7 @@ class Generators:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def run(self, spec: dict, concurrency: int, on_measuring=None) -> tuple[np.ndarray, Counter, int]:
+    def run(self, spec: dict, concurrency: int, on_measuring=None) -> tuple[np.ndarray, np.ndarray, Counter, int]:
         """Splits `concurrency` callers over the processes; returns (latencies s, errors, bytes)."""
         n = len(self.conns)
         shares = [concurrency // n + (i < concurrency % n) for i in range(n)]
@@ -250,15 +255,16 @@ class Generators:
         if on_measuring is not None:
             time.sleep(max(0.0, spec["start_at"] + spec["warmup"] - time.time()))
             on_measuring()
-        latencies, errors, nbytes = [], Counter(), 0
+        latencies, late, errors, nbytes = [], [], Counter(), 0
         for conn in busy:
             result = conn.recv()
             if "failed" in result:
                 raise RuntimeError(f"load generator failed: {result['failed']}")
             latencies.append(np.frombuffer(result["latencies"], dtype=np.float64))
+            late.append(np.frombuffer(result["late"], dtype=np.float64))
             errors.update(result["errors"])
             nbytes += result["response_bytes"]
-        return np.concatenate(latencies), errors, nbytes
+        return np.concatenate(latencies), np.concatenate(late), errors, nbytes
 
     def close(self) -> None:
         for conn in self.conns:
@@ -540,6 +546,17 @@ def _prime(bench: Bench, gens: Generators, args: argparse.Namespace, spec: dict,
     log(f"[prime] {server:<10} {spec['mix']:<8} {requests:,} requests in {time.monotonic() - started:.1f} s")
 
 
+def _without_nan(value):
+    """JSON has no NaN: null instead (a cell that got no answer has no latency)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return value
+
+
 def _percentile_ms(latencies: np.ndarray, q: float) -> float:
     return float(np.percentile(latencies, q) * 1e3) if len(latencies) else float("nan")
 
@@ -555,19 +572,21 @@ def _measure_segment(bench: Bench, gens: Generators, spec: dict, path: str, conc
                 **{k: cpu_seconds(v) for k, v in pids.items()}}
 
     before: dict = {}
-    latencies, errors, nbytes = gens.run(spec, conc, on_measuring=lambda: before.update(snapshot()))
-    return {"latencies": latencies, "errors": errors, "response_bytes": nbytes, "before": before,
+    latencies, late, errors, nbytes = gens.run(spec, conc, on_measuring=lambda: before.update(snapshot()))
+    return {"latencies": latencies, "late": late, "errors": errors, "response_bytes": nbytes, "before": before,
             "after": snapshot(), "kinds": [kind for kind, found in pids.items() if found]}
 
 
 def _record(bench: Bench, args: argparse.Namespace, path: str, mix: str, rows: int, conc: int,
             segments: list[dict], segment_s: float) -> dict:
-    lat = np.concatenate([s["latencies"] for s in segments])
+    ok = sum(len(s["latencies"]) for s in segments)  # answered inside the measured windows: rps
+    lat = np.concatenate([s["latencies"] for s in segments] + [s["late"] for s in segments])  # + the late ones
+    late = sum(int(s["late"].size) for s in segments)
     errors: Counter = Counter()
     for s in segments:
         errors.update(s["errors"])
-    ok, n_err = len(lat), sum(errors.values())
-    requests = ok + n_err
+    n_err = sum(errors.values())
+    requests = ok + late + n_err
     last = segments[-1]["after"]
 
     def delta_per_request(kind: str) -> float | None:
@@ -588,8 +607,9 @@ def _record(bench: Bench, args: argparse.Namespace, path: str, mix: str, rows: i
         "path": path, "mix": mix, "tenants": bench.tenant_counts[mix], "rows": rows, "concurrency": conc,
         "rps": ok / (segment_s * len(segments)),
         "p50_ms": _percentile_ms(lat, 50), "p99_ms": _percentile_ms(lat, 99),
-        "mean_ms": float(lat.mean() * 1e3) if ok else float("nan"),
+        "mean_ms": float(lat.mean() * 1e3) if lat.size else None,
         "errors": n_err, "error_codes": dict(errors), "requests": requests,
+        "answered_late": late,  # sent in a window, answered after it: in the percentiles, not in rps
         "miss_ratio": delta_per_request("misses"),
         "client_cpu_us": cpu_us("client"), "hop_cpu_us": cpu_us("hop"), "server_cpu_us": cpu_us("server"),
         "models_held": last["models"],
@@ -598,8 +618,8 @@ def _record(bench: Bench, args: argparse.Namespace, path: str, mix: str, rows: i
         "workers": args.workers, "routers": args.routers, "gen_procs": args.gen_procs,
         "cache_models": bench.cache_models, "worker_cache_models": bench.worker_cache_models,
         "duration_s": args.duration, "rounds": len(segments),
-        "segments": [{"rps": len(s["latencies"]) / segment_s, "p99_ms": _percentile_ms(s["latencies"], 99)}
-                     for s in segments],
+        "segments": [{"rps": len(s["latencies"]) / segment_s,
+                      "p99_ms": _percentile_ms(np.concatenate([s["latencies"], s["late"]]), 99)} for s in segments],
         "model": f"{args.trees} trees x {args.leaves} leaves, {args.features} features",
         "allocator": args.allocator,
     }
@@ -814,6 +834,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown path {path!r}: choose from {', '.join(PATHS)}")
     if min(args.workers, args.routers, args.gen_procs, args.artifacts, args.max_tenants, args.rounds) < 1:
         parser.error("--workers, --routers, --gen-procs, --artifacts, --max-tenants and --rounds must be at least 1")
+    if min(args.concurrency + args.rows) < 1:
+        parser.error("--concurrency and --rows must be at least 1")
+    if not args.duration > 0 or min(args.warmup, args.mix_warmup) < 0:
+        parser.error("--duration must be above 0, --warmup and --mix-warmup at least 0")
+    # Where the results go is checked now, not after minutes of measuring.
+    for where, is_dir in ((args.out, True), (args.json, False)):
+        if where is not None and where.exists() and where.is_dir() != is_dir:
+            parser.error(f"{where} exists and is {'not ' if is_dir else ''}a directory")
     return args
 
 
@@ -831,7 +859,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stack.callback(bench.stop)
         try:
             bench.start(log)
-        except BaseException:
+        except Exception:  # not a signal or Ctrl-C: those leave nothing behind
             log(f"set-up failed; logs kept in {root}")
             args.keep = True
             raise
@@ -839,7 +867,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.keep:
         log(f"logs kept in {root}")
     args.out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(records, indent=1)
+    text = json.dumps(_without_nan(records), indent=1)  # a cell with no answer has no percentile: null
     (args.out / "bench.json").write_text(text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

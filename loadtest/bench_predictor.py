@@ -38,6 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from loadtest.cli import describe_only
 from modelfleet.demo_models import sample_features, train_model_text
 from modelfleet.v1 import predictor_pb2
 from worker import predictor
@@ -164,6 +165,7 @@ def bench_model(label: str, kwargs: dict, single_calls: int, batch_calls: int, o
 
 
 def main() -> None:
+    describe_only(__doc__)
     console = Console(width=165)
     started = time.perf_counter()
     overhead_ns = timer_overhead_ns()

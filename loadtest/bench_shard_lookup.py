@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from loadtest.cli import describe_only
 from sharding import Member, ShardCache, fleet_shards, shard_for
 
 K = 3
@@ -43,6 +44,7 @@ def _row(label: str, median_ns: float, p99_ns: float) -> None:
 
 
 def main() -> None:
+    describe_only(__doc__)
     print(f"python {platform.python_version()}, numpy {np.__version__}, os.cpu_count()={os.cpu_count()}")
     print("per call (k=3):")
     clock = time.perf_counter_ns

@@ -20,6 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from loadtest.cli import describe_only
 from sharding.member import Member
 from sharding.plan import FleetChange, plan_change
 from sharding.report import isolation_report, simulated_fleet
@@ -40,6 +41,7 @@ def _time(fn: Callable[[], object]) -> tuple[float, float, object]:
 
 
 def main() -> None:
+    describe_only(__doc__)
     console = Console(width=None if sys.stdout.isatty() else 150)
     console.print(f"python {platform.python_version()}, numpy {np.__version__}, "
                   f"os.cpu_count()={os.cpu_count()}; {TENANTS:,} tenants x {WORKERS} workers, k={K}, "

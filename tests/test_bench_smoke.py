@@ -65,6 +65,19 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
                       ["naive", "zipf10k", "9"]]
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["--concurrency", "0"], "--concurrency and --rows"),
+    (["--rows", "0"], "--concurrency and --rows"),
+    (["--duration", "0"], "--duration must be above 0"),
+    (["--out", __file__], "is not a directory"),  # found before minutes of measuring, not after
+    (["--json", str(REPO_ROOT)], "is a directory"),
+])
+def test_bad_bench_flags_are_usage_errors_before_anything_runs(capsys, argv, says):
+    with pytest.raises(SystemExit) as exited:
+        bench.parse_args(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_naive_server_and_bare_proxy_answer_what_lightgbm_answers(fleet, tmp_path):
     models = {"acme": fleet.register("acme", "v1", seed=3),
               "bin": fleet.register("bin", "v1", seed=4, objective="binary"),

@@ -136,6 +136,8 @@ def test_demo_fleet_then_import_then_predict(fleet):
     done = cli(fleet, "demo-fleet", "--tenants", "40", "--out", str(out), "--versions", "2")
     assert done.returncode == 0, done.stderr
     manifest = done.stdout.strip()
+    again = cli(fleet, "demo-fleet", "--tenants", "10", "--out", str(out))  # would overwrite models, mix manifests
+    assert again.returncode == 1 and "is not empty" in again.stderr and "--force" in again.stderr
     assert cli(fleet, "import", manifest).returncode == 0
     assert len(fleet.registry.tenants()) == 40
     fleet.start_worker("w1")

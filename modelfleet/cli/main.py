@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--templates", type=config.whole(1), default=8, help="trained templates the models are derived from")
     sub.add_argument("--versions", type=config.whole(1), default=1, help="versions per tenant")
     sub.add_argument("--format", choices=("csv", "jsonl"), default="csv", help="manifest format")
+    sub.add_argument("--force", action="store_true", help="write into a non-empty --out (files there are overwritten)")
 
     command("router", _run_router, "run one router", *config.ROUTER_OPTIONS)
     command("worker", _run_worker, "run one worker", *config.WORKER_OPTIONS)
