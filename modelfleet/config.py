@@ -238,6 +238,10 @@ TRACING_OPTIONS = (TRACE_FILE, OTLP_ENDPOINT, TRACE_SAMPLE)
 ROUTER_PORT = Option("--port", "MODELFLEET_ROUTER_PORT", 50051, port, "router gRPC port (0 = any free port)")
 SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", 2, whole(1),
                     "workers per tenant shard when the tenant's route names none")
+# The admin commands' view of the same setting: by default what the live routers publish.
+FLEET_SHARD_SIZE = Option("--shard-size", "MODELFLEET_SHARD_SIZE", None, whole(1),
+                          "workers per tenant shard when the tenant's route names none (default: what the "
+                          "routers run with; 2 when none is up)")
 SPILL_INFLIGHT = Option("--spill-inflight", "MODELFLEET_SPILL_INFLIGHT", 32, whole(1),
                         "requests in flight on a tenant's first shard member before the next member takes more")
 ROUTER_ID = Option("--router-id", "MODELFLEET_ROUTER_ID", "", str,

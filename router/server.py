@@ -136,7 +136,7 @@ async def serve(args: argparse.Namespace) -> None:
     await server.start()
     try:
         record = RouterRecord(router_id=router_id, address=f"{args.advertise_host}:{port}",
-                              started=started_stamp())
+                              started=started_stamp(), shard_size=args.shard_size)
         registration = LeasedRegistration(client, keys.router(router_id), record, ttl=args.lease_ttl)
         try:  # admin tools find routers here; serving does not depend on it
             await loop.run_in_executor(None, registration.start)

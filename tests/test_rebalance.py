@@ -116,14 +116,16 @@ def test_routers_cli_and_plan_agree_on_every_shard_and_zones_spread(fleet):
         fleet.register(tenant, "v1", seed=1)
     zones = {"w1": "a", "w2": "a", "w3": "a", "w4": "b", "w5": "b"}
     fleet.start_workers(list(zones.items()))
-    routers = fleet.start_routers(2, shard_size=2)
+    routers = fleet.start_routers(2, shard_size=3)  # not the CLI's default (2): it plans with what routers use
     shards = {t: router_shard(routers[0].address, t) for t in tenants}
     for tenant in tenants:
-        assert router_shard(routers[1].address, tenant) == shards[tenant]
-        assert {zones[w] for w in shards[tenant]} == {"a", "b"}  # one member per zone
+        assert router_shard(routers[1].address, tenant) == shards[tenant] and len(shards[tenant]) == 3
+        assert {zones[w] for w in shards[tenant]} == {"a", "b"}  # one member per zone, then the next
     for tenant in tenants[:5]:  # the CLI runs the same function in another process
         cli_shard = json.loads(cli(fleet, "shard", tenant, "--json").stdout)
         assert tuple(w["worker_id"] for w in cli_shard["workers"]) == shards[tenant]
+    refused = cli(fleet, "shard", tenants[0], "--shard-size", "2")
+    assert refused.returncode == 1 and "the routers run with --shard-size 3" in refused.stderr
     plan = json.loads(cli(fleet, "shards", "plan", "--drain", "w1", "--json").stdout)
     per_worker_before = {w: sum(w in s for s in shards.values()) for w in zones}
     assert {w: c["before"] for w, c in plan["per_worker"].items()} == per_worker_before

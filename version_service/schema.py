@@ -316,9 +316,12 @@ class ApiKeyRecord(_Record):
 
 @dataclass(frozen=True)
 class RouterRecord(_Record):
+    """A live router. `shard_size` is its --shard-size (a tenant's shard when its route names
+    none): admin commands plan with what the routers route with, not with a default of their own."""
     router_id: str
     address: str
     started: str = ""
+    shard_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
+from modelfleet.cli.shards import fleet_shard_size
 from modelfleet.store import open_store
 from sharding import shard_for
 from version_service.etcd_client import connect_args
@@ -133,7 +134,7 @@ def shard(args: argparse.Namespace) -> int:
     route, _ = registry.route(args.tenant)
     workers, drains = read_fleet(registry.client, registry.keys)
     live = live_members(workers, drains)
-    k = route.shard_size or args.shard_size
+    k = route.shard_size or fleet_shard_size(registry.client, registry.keys, args.shard_size)
     members = shard_for(args.tenant, live, k)
     if args.json:
         print(json.dumps({"tenant": args.tenant, "shard_size": k, "short": len(members) < k,

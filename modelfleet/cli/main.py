@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = command("shard", admin.shard, "the workers of a tenant's shard, in order",
-                  config.ETCD, config.PREFIX, config.SHARD_SIZE)
+                  config.ETCD, config.PREFIX, config.FLEET_SHARD_SIZE)
     sub.add_argument("tenant")
     sub.add_argument("--json", action="store_true", help="print JSON")
     workers = command("workers", admin.workers, "list the fleet's workers; drain or undrain one",
@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("drain", shards.drain, "warm the active tenants' new members, then take the worker out of every shard"),
             ("undrain", shards.undrain, "put a drained worker back into shards (warming first)")):
         sub = actions.add_parser(name, help=help_text, description=help_text)
-        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, config.WARM_ACTIVE_MINUTES, *ETCD_ACCESS,
+        config.add_options(sub, config.ETCD, config.PREFIX, config.FLEET_SHARD_SIZE, config.WARM_ACTIVE_MINUTES,
+                           *ETCD_ACCESS,
                            *WORKER_CLIENT_TLS)
         sub.add_argument("worker_id")
         # SUPPRESS: `workers --json drain W` keeps the parent's --json instead of this one's default
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def shards_action(name: str, handler: Command, help_text: str, *options: config.Option) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text)
-        config.add_options(sub, config.ETCD, config.PREFIX, config.SHARD_SIZE, *options, *ETCD_ACCESS,
+        config.add_options(sub, config.ETCD, config.PREFIX, config.FLEET_SHARD_SIZE, *options, *ETCD_ACCESS,
                            config.LOG_FORMAT, config.LOG_LEVEL)
         sub.set_defaults(handler=handler)
         return sub

@@ -16,15 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from modelfleet import tls
-from modelfleet import config
+from modelfleet import config, tls
 from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.rebalance import WarmupResult, active_models, run_warmups, warmups_for
 from sharding import MAX_SHARD_SIZE, Member
 from sharding.plan import FleetChange, ShardPlan, plan_change
 from sharding.report import isolation_report, simulated_fleet
 from version_service.etcd_client import connect_args, etcd_errors
-from version_service.membership import read_fleet
+from version_service.membership import list_routers, read_fleet
 from version_service.registry import Registry
 from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members, utc_stamp, validate_id
 
@@ -61,6 +60,23 @@ def change_from_args(args: argparse.Namespace) -> FleetChange:
                            undrain=tuple(args.undrain or ()), set_size=sizes)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+def fleet_shard_size(client, keys: Keys, given: int | None) -> int:
+    """The shard size of tenants whose route names none, as the live routers route them (each
+    publishes its --shard-size): a plan or a warm-up with another size would move other members
+    than the routers do. `given` (--shard-size) must agree with them; routers that disagree
+    among themselves are an error to fix first."""
+    published = {r.router_id: r.shard_size for r in list_routers(client, keys) if r.shard_size}
+    sizes = sorted(set(published.values()))
+    if len(sizes) > 1:
+        raise FailedPrecondition("the routers run with different --shard-size values ("
+                                 + ", ".join(f"{r}: {k}" for r, k in sorted(published.items()))
+                                 + "): give them one before planning shards")
+    if given is not None and sizes and sizes != [given]:
+        raise FailedPrecondition(f"the routers run with --shard-size {sizes[0]}; planning with {given} would "
+                                 f"not be their shards (leave --shard-size out)")
+    return given if given is not None else sizes[0] if sizes else config.SHARD_SIZE.default
 
 
 def make_plan(state: FleetState, change: FleetChange, default_k: int) -> ShardPlan:
@@ -109,7 +125,7 @@ class SizeOverride(argparse.Action):
 def plan(args: argparse.Namespace) -> int:
     state = read_state(args)
     change = change_from_args(args)
-    result = make_plan(state, change, args.shard_size)
+    result = make_plan(state, change, fleet_shard_size(state.registry.client, state.registry.keys, args.shard_size))
     no_live_worker = not live_after(state, change)
     if args.json:
         print(json.dumps({**result.to_json(), "leaves_no_live_worker": no_live_worker}))
@@ -163,7 +179,8 @@ def apply(args: argparse.Namespace) -> int:
 
 def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     state = read_state(args)
-    result = make_plan(state, change, args.shard_size)
+    default_k = fleet_shard_size(state.registry.client, state.registry.keys, args.shard_size)
+    result = make_plan(state, change, default_k)
     before = live_members(state.workers, state.drains)
     after = live_after(state, change)
     if not after:
@@ -177,7 +194,7 @@ def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     asked = before or [m for m in state.members if m.worker_id in state.drains]
     active = active_models([state.workers[m.worker_id] for m in asked], args.warm_active_minutes * 60,
                            credentials=credentials)
-    warmups = warmups_for(active, set(state.tenants), state.sizes, before, after, args.shard_size, sizes_after)
+    warmups = warmups_for(active, set(state.tenants), state.sizes, before, after, default_k, sizes_after)
     warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, args.json, credentials)
     commit(state, change, after)
     summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
@@ -267,7 +284,7 @@ def report(args: argparse.Namespace) -> int:
         if args.tenants < 2 or args.simulate_workers < 1 or args.zones < 1:
             raise InvalidArgument("--simulate-workers >= 1, --tenants >= 2 and --zones >= 1 please")
         tenants, members = simulated_fleet(args.simulate_workers, args.tenants, args.zones)
-        k = args.shard_size
+        k = args.shard_size or config.SHARD_SIZE.default
         source = f"simulated: {args.simulate_workers} workers, {args.tenants} tenants, {args.zones} zones"
     else:
         state = read_state(args)
@@ -278,7 +295,8 @@ def report(args: argparse.Namespace) -> int:
                                      "nothing to report (try --simulate-workers N --tenants T)")
         import numpy as np
 
-        k = np.array([state.sizes.get(t, args.shard_size) for t in tenants])
+        default_k = fleet_shard_size(state.registry.client, state.registry.keys, args.shard_size)
+        k = np.array([state.sizes.get(t, default_k) for t in tenants])
         source = f"live fleet at {args.etcd}{args.prefix}"
     result = isolation_report(tenants, members, k)
     if args.json:
