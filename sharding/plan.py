@@ -6,8 +6,10 @@ shard sizes set) with ``fleet_shards``, and diffs the two as per-tenant worker b
 
 * a *placement* is one (tenant, worker) pair of a shard;
 * ``moved_placements`` are placements present before and gone after (the worker is no longer in
-  that tenant's shard); ``warmups`` are placements present after and not before: where a
-  make-before-break rollout must load the tenant's model before the change is applied;
+  that tenant's shard); ``warmups`` are placements present after and not before, and
+  ``promoted`` the members already in a shard that become its first (they take the tenant's
+  traffic): together (``to_warm``) where a make-before-break rollout must load the tenant's
+  model before the change is applied;
 * ``tenants_changed`` counts tenants whose shard *set* changes (order-only changes, possible
   with zones, do not count: they move no model).
 
@@ -96,6 +98,12 @@ class ShardPlan:
     per_worker: dict[str, tuple[int, int]]    # worker_id -> (tenants before, tenants after); every worker in either state
     warmups: list[tuple[str, str]] = field(repr=False)  # (tenant, worker) new after: load before switching
     short_shard_tenants: int                  # after the change: tenants whose k exceeds the live workers
+    promoted: list[tuple[str, str]] = field(default_factory=list, repr=False)  # (tenant, worker) becomes first
+
+    @property
+    def to_warm(self) -> list[tuple[str, str]]:
+        """Every (tenant, worker) a make-before-break apply loads first: new placements and new first members."""
+        return self.warmups + self.promoted
 
     @property
     def moved_fraction(self) -> float:
@@ -114,9 +122,10 @@ class ShardPlan:
             "short_shard_tenants": self.short_shard_tenants,
             "per_worker": {w: {"before": b, "after": a} for w, (b, a) in self.per_worker.items()},
             "warmups": {
-                "count": len(self.warmups),
-                "entries": [[t, w] for t, w in self.warmups[:WARMUPS_IN_JSON]],
-                "truncated": len(self.warmups) > WARMUPS_IN_JSON,
+                "count": len(self.to_warm),
+                "new_first_members": len(self.promoted),
+                "entries": [[t, w] for t, w in self.to_warm[:WARMUPS_IN_JSON]],
+                "truncated": len(self.to_warm) > WARMUPS_IN_JSON,
             },
         }
 
@@ -188,6 +197,14 @@ def plan_change(tenants: Sequence[str], members: Sequence[Member], draining: Col
     warm_rows, warm_cols = np.nonzero(d.new_slots)
     warm_workers = d.after_uid[warm_rows, warm_cols]
     warmups = [(tenants[r], universe[w]) for r, w in zip(warm_rows.tolist(), warm_workers.tolist())]
+    # A member already in the shard that becomes its first takes the tenant's traffic (affinity)
+    # and may never have loaded the model: apply warms it too (modelfleet.rebalance.warmups_for).
+    promoted: list[tuple[str, str]] = []
+    if d.after_uid.shape[1] and t:
+        first_before = to_universe(sh_before, map_before)[:, 0] if sh_before.shape[1] else np.full(t, -1)
+        first_after = d.after_uid[:, 0]
+        rows = np.flatnonzero((first_after >= 0) & (first_after != first_before) & ~d.new_slots[:, 0])
+        promoted = [(tenants[r], universe[first_after[r]]) for r in rows.tolist()]
 
     # Every worker registered before or after (removed ones end at 0, added ones start at 0).
     per_worker = {w: (int(d.count_before[i]), int(d.count_after[i])) for i, w in enumerate(universe)}
@@ -199,6 +216,7 @@ def plan_change(tenants: Sequence[str], members: Sequence[Member], draining: Col
         tenants_changed=int(d.changed_rows.sum()),
         per_worker=per_worker,
         warmups=warmups,
+        promoted=promoted,
         short_shard_tenants=int(np.count_nonzero(k_after > len(live_after))),
     )
 

@@ -40,6 +40,8 @@ def test_drain_warms_the_new_member_first_then_moves_traffic_and_undrain_restore
     newcomer = ({"w1", "w2", "w3"} - {first, second}).pop()
     assert "acme" not in loaded(workers[newcomer].address)
 
+    plan = json.loads(cli(fleet, "shards", "plan", "--drain", first, "--json").stdout)
+    assert (plan["warmups"]["count"], plan["warmups"]["new_first_members"]) == (2, 1)  # what apply will warm
     done = cli(fleet, "workers", "drain", first, "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)

@@ -216,8 +216,8 @@ def test_combined_change_and_json(fleet16):
     check_against_shard_for(p, tenants, members, {"worker-03"}, {tenants[1]: 4}, 2, change)
     j = p.to_json()
     assert json.loads(json.dumps(j)) == j
-    assert j["warmups"]["count"] == len(p.warmups) and j["warmups"]["truncated"] == (len(p.warmups) > 1000)
-    assert len(j["warmups"]["entries"]) == min(1000, len(p.warmups))
+    assert j["warmups"]["count"] == len(p.to_warm) and j["warmups"]["truncated"] == (len(p.to_warm) > 1000)
+    assert len(j["warmups"]["entries"]) == min(1000, len(p.to_warm))
     assert set(j["per_worker"]) == {m.worker_id for m in members} | {"w-new"}
 
 

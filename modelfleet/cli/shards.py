@@ -153,8 +153,9 @@ def print_plan(result: ShardPlan) -> None:
                   f"{result.placements_after} after")
     console.print(f"moved placements: {result.moved_placements} ({result.moved_fraction:.2%}); "
                   f"tenants whose shard changes: {result.tenants_changed}")
-    console.print(f"new placements (apply warms those of the tenants active then, before traffic shifts): "
-                  f"{len(result.warmups)}")
+    console.print(f"to warm before traffic shifts (apply warms those of the tenants active then): "
+                  f"{len(result.to_warm)} ({len(result.warmups)} new placements, {len(result.promoted)} new first "
+                  f"members)")
 
     if result.short_shard_tenants:
         console.print(f"[yellow]{result.short_shard_tenants} tenants ask for more workers than are live: "
