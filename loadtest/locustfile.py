@@ -24,8 +24,10 @@ wait. Environment:
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import sys
 import time
 
 import grpc
@@ -33,6 +35,7 @@ import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 from locust import User, constant, task
 
+from modelfleet import config
 from modelfleet.demo_models import sample_features
 from modelfleet.v1 import predictor_pb2, predictor_pb2_grpc
 
@@ -74,11 +77,20 @@ def router_address(host: str | None) -> str:
     return re.sub(r"^[a-z][a-z0-9+.-]*://", "", host).rstrip("/")
 
 
-TENANTS = parse_tenants(os.environ.get("MODELFLEET_LOCUST_TENANTS", DEFAULT_TENANTS))
-NUM_FEATURES = int(os.environ.get("MODELFLEET_LOCUST_FEATURES", "8"))
-ROWS = int(os.environ.get("MODELFLEET_LOCUST_ROWS", "1"))
-ZIPF_S = float(os.environ.get("MODELFLEET_LOCUST_ZIPF_S", "1.1"))
-TIMEOUT_S = float(os.environ.get("MODELFLEET_LOCUST_TIMEOUT", "5"))
+def _setting(name: str, default: str, parse):
+    """One MODELFLEET_LOCUST_* setting; a bad one stops locust with one line naming it."""
+    raw = os.environ.get(name, default)
+    try:
+        return parse(raw)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        sys.exit(f"error: {name}={raw!r}: {exc}")
+
+
+TENANTS = _setting("MODELFLEET_LOCUST_TENANTS", DEFAULT_TENANTS, parse_tenants)
+NUM_FEATURES = _setting("MODELFLEET_LOCUST_FEATURES", "8", config.whole(1))
+ROWS = _setting("MODELFLEET_LOCUST_ROWS", "1", config.whole(1))
+ZIPF_S = _setting("MODELFLEET_LOCUST_ZIPF_S", "1.1", config.number(0.0, above=True))
+TIMEOUT_S = _setting("MODELFLEET_LOCUST_TIMEOUT", "5", config.number(0.0, above=True))
 _CDF = np.cumsum(zipf_weights(len(TENANTS), ZIPF_S))
 _FEATURE_POOL = 1024  # distinct request bodies per user, drawn at random
 

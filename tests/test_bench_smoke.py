@@ -203,3 +203,12 @@ def test_a_benchmark_stopped_with_sigterm_removes_its_temp_dirs(tmp_path):
             proc.kill()
             proc.wait()
     assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("name,value", [("MODELFLEET_LOCUST_ROWS", "abc"), ("MODELFLEET_LOCUST_TENANTS", "t-5..t-1")])
+def test_a_bad_locust_setting_is_one_line_naming_it(name, value):
+    done = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", "1",
+                           "-t", "1s", "--host", "127.0.0.1:1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **{name: value}), timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {name}={value!r}: ")
