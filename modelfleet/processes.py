@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import IO, Sequence
 
 _PR_SET_PDEATHSIG = 1
@@ -79,8 +81,39 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
     return proc.returncode
 
 
+_HANDED_OUT: set[int] = set()
+_BELOW_EPHEMERAL = 12_000  # ports tried below the kernel's ephemeral range
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel just reported free on host (for children that must be told a port)."""
+    """A port free on host now, for a child that must be told one before it listens.
+
+    Taken below the kernel's ephemeral range: a port the kernel hands out (bind to 0, or the
+    local end of any outgoing connection, such as a worker's to etcd) can be taken again by
+    such a connection between this check and the child's bind, and the child then fails
+    "address already in use" (seen once in a full suite). Never the same port twice in one
+    process. Where no room is left below the range: the kernel's choice."""
+    low, _ = _ephemeral_range()
+    start = max(1024, low - _BELOW_EPHEMERAL)
+    for _ in range(200 if low - start >= 1000 else 0):
+        port = random.randrange(start, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -99,3 +99,11 @@ def test_sigterm_during_start_up_stops_at_once_and_leaves_nothing(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_never_twice():
+    """Outgoing connections take their local port from the ephemeral range: a port from there,
+    told to a child, can be gone by the time the child binds it (a router once failed so)."""
+    low, _ = processes._ephemeral_range()
+    ports = [processes.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(1024 <= p < low for p in ports)
