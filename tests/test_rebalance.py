@@ -161,8 +161,9 @@ def test_no_drain_leaves_the_fleet_without_a_live_worker(fleet):
         shards.commit(stale, FleetChange(drain=("w2",)), [Member("w1", "default")])
     done = cli(fleet, "workers", "drain", "w2")
     assert done.returncode == 1 and "leaves no live worker (live now: w2)" in done.stderr, done.stderr
-    state = {w["worker_id"]: w["state"] for w in json.loads(cli(fleet, "workers", "--json").stdout)}
-    assert state == {"w1": "drained", "w2": "live"}
+    rows = {w["worker_id"]: w for w in json.loads(cli(fleet, "workers", "--json").stdout)}
+    assert {w: r["state"] for w, r in rows.items()} == {"w1": "drained", "w2": "live"}
+    assert rows["w1"]["drain"]["since"] and rows["w1"]["drain"]["actor"] and "drain" not in rows["w2"]
     # A drain is not leased: it outlives its worker's process, is shown, and can be lifted.
     w1 = next(p for p in fleet.procs if p.name == "w1")
     w1.signal(signal.SIGTERM)

@@ -154,10 +154,13 @@ def workers(args: argparse.Namespace) -> int:
     rows = [{**asdict(w), "drained": w.worker_id in drains,
              "state": "drained" if w.worker_id in drains else "joining" if w.joining else "live"}
             for w in sorted(records.values(), key=lambda w: w.worker_id)]
+    for row in rows:  # who drained it, when and why
+        if row["drained"]:
+            row["drain"] = asdict(drains[row["worker_id"]])
     # A drain outlives its worker's process (it is not leased): shown, so it can be lifted
     # before the worker comes back drained.
     rows += [{"worker_id": w, "address": "", "zone": "", "started": "", "drained": True,
-              "state": "drained (not running)"} for w in sorted(set(drains) - set(records))]
+              "state": "drained (not running)", "drain": asdict(drains[w])} for w in sorted(set(drains) - set(records))]
     if getattr(args, "json", False):
         print(json.dumps(rows))
         return 0

@@ -97,6 +97,7 @@ def add_change_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SHARD_SIZE_TYPE = config.whole(1, MAX_SHARD_SIZE)
+WARMUP_FAILURES_SHOWN = 100  # of a change's failed warm-ups, in its output (text and --json)
 
 
 def shard_size_or_default(text: str) -> int | None:
@@ -200,14 +201,16 @@ def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     commit(state, change, after)
     summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
                "active_tenants": len(active), "warmups": len(warmups), "loaded": warm.loaded,
-               "already_warm": warm.already_warm, "warmup_failures": len(warm.failed)}
+               "already_warm": warm.already_warm, "warmup_failures": len(warm.failed),
+               "warmup_failed": [{"tenant": wu.tenant, "version": wu.version, "worker": wu.worker_id, "why": why}
+                                 for wu, why in warm.failed[:WARMUP_FAILURES_SHOWN]]}
     if args.json:
         print(json.dumps(summary))
     else:
         console.print(f"applied: {result.moved_placements} placements moved, {len(warmups)} warm-ups for "
                       f"{len(active)} active tenants ({warm.loaded} loaded, {warm.already_warm} already warm, "
                       f"{len(warm.failed)} failed)")
-        for wu, why in warm.failed[:10]:
+        for wu, why in warm.failed[:WARMUP_FAILURES_SHOWN]:
             console.print(f"  [yellow]warm-up failed[/yellow] {wu.tenant} {wu.version} on {wu.worker_id}: {why}")
     return 0
 
