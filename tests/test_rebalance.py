@@ -72,7 +72,7 @@ def test_a_joining_worker_warms_the_active_tenants_it_will_own_before_going_live
     stub = predictor(router.address)
     for tenant in tenants:
         predict(stub, tenant, X)
-    new = fleet.start_worker("w3", extra=("--shard-size", "1"))
+    new = fleet.start_worker("w3")  # its own --shard-size is 2: it warms with the routers' 1
     fleet.wait_for(lambda: "w3" in [m.worker_id for m in _live(fleet)], what="w3 to go live")
     live = [Member(w) for w in ("w1", "w2", "w3")]
     owned = {t for t in tenants if shard_for(t, live, 1) == ("w3",)}

@@ -106,3 +106,9 @@ def list_routers(client: EtcdClient, keys: Keys) -> list[RouterRecord]:
     with etcd_errors(client, "listing routers"):
         resp = client.get_prefix_response(keys.routers)
     return sorted((RouterRecord.from_json(kv.value) for kv in resp.kvs), key=lambda r: r.router_id)
+
+
+def published_shard_sizes(client: EtcdClient, keys: Keys) -> dict[str, int]:
+    """router_id -> the --shard-size it routes with, for the live routers that publish one: what
+    plans and warm-ups must use, or they move other members than the routers do."""
+    return {r.router_id: r.shard_size for r in list_routers(client, keys) if r.shard_size}

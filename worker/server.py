@@ -24,7 +24,7 @@ from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from version_service.etcd_client import connect_args
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
-from version_service.membership import LeasedRegistration, read_fleet
+from version_service.membership import LeasedRegistration, published_shard_sizes, read_fleet
 from version_service.registry import Registry
 from version_service.schema import Keys, WorkerRecord, live_members, started_stamp, validate_id
 from prometheus_client import CollectorRegistry
@@ -160,7 +160,9 @@ def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.
         if not active:
             return
         tenants, sizes = Registry(client, keys).shard_sizes()
-        mine = [w for w in warmups_for(active, set(tenants), sizes, before, after, args.shard_size)
+        routed = set(published_shard_sizes(client, keys).values())  # what the routers will route with
+        default_k = routed.pop() if len(routed) == 1 else args.shard_size
+        mine = [w for w in warmups_for(active, set(tenants), sizes, before, after, default_k)
                 if w.worker_id == me.worker_id]
         result = run_warmups(mine, {me.worker_id: me.address}, credentials=credentials)
         event(log, "worker.warmed_before_join", worker=me.worker_id, active_tenants=len(active),

@@ -23,7 +23,7 @@ from sharding import MAX_SHARD_SIZE, Member
 from sharding.plan import FleetChange, ShardPlan, plan_change
 from sharding.report import isolation_report, simulated_fleet
 from version_service.etcd_client import connect_args, etcd_errors
-from version_service.membership import list_routers, read_fleet
+from version_service.membership import published_shard_sizes, read_fleet
 from version_service.registry import Registry
 from version_service.schema import DrainRecord, Keys, RouteRecord, WorkerRecord, live_members, utc_stamp, validate_id
 
@@ -67,7 +67,7 @@ def fleet_shard_size(client, keys: Keys, given: int | None) -> int:
     publishes its --shard-size): a plan or a warm-up with another size would move other members
     than the routers do. `given` (--shard-size) must agree with them; routers that disagree
     among themselves are an error to fix first."""
-    published = {r.router_id: r.shard_size for r in list_routers(client, keys) if r.shard_size}
+    published = published_shard_sizes(client, keys)
     sizes = sorted(set(published.values()))
     if len(sizes) > 1:
         raise FailedPrecondition("the routers run with different --shard-size values ("
