@@ -166,9 +166,12 @@ class LocalStore:
 
     def _intact(self, artifact: str, sha256: str, size: int) -> bool:
         try:
-            return self._path(artifact).stat().st_size == size and bool(self.read_verified(artifact, sha256, ""))
+            if self._path(artifact).stat().st_size != size:
+                return False
+            self.read_verified(artifact, sha256, "")  # hashed, unless this unchanged file was already
         except (OSError, FailedPrecondition):
             return False
+        return True
 
     def read_verified(self, artifact: str, sha256: str, what: str) -> bytes:
         """The artifact's bytes, or FailedPrecondition naming `what` when missing or corrupt.

@@ -32,3 +32,17 @@ def logged_line(fleet: Fleet, proc: Proc, event: str) -> str:
     before either."""
     return fleet.wait_for(lambda: next((line for line in proc.log().splitlines() if event in line), None), proc,
                           f"{proc.name} to log {event}", timeout=10)
+
+
+def serve_and_warm(fleet: Fleet, tenants, shard_size: int = 2):
+    """Two workers and a router over the registered `tenants`, each tenant answered once (its
+    model loaded on its first member): (workers, router, router stub, one feature row)."""
+    from modelfleet.demo_models import sample_features
+
+    workers = fleet.start_workers([("w1", "default"), ("w2", "default")])
+    router = fleet.start_router(shard_size=shard_size)
+    stub = predictor(router.address)
+    x = sample_features(1, 1)[0]
+    for tenant in tenants:
+        fleet.wait_for(lambda: predict(stub, tenant, x), what="warm-up")
+    return workers, router, stub, x

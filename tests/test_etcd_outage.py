@@ -9,13 +9,12 @@ import time
 import grpc
 import pytest
 
-from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition
 from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
 from modelfleet.store import LocalStore
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
-from tests.fleet import predict, predictor
+from tests.fleet import predict, serve_and_warm
 from tests.test_cli import cli
 from version_service.membership import list_workers
 from worker.loading import ModelLoader
@@ -30,12 +29,7 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
     for i, tenant in enumerate(tenants):
         fleet.register(tenant, "v1", seed=i)
     fleet.register("a", "v2", seed=10)  # a serves v2
-    workers = fleet.start_workers([("w1", "default"), ("w2", "default")])
-    router = fleet.start_router(shard_size=2)
-    stub = predictor(router.address)
-    x = sample_features(1, 1)[0]
-    for tenant in tenants:
-        fleet.wait_for(lambda: predict(stub, tenant, x), what="warm-up")
+    workers, router, stub, x = serve_and_warm(fleet, tenants)
     oip = grpc_service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(router.address))
     assert oip.ModelMetadata(pb.ModelMetadataRequest(name="c"), timeout=5).inputs  # read before the outage
     fleet.register("d", "v1", seed=20)

@@ -8,8 +8,7 @@ import time
 import pytest
 
 from modelfleet import rpc
-from modelfleet.demo_models import sample_features
-from tests.fleet import predict, predictor
+from tests.fleet import predict, serve_and_warm
 
 
 def test_servers_accept_the_pings_their_clients_send():
@@ -23,12 +22,7 @@ def test_an_idle_fleet_answers_the_first_predict_after_two_minutes(fleet):
     tenants = [f"t{i}" for i in range(4)]
     for i, tenant in enumerate(tenants):
         fleet.register(tenant, "v1", seed=i)
-    workers = fleet.start_workers([("w1", "default"), ("w2", "default")])
-    router = fleet.start_router(shard_size=2)
-    stub = predictor(router.address)
-    x = sample_features(1, 1)[0]
-    for tenant in tenants:
-        fleet.wait_for(lambda: predict(stub, tenant, x), what="warm-up")
+    workers, router, stub, x = serve_and_warm(fleet, tenants)
     idle_until = time.monotonic() + 130  # gRPC's defaults ended the streams after ~100 s
     fleet.wait_for(lambda: time.monotonic() >= idle_until, timeout=200, what="two idle minutes")
     for tenant in tenants:

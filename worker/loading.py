@@ -35,40 +35,26 @@ class ModelLoader:
         self._records_lock = threading.Lock()  # loads run in a thread pool
 
     def record(self, tenant: str, version: str) -> VersionRecord:
-        key = (tenant, version)
         with self._records_lock:
-            record = self._records.get(key)
-        if record is not None:
-            return record
+            record = self._records.get((tenant, version))
+        return record if record is not None else self._read_record(tenant, version)
+
+    def _read_record(self, tenant: str, version: str) -> VersionRecord:
+        """The record from etcd, kept for next time; NotFound (and forgotten) when it is gone.
+        Unavailable leaves what was kept as it was: a worker reloads models it has seen while
+        etcd is away."""
         with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
             raw, _ = self.client.get(self.keys.version(tenant, version))
-        if raw is None:
-            raise NotFound(f"tenant {tenant!r} has no version {version!r}")
-        record = VersionRecord.from_json(raw)
         with self._records_lock:
-            self._records[key] = record
-        return record
-
-    def _still_registered(self, tenant: str, version: str) -> None:
-        """NotFound when gc has removed the version whose artifact is missing or damaged, rather
-        than blaming the artifact (the record read before may be a removed version's); an etcd
-        that cannot say leaves the artifact's error to stand."""
-        try:
-            with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
-                raw, _ = self.client.get(self.keys.version(tenant, version))
-        except Unavailable:
-            return  # the record kept stays: the artifact may be readable again before etcd is
-        if raw is None:
-            with self._records_lock:
+            if raw is None:
                 self._records.pop((tenant, version), None)
-            raise NotFound(f"tenant {tenant!r} has no version {version!r}")
+                raise NotFound(f"tenant {tenant!r} has no version {version!r}")
+            record = self._records[(tenant, version)] = VersionRecord.from_json(raw)
+        return record
 
     def record_sha256(self, tenant: str, version: str, fresh: bool = False) -> str:
         """The artifact digest the version record names; `fresh` reads etcd even if cached."""
-        if fresh:
-            with self._records_lock:
-                self._records.pop((tenant, version), None)
-        return self.record(tenant, version).sha256
+        return (self._read_record(tenant, version) if fresh else self.record(tenant, version)).sha256
 
     def load(self, tenant: str, version: str, artifact: str | None = None) -> LoadedModel:
         """The model from the version record's artifact, or from `artifact` (a router's hint:
@@ -82,8 +68,11 @@ class ModelLoader:
         try:
             data = self.store.read_verified(path, sha256, what)
         except FailedPrecondition:
-            if artifact is None:
-                self._still_registered(tenant, version)
+            if artifact is None:  # the record read before may be of a version gc removed since
+                try:
+                    self._read_record(tenant, version)  # NotFound then, not the artifact's error
+                except Unavailable:
+                    pass  # etcd cannot say: the artifact's error stands, the record kept stays
             raise
         parse_started = time.perf_counter()
         try:

@@ -157,7 +157,6 @@ def print_plan(result: ShardPlan) -> None:
     console.print(f"to warm before traffic shifts (apply warms those of the tenants active then): "
                   f"{len(result.to_warm)} ({len(result.warmups)} new placements, {len(result.promoted)} new first "
                   f"members)")
-
     if result.short_shard_tenants:
         console.print(f"[yellow]{result.short_shard_tenants} tenants ask for more workers than are live: "
                       f"their shard is every live worker[/yellow]")
@@ -170,17 +169,18 @@ def apply(args: argparse.Namespace) -> int:
         raise FailedPrecondition(
             "a worker joins by starting it (`modelfleet worker --worker-id ID --zone Z`): it warms the active "
             "tenants it will own before it takes traffic; use `shards plan --add-worker` to preview")
-    if change.remove:  # leaving the fleet for good = drained now (if not yet), stopped by its orchestrator later
-        drained = read_state(args).drains
-        change = FleetChange(drain=change.drain + tuple(w for w in change.remove if w not in drained),
-                             undrain=change.undrain, set_size=change.set_size)
     if change.empty:
         raise InvalidArgument("nothing to apply: give --drain, --undrain, --remove-worker or --set-size")
-    return apply_change(args, change)
-
-
-def apply_change(args: argparse.Namespace, change: FleetChange) -> int:
     state = read_state(args)
+    if change.remove:  # leaving the fleet for good = drained now (if not yet), stopped by its orchestrator later
+        change = FleetChange(drain=change.drain + tuple(w for w in change.remove if w not in state.drains),
+                             undrain=change.undrain, set_size=change.set_size)
+    return apply_change(args, change, state)
+
+
+def apply_change(args: argparse.Namespace, change: FleetChange, state: FleetState | None = None) -> int:
+    """Warm, then commit `change`; `state`: the fleet as the caller already read it (else read here)."""
+    state = state if state is not None else read_state(args)
     default_k = fleet_shard_size(state.registry.client, state.registry.keys, args.shard_size)
     result = make_plan(state, change, default_k)
     before = live_members(state.workers, state.drains)
@@ -272,7 +272,7 @@ def undrain(args: argparse.Namespace) -> int:
         _print(args, {"applied": True, "undrained_not_running": worker_id},
                f"{worker_id} is not running: its drain is lifted, and it takes traffic when it starts")
         return 0
-    return apply_change(args, FleetChange(undrain=(worker_id,)))
+    return apply_change(args, FleetChange(undrain=(worker_id,)), state)
 
 
 def _print(args: argparse.Namespace, doc: dict, text: str) -> None:
