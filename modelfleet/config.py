@@ -109,6 +109,25 @@ port = whole(0, 65535)
 positive_seconds = number(0.0, above=True)
 
 
+def one_line(max_chars: int) -> Callable[[str], str]:
+    """A flag type: printable text on one line, 1 to `max_chars` characters once stripped. For
+    notes an operator leaves in etcd (a drain's reason): shown in tables and logs, where a newline
+    or a control character would forge or break a line, and kept in every read of the fleet."""
+
+    def parse(text: str) -> str:
+        value = str(text).strip()
+        if not value:
+            raise argparse.ArgumentTypeError("expected some text, got an empty string")
+        if len(value) > max_chars:
+            raise argparse.ArgumentTypeError(f"expected at most {max_chars} characters, got {len(value)}")
+        if not value.isprintable():
+            raise argparse.ArgumentTypeError(f"expected printable text on one line, got {value[:40]!r}")
+        return value
+
+    parse.__name__ = "one_line"
+    return parse
+
+
 def boolean(text: str) -> bool:
     """1/0, true/false, yes/no, on/off in any case; anything else is refused, never read as off
     (a misspelt `MODELFLEET_AUTH=enabled` must not turn authentication off)."""
@@ -315,6 +334,9 @@ WARM_ON_JOIN = Option("--warm-on-join", "MODELFLEET_WARM_ON_JOIN", True, boolean
                       "a joining worker loads the active tenants it is about to own before it takes traffic (1/0)")
 WARM_ACTIVE_MINUTES = Option("--warm-active-minutes", "MODELFLEET_WARM_ACTIVE_MINUTES", 10.0, number(0.0),
                              "make-before-break warms tenants active within this many minutes")
+WARM_TIMEOUT = Option("--warm-timeout", "MODELFLEET_WARM_TIMEOUT", 30.0, positive_seconds,
+                      "seconds one make-before-break warm-up (a model load on one worker) may take; a worker that "
+                      "does not answer in time counts as unreachable, and the change is not committed")
 
 # -- demo fleet -------------------------------------------------------------------------------
 UP_WORKERS = Option("--workers", "MODELFLEET_UP_WORKERS", 3, whole(1), "worker processes in the demo fleet")
@@ -338,7 +360,8 @@ ALL_OPTIONS: tuple[Option, ...] = (
     ALLOCATOR, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, DRAIN_SECONDS, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
-    ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS,
+    ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_TIMEOUT, UP_WORKERS, UP_DEMO_TENANTS,
+    ROUTER_ADDRESS,
     *ROUTER_RESILIENCE_OPTIONS, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS,
 )
 

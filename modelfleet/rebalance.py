@@ -20,6 +20,7 @@ from modelfleet.log import event
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from sharding import Member, shard_for
 from version_service.schema import WorkerRecord
+from worker.failure_scope import is_model_failure
 
 log = logging.getLogger("modelfleet.rebalance")
 
@@ -31,15 +32,37 @@ class Warmup:
     worker_id: str
 
 
+# A Warm that ends with one of these, unless marked as the model's own failure, is about the
+# worker: gone, hung, or not answering within the warm-up's deadline.
+UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
 @dataclass
 class WarmupResult:
+    """What a change's warm-ups did. `unreachable` counts, per worker, the failed warm-ups that
+    say the worker itself could not be reached: make-before-break must not shift traffic onto it.
+    The other failures (NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, a store the worker
+    cannot reach) are the model's: they would fail on any worker, so they do not stop a change."""
+
     loaded: int = 0
     already_warm: int = 0
     failed: list[tuple[Warmup, str]] = field(default_factory=list)
+    unreachable: dict[str, int] = field(default_factory=dict)
 
     @property
     def done(self) -> int:
         return self.loaded + self.already_warm + len(self.failed)
+
+
+def worker_unreachable(exc: grpc.RpcError | LookupError) -> bool:
+    """Whether a failed Warm says its worker could not be reached (not registered, UNAVAILABLE or
+    DEADLINE_EXCEEDED from the transport), as against the model failing to load. A worker's own
+    UNAVAILABLE about one model (its store or etcd is away) carries the model-failure mark."""
+    if isinstance(exc, LookupError):
+        return True
+    if not isinstance(exc, grpc.Call):
+        return False
+    return exc.code() in UNREACHABLE_CODES and not is_model_failure(exc.trailing_metadata())
 
 
 def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: float = 5.0,
@@ -87,7 +110,8 @@ def warmups_for(active: Mapping[str, set[str]], tenants: Collection[str], sizes:
 def run_warmups(warmups: Sequence[Warmup], addresses: Mapping[str, str], concurrency: int = 8,
                 timeout: float = 30.0, on_progress: Callable[[WarmupResult, int], None] | None = None,
                 credentials: grpc.ChannelCredentials | None = None) -> WarmupResult:
-    """Calls Worker.Warm for each placement, `concurrency` at a time; never raises for one failure."""
+    """Calls Worker.Warm for each placement, `concurrency` at a time, each within `timeout`
+    seconds (a hung worker fails as DEADLINE_EXCEEDED, i.e. unreachable); never raises for one failure."""
     result = WarmupResult()
     if not warmups:
         return result
@@ -112,12 +136,15 @@ def run_warmups(warmups: Sequence[Warmup], addresses: Mapping[str, str], concurr
                         result.already_warm += 1
                 except (grpc.RpcError, LookupError) as exc:
                     detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                    result.failed.append((futures[future], detail or "failed"))
+                    wu = futures[future]
+                    result.failed.append((wu, detail or "failed"))
+                    if worker_unreachable(exc):
+                        result.unreachable[wu.worker_id] = result.unreachable.get(wu.worker_id, 0) + 1
                 if on_progress is not None:
                     on_progress(result, len(warmups))
     finally:
         for channel in channels.values():
             channel.close()
     event(log, "rebalance.warmed", placements=len(warmups), loaded=result.loaded, already_warm=result.already_warm,
-          failed=len(result.failed))
+          failed=len(result.failed), unreachable=",".join(sorted(result.unreachable)))
     return result

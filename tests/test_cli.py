@@ -134,6 +134,12 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("set-shard-size", "acme", "abc"), {}, "or 'default'"),
     (("set-shard-size", "acme", "5000"), {}, "from 1 to 1024"),
     (("shards", "plan", "--set-size", "acme", "5000"), {}, "acme: expected a whole number from 1 to 1024"),
+    (("workers", "drain", "w1", "--reason", "  "), {}, "argument --reason: expected some text"),
+    (("workers", "drain", "w1", "--reason", "x" * 201), {}, "at most 200 characters, got 201"),
+    (("workers", "drain", "w1", "--reason", "ok\nw2 drained by root: forged"), {}, "printable text on one line"),
+    (("shards", "apply", "--drain", "w1", "--reason", "\x1b[2J"), {}, "printable text on one line"),
+    (("workers", "undrain", "w1", "--warm-timeout", "0"), {}, "> 0"),
+    (("shards", "apply", "--undrain", "w1"), {"MODELFLEET_WARM_TIMEOUT": "soon"}, "MODELFLEET_WARM_TIMEOUT"),
 ])
 def test_bad_settings_are_usage_errors_that_name_the_flag(monkeypatch, capsys, argv, env, needle):
     """Refused by the command line's parser (exit 2), before anything starts, whether the value came

@@ -11,10 +11,12 @@ import pytest
 from modelfleet.cli import shards
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import Conflict
-from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
+from modelfleet.rebalance import Warmup, run_warmups
+from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc, worker_pb2
 from sharding import Member, shard_for
 from sharding.plan import FleetChange
-from tests.fleet import predict, predictor, stats
+from tests.fleet import predict, predictor, stats, worker_stub
+from version_service.schema import DrainRecord
 from tests.test_cli import cli
 
 X = sample_features(1, 1)[0]
@@ -173,3 +175,55 @@ def test_no_drain_leaves_the_fleet_without_a_live_worker(fleet):
     done = cli(fleet, "workers", "--json", "undrain", "w1")  # the parent's --json holds for the action
     assert done.returncode == 0 and json.loads(done.stdout) == {"applied": True, "undrained_not_running": "w1"}
     assert fleet.client.get(fleet.keys.drain("w1"))[0] is None
+
+
+def test_a_change_whose_warm_ups_cannot_reach_a_worker_is_not_committed_unless_forced(fleet):
+    """w1 is drained (with a reason), then hangs (SIGSTOP; its lease outlives the test). Undraining
+    it would put w1 in acme's shard without acme's model, which only a reachable w1 could load:
+    refused with exit 1, one line naming w1 and the count, a --json summary, the drain untouched;
+    --force commits and says so."""
+    fleet.lease_ttl = 60
+    fleet.register("acme", "v1", seed=1)
+    workers = {p.name: p for p in fleet.start_workers([("w1", "default"), ("w2", "default")])}
+    worker_stub(workers["w2"].address).Warm(worker_pb2.WarmRequest(tenant_id="acme", version="v1"), timeout=10)
+    done = cli(fleet, "workers", "drain", "w1", "--reason", "kernel upgrade (OPS-12)")  # acme active on w2
+    assert done.returncode == 0, done.stderr
+    drain_key = fleet.keys.drain("w1")
+    drained = fleet.client.get(drain_key)[0]
+    record = DrainRecord.from_json(drained)
+    assert record.reason == "kernel upgrade (OPS-12)" and record.actor and record.since
+
+    workers["w1"].signal(signal.SIGSTOP)
+    try:
+        refused = cli(fleet, "workers", "undrain", "w1", "--warm-timeout", "0.3", "--json")
+        error = refused.stderr.strip().splitlines()[-1]
+        assert refused.returncode == 1 and error.startswith("error: not applied: 1 of 1 warm-ups could not reach "
+                                                            "their worker (w1: 1)") and "--force" in error, refused.stderr
+        summary = json.loads(refused.stdout)
+        assert (summary["applied"], summary["unreachable_workers"]) == (False, {"w1": 1})
+        assert [(f["tenant"], f["worker"]) for f in summary["warmup_failed"]] == [("acme", "w1")]
+        assert fleet.client.get(drain_key)[0] == drained  # not committed: the same drain record
+        shown = cli(fleet, "workers")
+        assert "drained" in shown.stdout and "by " + record.actor + ": kernel upgrade (OPS-12)" in shown.stdout
+
+        forced = cli(fleet, "workers", "undrain", "w1", "--warm-timeout", "0.3", "--force")
+        assert forced.returncode == 0, forced.stderr
+        said = " ".join(forced.stdout.split())  # rich wraps lines at 80 columns when not on a terminal
+        assert "applied with --force" in said and "could not reach their worker (w1: 1)" in said, said
+        assert fleet.client.get(drain_key)[0] is None
+    finally:
+        workers["w1"].signal(signal.SIGCONT)
+
+
+def test_only_a_worker_that_cannot_be_reached_counts_against_a_change(fleet):
+    """A version that does not exist fails on any worker (NOT_FOUND: the model's failure, which
+    does not stop a change); a worker that is not registered is unreachable (one that does not
+    answer in time: the test above)."""
+    fleet.register("acme", "v1", seed=1)
+    w1 = fleet.start_worker("w1")
+    warmups = [Warmup("acme", "v1", "w1"), Warmup("acme", "v404", "w1"), Warmup("acme", "v1", "gone")]
+    result = run_warmups(warmups, {"w1": w1.address})
+    assert (result.loaded, result.already_warm, len(result.failed)) == (1, 0, 2)
+    assert result.unreachable == {"gone": 1}
+    assert {wu.version: why for wu, why in result.failed} == {"v404": "tenant 'acme' has no version 'v404'",
+                                                              "v1": "worker gone is not registered"}

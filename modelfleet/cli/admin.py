@@ -7,6 +7,7 @@ from typing import Callable
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from modelfleet.cli.shards import fleet_shard_size
@@ -170,6 +171,11 @@ def workers(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(row["worker_id"], row["address"], row["zone"], row["state"], row["started"])
     console.print(table)
+    for row in rows:  # below the table: a reason of up to 200 characters would crush its columns
+        if row["drained"]:
+            drain = row["drain"]
+            console.print(f"{row['worker_id']} drained since {drain['since']} by {drain['actor'] or '?'}: "
+                          f"{escape(drain['reason'] or '(no reason given)')}", soft_wrap=True)
     return 0
 
 

@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("undrain", shards.undrain, "put a drained worker back into shards (warming first)")):
         sub = actions.add_parser(name, help=help_text, description=help_text)
         config.add_options(sub, config.ETCD, config.PREFIX, config.FLEET_SHARD_SIZE, config.WARM_ACTIVE_MINUTES,
-                           *ETCD_ACCESS,
-                           *WORKER_CLIENT_TLS)
+                           config.WARM_TIMEOUT, *ETCD_ACCESS, *WORKER_CLIENT_TLS)
         sub.add_argument("worker_id")
+        shards.add_commit_arguments(sub, drains=name == "drain")
         # SUPPRESS: `workers --json drain W` keeps the parent's --json instead of this one's default
         sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
         sub.set_defaults(handler=handler)
@@ -206,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     shards.add_change_arguments(shards_action("plan", shards.plan, "what a proposed change would move"))
-    shards.add_change_arguments(shards_action("apply", shards.apply, "warm, then commit a change in one transaction",
-                                              config.WARM_ACTIVE_MINUTES, *WORKER_CLIENT_TLS))
+    sub = shards_action("apply", shards.apply, "warm, then commit a change in one transaction",
+                        config.WARM_ACTIVE_MINUTES, config.WARM_TIMEOUT, *WORKER_CLIENT_TLS)
+    shards.add_change_arguments(sub)
+    shards.add_commit_arguments(sub, drains=True)
     sub = shards_action("report", shards.report, "isolation figures for the live fleet or a simulated one")
     sub.add_argument("--simulate-workers", type=config.whole(1), metavar="N", help="report on N simulated workers instead")
     sub.add_argument("--tenants", type=config.whole(1), default=100_000, help="simulated tenants (with --simulate-workers)")

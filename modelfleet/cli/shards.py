@@ -2,7 +2,8 @@
 
 plan   : what a proposed change moves (read-only, from etcd's current state).
 apply  : warm the new placements of recently active tenants (make-before-break), then commit
-         the whole change in one etcd transaction that fails if anything it read has changed.
+         the whole change in one etcd transaction that fails if anything it read has changed;
+         not at all when a warm-up could not reach its worker (unless --force).
 report : how well shuffle sharding isolates tenants, live or for a hypothetical fleet.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -96,8 +98,22 @@ def add_change_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+def add_commit_arguments(parser: argparse.ArgumentParser, drains: bool) -> None:
+    """The flags of the commands that warm, then commit (apply, drain, undrain); `drains`: it
+    may drain a worker, so it takes the --reason kept in the drain record."""
+    parser.add_argument("--force", action="store_true",
+                        help="commit even when warm-ups could not reach a worker (an incident): traffic moves onto "
+                             "workers that were not warmed")
+    if drains:
+        parser.add_argument("--reason", type=REASON_TYPE, default=None, metavar="TEXT",
+                            help=f"why the worker is drained, kept in its drain record and shown by `workers` "
+                                 f"(printable, one line, at most {REASON_CHARS} characters)")
+
+
 SHARD_SIZE_TYPE = config.whole(1, MAX_SHARD_SIZE)
 WARMUP_FAILURES_SHOWN = 100  # of a change's failed warm-ups, in its output (text and --json)
+REASON_CHARS = 200  # a drain's --reason: a note for the `workers` table, not a document
+REASON_TYPE = config.one_line(REASON_CHARS)
 
 
 def shard_size_or_default(text: str) -> int | None:
@@ -175,11 +191,18 @@ def apply(args: argparse.Namespace) -> int:
     if change.remove:  # leaving the fleet for good = drained now (if not yet), stopped by its orchestrator later
         change = FleetChange(drain=change.drain + tuple(w for w in change.remove if w not in state.drains),
                              undrain=change.undrain, set_size=change.set_size)
-    return apply_change(args, change, state)
+    return apply_change(args, change, state, reason=args.reason or "shards apply")
 
 
-def apply_change(args: argparse.Namespace, change: FleetChange, state: FleetState | None = None) -> int:
-    """Warm, then commit `change`; `state`: the fleet as the caller already read it (else read here)."""
+def apply_change(args: argparse.Namespace, change: FleetChange, state: FleetState | None = None,
+                 reason: str = "") -> int:
+    """Warm, then commit `change`; `state`: the fleet as the caller already read it (else read
+    here); `reason`: kept in the record of each drain the change makes.
+
+    Not committed (FailedPrecondition) when a warm-up could not reach its worker, unless
+    --force: make-before-break must not move traffic onto a worker it could not warm, which may
+    well be down. A warm-up that failed for the model's sake would fail on any worker: it is
+    reported and does not stop the change."""
     state = state if state is not None else read_state(args)
     default_k = fleet_shard_size(state.registry.client, state.registry.keys, args.shard_size)
     result = make_plan(state, change, default_k)
@@ -197,35 +220,63 @@ def apply_change(args: argparse.Namespace, change: FleetChange, state: FleetStat
     active = active_models([state.workers[m.worker_id] for m in asked], args.warm_active_minutes * 60,
                            credentials=credentials)
     warmups = warmups_for(active, set(state.tenants), state.sizes, before, after, default_k, sizes_after)
-    warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, args.json, credentials)
-    commit(state, change, after)
-    summary = {"applied": True, "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
+    warm = warm_with_progress(warmups, {w: r.address for w, r in state.workers.items()}, args.json, credentials,
+                              args.warm_timeout)
+    refused = bool(warm.unreachable) and not args.force
+    summary = {"applied": not refused, "forced": bool(warm.unreachable) and args.force,
+               "moved_placements": result.moved_placements, "tenants_changed": result.tenants_changed,
                "active_tenants": len(active), "warmups": len(warmups), "loaded": warm.loaded,
                "already_warm": warm.already_warm, "warmup_failures": len(warm.failed),
+               "unreachable_workers": dict(sorted(warm.unreachable.items())),
                "warmup_failed": [{"tenant": wu.tenant, "version": wu.version, "worker": wu.worker_id, "why": why}
                                  for wu, why in warm.failed[:WARMUP_FAILURES_SHOWN]]}
-    if args.json:
+    if not refused:
+        commit(state, change, after, reason)
+    if args.json:  # a refusal too: the summary on stdout, the one-line error on stderr, exit 1
         print(json.dumps(summary))
     else:
-        console.print(f"applied: {result.moved_placements} placements moved, {len(warmups)} warm-ups for "
-                      f"{len(active)} active tenants ({warm.loaded} loaded, {warm.already_warm} already warm, "
-                      f"{len(warm.failed)} failed)")
-        for wu, why in warm.failed[:WARMUP_FAILURES_SHOWN]:
-            console.print(f"  [yellow]warm-up failed[/yellow] {wu.tenant} {wu.version} on {wu.worker_id}: {why}")
+        print_applied(summary, warm)
+    if refused:
+        raise FailedPrecondition(refusal(warm.unreachable, len(warmups)))
     return 0
 
 
-def warm_with_progress(warmups, addresses, quiet: bool, credentials=None) -> WarmupResult:
+def unreachable_text(unreachable: dict[str, int]) -> str:
+    return ", ".join(f"{worker_id}: {count}" for worker_id, count in sorted(unreachable.items()))
+
+
+def refusal(unreachable: dict[str, int], warmups: int) -> str:
+    """The one line a change not committed for unreachable workers ends with: which, how many, what now."""
+    return (f"not applied: {sum(unreachable.values())} of {warmups} warm-ups could not reach their worker "
+            f"({unreachable_text(unreachable)}), and make-before-break does not move traffic onto a worker it "
+            f"could not warm; check it (`modelfleet status --once`), give slow loads a longer --warm-timeout, or "
+            f"re-run with --force to commit anyway")
+
+
+def print_applied(summary: dict, warm: WarmupResult) -> None:
+    if summary["applied"]:
+        console.print(f"applied{' with --force' if summary['forced'] else ''}: {summary['moved_placements']} "
+                      f"placements moved, {summary['warmups']} warm-ups for {summary['active_tenants']} active tenants "
+                      f"({warm.loaded} loaded, {warm.already_warm} already warm, {len(warm.failed)} failed)")
+    if summary["forced"]:
+        console.print(f"[yellow]committed although {sum(warm.unreachable.values())} warm-ups could not reach their "
+                      f"worker ({unreachable_text(warm.unreachable)}): their tenants load cold there, or fail over "
+                      f"while it is down[/yellow]")
+    for wu, why in warm.failed[:WARMUP_FAILURES_SHOWN]:
+        console.print(f"  [yellow]warm-up failed[/yellow] {wu.tenant} {wu.version} on {wu.worker_id}: {escape(why)}")
+
+
+def warm_with_progress(warmups, addresses, quiet: bool, credentials, timeout: float) -> WarmupResult:
     if quiet or not warmups:
-        return run_warmups(warmups, addresses, credentials=credentials)
+        return run_warmups(warmups, addresses, timeout=timeout, credentials=credentials)
     columns = (TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("warm", total=len(warmups))
-        return run_warmups(warmups, addresses, credentials=credentials,
+        return run_warmups(warmups, addresses, timeout=timeout, credentials=credentials,
                            on_progress=lambda r, total: progress.update(task, completed=r.done))
 
 
-def commit(state: FleetState, change: FleetChange, after: list[Member]) -> None:
+def commit(state: FleetState, change: FleetChange, after: list[Member], reason: str = "shards apply") -> None:
     """One transaction: every drain, undrain and size change, or none (Conflict if etcd moved on).
 
     It also fails when a worker meant to stay live was drained or left meanwhile: two drains
@@ -237,7 +288,7 @@ def commit(state: FleetState, change: FleetChange, after: list[Member]) -> None:
         if member.worker_id not in change.undrain:
             compare.append(txn.version(keys.drain(member.worker_id)) == 0)
         compare.append(txn.version(keys.worker(member.worker_id)) > 0)
-    record = DrainRecord(since=utc_stamp("seconds"), actor=getpass.getuser(), reason="shards apply")
+    record = DrainRecord(since=utc_stamp("seconds"), actor=getpass.getuser(), reason=reason)
     for worker_id in change.drain:
         compare.append(txn.version(keys.drain(worker_id)) == 0)
         success.append(txn.put(keys.drain(worker_id), record.to_json()))
@@ -257,7 +308,8 @@ def commit(state: FleetState, change: FleetChange, after: list[Member]) -> None:
 
 
 def drain(args: argparse.Namespace) -> int:
-    return apply_change(args, FleetChange(drain=(validate_id("worker id", args.worker_id),)))
+    return apply_change(args, FleetChange(drain=(validate_id("worker id", args.worker_id),)),
+                        reason=args.reason or "workers drain")
 
 
 def undrain(args: argparse.Namespace) -> int:
