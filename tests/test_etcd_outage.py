@@ -84,6 +84,10 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
             t.join(30)
     assert failures == []
     assert served_during > 100
+    for worker in workers:  # their watch of gc's tombstones (worker.retirements): one warning, then back
+        fleet.wait_for(lambda: "retirement_watch.reconnected" in worker.log(), worker,
+                       f"{worker.name}'s retirement watch to reconnect", timeout=RECOVERY_S)
+        assert worker.log().count("retirement_watch.disconnected") == 1
     for worker in workers:  # no live worker: no model is ready for inferencing (KServe V2)
         worker.signal(signal.SIGTERM)
     fleet.wait_for(lambda: not oip.ModelReady(pb.ModelReadyRequest(name="a"), timeout=5).ready,

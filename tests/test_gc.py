@@ -6,10 +6,15 @@ import subprocess
 import sys
 import threading
 
+import grpc
 import pytest
 
+from modelfleet import processes
+from modelfleet.demo_models import sample_features
 from modelfleet.errors import NotFound
 from modelfleet.store import LocalStore
+from tests.fleet import predict, predictor, stats, worker_stub
+from tests.test_metrics import scrape, value
 from tests.test_cli import cli
 from version_service.retention import apply_gc, plan_gc
 from worker.loading import ModelLoader
@@ -123,3 +128,48 @@ def test_a_worker_that_read_a_removed_version_answers_not_found_not_a_missing_ar
     apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="acme"))
     with pytest.raises(NotFound, match="tenant 'acme' has no version 'v1'"):
         loader.load("acme", "v1")
+
+
+def _status(call) -> grpc.StatusCode:
+    try:
+        call()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def test_a_worker_drops_a_version_gc_removed_and_answers_not_found_for_it(fleet):
+    """A worker answers an explicit version from its cache and keeps the version record it read;
+    once gc removes the version, the tombstone reaches it (worker.retirements): the model leaves
+    its cache and a request for it is NOT_FOUND, through the router and at the worker, with no
+    restart and no eviction by pressure. The other versions it holds stay."""
+    for n in range(1, 4):
+        fleet.register("acme", f"v{n}", seed=n)
+    fleet.register("other", "v1", seed=1)  # keeps v1's artifact stored: only the record can say v1 is gone
+    metrics_port = processes.free_port()
+    worker = fleet.start_worker("w1", extra=("--metrics-port", str(metrics_port)))
+    stub = predictor(fleet.start_router(shard_size=1).address)
+    x = sample_features(1, 1)[0]
+    for version in ("v1", "v2", "v3"):
+        fleet.wait_for(lambda: predict(stub, "acme", x, version=version), what=f"{version} to answer")
+    held = stats(worker.address, include_models=True)
+    assert {(m.tenant_id, m.version) for m in held.models} == {("acme", "v1"), ("acme", "v2"), ("acme", "v3")}
+
+    removed, _, _ = apply_gc(fleet.registry, plan_gc(fleet.registry, keep=2, tenant="acme"))  # what `gc` runs
+    assert removed == 1
+    at_worker = worker_stub(worker.address)
+    fleet.wait_for(lambda: _status(lambda: predict(stub, "acme", x, version="v1")) == grpc.StatusCode.NOT_FOUND,
+                   worker, "the router to answer NOT_FOUND for the removed version", timeout=5)
+    with pytest.raises(grpc.RpcError) as refused:
+        predict(at_worker, "acme", x, version="v1")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "tenant 'acme' has no version 'v1'" in refused.value.details()
+    after = stats(worker.address, include_models=True)
+    assert {(m.tenant_id, m.version) for m in after.models} == {("acme", "v2"), ("acme", "v3")}
+    assert after.models_loaded == 2 and after.evictions_total == held.evictions_total + 1
+    assert after.loads_total == held.loads_total  # no load: forgotten with the model, read anew: gone
+    metrics = scrape(metrics_port)
+    assert value(metrics, "modelfleet_worker_cache_events_total", kind="retirement") == 1
+    assert value(metrics, "modelfleet_worker_models_loaded") == 2
+    assert predict(stub, "acme", x, version="v2").model_version == "v2"  # a hit, as before
+    assert "model.retired tenant=acme version=v1" in worker.log()

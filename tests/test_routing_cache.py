@@ -33,10 +33,10 @@ def test_cache_loads_then_follows_changes(fleet):
 
 
 def test_a_sync_reads_every_route_in_pages(fleet, monkeypatch):
-    from version_service import routing_cache
+    from version_service import etcd_watch
     from version_service.schema import RouteRecord
 
-    monkeypatch.setattr(routing_cache, "RANGE_PAGE", 7)
+    monkeypatch.setattr(etcd_watch, "RANGE_PAGE", 7)
     tenants = [f"t{i:02d}" for i in range(30)]
     for tenant in tenants:  # straight into etcd: 30 routes, 5 pages
         fleet.client.put(fleet.keys.route(tenant), RouteRecord(serving="v1", newest="v1").to_json())

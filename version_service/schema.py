@@ -10,7 +10,8 @@ Layout under a prefix (default /modelfleet/v1, the v1 being the schema version):
     {prefix}/routers/{router_id}          RouterRecord  -- a live router, under its lease (admin tools)
     {prefix}/apikeys/{key_id}             ApiKeyRecord  -- a caller's key: its sha256 and its tenants
     {prefix}/gc                           CollectionRecord -- the garbage collector's guard
-    {prefix}/retired/{tenant}/{version}   RetiredRecord -- a version gc removed; its name keeps its artifact
+    {prefix}/retired/{tenant}/{version}   RetiredRecord -- a version gc removed; its name keeps its artifact;
+                                                           workers watch it
     {prefix}/gc-pending/{artifact}        a timestamp   -- an artifact gc is deleting (the next one finishes)
 
 Routers hold routes/, workers/ and drains/ in memory (one small record per tenant) and send the
@@ -76,9 +77,19 @@ class Keys:
     def version(self, tenant: str, version: str) -> str:
         return f"{self.versions(tenant)}{version}"
 
+    @property
+    def retired(self) -> str:
+        """Versions gc removed; workers watch it to drop what they hold of them (worker.retirements)."""
+        return f"{self.prefix}/retired/"
+
     def retired_version(self, tenant: str, version: str) -> str:
         """A version gc removed (RetiredRecord): its name stays taken by its artifact."""
-        return f"{self.prefix}/retired/{tenant}/{version}"
+        return f"{self.retired}{tenant}/{version}"
+
+    def retired_of_key(self, key: str) -> tuple[str, str] | None:
+        """(tenant, version) of a retired_version key; None for a key not of that shape."""
+        tenant, _, version = key[len(self.retired):].partition("/")
+        return (tenant, version) if tenant and version else None
 
     @property
     def gc_pending(self) -> str:

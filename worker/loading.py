@@ -24,8 +24,9 @@ class ModelLoader:
     """Version records never change once written (gc removes them, and a removed version's name
     never comes back meaning another artifact), so they are cached: a model evicted and loaded
     again costs no etcd round trip (the common case when the working set outgrows the cache), and
-    a worker can reload a model it has seen while etcd is away. A load whose artifact is gone
-    re-reads the record: the version may be gone too (NOT_FOUND)."""
+    a worker can reload a model it has seen while etcd is away. A record is dropped when the
+    worker learns that gc removed its version (`forget`, from worker.retirements), and a load
+    whose artifact is gone re-reads the record: the version may be gone too (NOT_FOUND)."""
 
     def __init__(self, client: EtcdClient, keys: Keys, store: Store, records: int = 20_000) -> None:
         self.client = client
@@ -33,6 +34,7 @@ class ModelLoader:
         self.store = store
         self._records: LRUCache = LRUCache(maxsize=records)
         self._records_lock = threading.Lock()  # loads run in a thread pool
+        self._forgets = 0  # calls of `forget` so far: a read that straddles one is not kept
 
     def record(self, tenant: str, version: str) -> VersionRecord:
         with self._records_lock:
@@ -43,14 +45,25 @@ class ModelLoader:
         """The record from etcd, kept for next time; NotFound (and forgotten) when it is gone.
         Unavailable leaves what was kept as it was: a worker reloads models it has seen while
         etcd is away."""
+        forgets = self._forgets
         with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
             raw, _ = self.client.get(self.keys.version(tenant, version))
         with self._records_lock:
             if raw is None:
                 self._records.pop((tenant, version), None)
                 raise NotFound(f"tenant {tenant!r} has no version {version!r}")
-            record = self._records[(tenant, version)] = VersionRecord.from_json(raw)
+            record = VersionRecord.from_json(raw)
+            if self._forgets == forgets:  # else it may be of a version gc removed while it was read
+                self._records[(tenant, version)] = record
         return record
+
+    def forget(self, keys: list[tuple[str, str]]) -> None:
+        """Versions gc removed (worker.retirements): their records go, so a load of one reads etcd
+        and is NOT_FOUND. A record being read meanwhile is not kept either (it may predate the gc)."""
+        with self._records_lock:
+            self._forgets += 1
+            for key in keys:
+                self._records.pop(key, None)
 
     def record_sha256(self, tenant: str, version: str, fresh: bool = False) -> str:
         """The artifact digest the version record names; `fresh` reads etcd even if cached."""

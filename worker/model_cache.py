@@ -15,6 +15,9 @@ Invariants:
 - a miss is never handed a closed model: other loads may finish between a model's load and
   its waiters' turn on the loop and evict it (a small cache, many loads at once), so a load
   holds its model (LoadedModel.retain) until its last waiter has used it;
+- a version gc removed (`retire`, from worker.retirements) leaves the cache as an eviction
+  does (freed once its last user is done), and a load of it in flight then is not cached: its
+  waiters get NOT_FOUND, and later requests load it anew, which is NOT_FOUND too;
 - a failed load is remembered for a back-off (worker.negative_cache): requests within it get
   the same error without a load;
 - at most `max_queued_loads` requests wait for loads at once; a miss beyond that gets
@@ -78,6 +81,7 @@ class CacheCounters:
     shed: int = 0  # misses answered RESOURCE_EXHAUSTED because too many requests waited for loads
     artifact_mismatches: int = 0  # cached models evicted because their version record names another artifact
     admission_rejections: int = 0  # loaded models that left the window wanted less than what they would displace
+    retirements: int = 0  # cached models evicted because gc removed their version
 
 
 _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been measured
@@ -107,6 +111,7 @@ class ModelCache:
             budget_bytes, sizeof=lambda model: model.nbytes, on_evict=self._evicted)
         self._inflight: dict[ModelKey, asyncio.Task] = {}
         self._waiters: dict[asyncio.Task, int] = {}  # requests awaiting each load
+        self._retired_loads: set[asyncio.Task] = set()  # loads in flight when gc removed their version
         self._last_used: dict[ModelKey, float] = {}  # cached models only: who is active (make-before-break)
         # Loads per model (Stats' thrash indicator), for the models loaded most recently: a
         # bounded ~4 MB of bookkeeping beside the budget, not ~200 bytes for every tenant ever seen.
@@ -231,6 +236,7 @@ class ModelCache:
 
     async def _load_and_cache(self, key: ModelKey, artifact: str | None, load_key: tuple, warm: bool,
                               span) -> LoadedModel:
+        task = asyncio.current_task()
         try:
             try:
                 loop = asyncio.get_running_loop()
@@ -241,6 +247,11 @@ class ModelCache:
                                                            self._timed_load, key, artifact)
             finally:
                 self._inflight.pop(load_key, None)
+                retired = task in self._retired_loads
+                self._retired_loads.discard(task)
+            if retired:  # it may have read the version record before gc removed it
+                self._closer.submit(model.close)
+                raise NotFound(f"tenant {key[0]!r} has no version {key[1]!r} (removed while it loaded)")
             if span is not None:
                 tracing.set_attributes(span, {"bytes": model.nbytes, "load_seconds": ms / 1000})
             if self.observe_load is not None:  # every load that ran, also one too large to keep
@@ -276,6 +287,24 @@ class ModelCache:
         event(log, "model.loaded", level=logging.DEBUG, tenant=key[0], version=key[1], bytes=model.nbytes,
               ms=round(ms, 2))
         return model
+
+    def retire(self, keys: list[ModelKey]) -> int:
+        """Drops versions gc removed (on the event loop): their cached models, freed as an
+        eviction frees them (a request predicting with one finishes first), and any load of one
+        in flight (see `_load_and_cache`). Returns how many cached models went."""
+        gone = set(keys)
+        dropped = 0
+        for key in gone:
+            model = self._models.pop(key)
+            if model is None:
+                continue
+            self._evicted(key, model)
+            self._load_counts.pop(key, None)
+            dropped += 1
+            event(log, "model.retired", tenant=key[0], version=key[1], bytes=model.nbytes)
+        self._retired_loads.update(task for load_key, task in self._inflight.items() if load_key[:2] in gone)
+        self.counters.retirements += dropped
+        return dropped
 
     def idle_seconds(self, key: ModelKey) -> float:
         return time.monotonic() - self._last_used.get(key, 0.0)

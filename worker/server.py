@@ -1,7 +1,8 @@
 """`modelfleet worker`: one multi-model worker process.
 
-Start: listen (port 0 picks a free one), join the fleet under an etcd lease as `joining`, load
-the active tenants this worker is about to own (make-before-break), go live, report SERVING.
+Start: follow gc's tombstones (worker.retirements), listen (port 0 picks a free one), join the
+fleet under an etcd lease as `joining`, load the active tenants this worker is about to own
+(make-before-break), go live, report SERVING.
 SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new requests),
 answer what still arrives on a router's stream UNAVAILABLE (it fails over), finish in-flight
 requests, free every model, exit 0.
@@ -22,7 +23,7 @@ from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
-from version_service.etcd_client import connect_args
+from version_service.etcd_client import connect_args, etcd_credentials
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, published_shard_sizes, read_fleet
 from version_service.registry import Registry
@@ -34,6 +35,7 @@ from worker import memory, predictor
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.predict_stream import PredictStreams
+from worker.retirements import follow_retirements, wait_started
 from worker.servicer import WorkerServicer
 
 log = logging.getLogger("modelfleet.worker")
@@ -59,6 +61,8 @@ async def serve(args: argparse.Namespace) -> None:
     loader = ModelLoader(client, keys, store)
     cache = ModelCache(loader.load, args.cache_bytes, args.load_threads, max_queued_loads=args.max_queued_loads,
                        record_digest=loader.record_sha256)
+    # Started first: its read of etcd's revision overlaps the server's start (worker.retirements).
+    retirements = follow_retirements(args, keys, loader.forget, cache.retire, etcd_credentials(args))
 
     registry = CollectorRegistry()
     rpc_metrics = metrics.RpcMetrics(registry, "worker")
@@ -80,6 +84,7 @@ async def serve(args: argparse.Namespace) -> None:
                           joining=args.warm_on_join,
                           started=started_stamp())
     membership = LeasedRegistration(client, keys.worker(worker_id), record, ttl=args.lease_ttl)
+    await _joining_step("follow_retirements", lambda: wait_started(retirements))
     await _joining_step("register", membership.start)
     if args.warm_on_join:
         loop = asyncio.get_running_loop()
@@ -97,6 +102,7 @@ async def serve(args: argparse.Namespace) -> None:
     trimmer.cancel()
     await set_serving(health, [SERVICE_NAME], False)
     await asyncio.get_running_loop().run_in_executor(None, membership.stop)
+    await asyncio.get_running_loop().run_in_executor(None, retirements.stop)
     streams.drain()  # streamed frames now fail over at once, as new calls to a stopping server do
     await server.stop(grace=10)
     servicer.close()
@@ -115,12 +121,14 @@ def _export_cache_metrics(registry: CollectorRegistry, cache: ModelCache, servic
                      "misses answered from a remembered load failure (negative_hit); cached models evicted "
                      "because their version record names another artifact (artifact_mismatch); loaded models "
                      "freed because they were asked for less than what they would displace (admission_rejection, "
-                     "also counted as eviction)",
+                     "also counted as eviction); cached models evicted because gc removed their version "
+                     "(retirement, also counted as eviction)",
                      lambda: {"hit": cache.counters.hits, "miss": cache.counters.misses, "load": cache.counters.loads,
                               "load_failure": cache.counters.load_failures, "eviction": cache.counters.evictions,
                               "shed": cache.counters.shed, "negative_hit": cache.failures.hits,
                               "artifact_mismatch": cache.counters.artifact_mismatches,
-                              "admission_rejection": cache.counters.admission_rejections})
+                              "admission_rejection": cache.counters.admission_rejections,
+                              "retirement": cache.counters.retirements})
     cache.observe_load = metrics.load_histogram(registry).observe
     metrics.gauges(registry, lambda: {
         "modelfleet_worker_cache_bytes_used": ("bytes the loaded models hold", cache.bytes_used),
