@@ -74,6 +74,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
@@ -227,17 +228,36 @@ def _generator_main(conn) -> None:
 
 
 class Generators:
-    """`count` generator processes, started once (spawn) and reused for every cell."""
+    """`count` generator processes, started once (spawn) and reused for every cell.
+
+    They start with SIGINT ignored (an ignored signal stays ignored across exec, and Python
+    keeps it so): a terminal's Ctrl-C reaches the whole process group, and each generator
+    would otherwise print a KeyboardInterrupt traceback of its own. The bench stops them.
+    A context manager: leaving it by an exception (Ctrl-C, SIGTERM, a failure) terminates them
+    at once instead of waiting for the cell they are in the middle of."""
 
     def __init__(self, count: int) -> None:
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
-        for _ in range(count):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_generator_main, args=(child,), daemon=True)
-            proc.start()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the spawned interpreters
+        try:
+            for _ in range(count):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_generator_main, args=(child,), daemon=True)
+                proc.start()
+                self.conns.append(parent)
+                self.procs.append(proc)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def __enter__(self) -> "Generators":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for proc in self.procs:  # mid-cell: nothing they would send back is wanted now
+                proc.terminate()
+        self.close()
 
     def run(self, spec: dict, concurrency: int, on_measuring=None) -> tuple[np.ndarray, np.ndarray, Counter, int]:
         """Splits `concurrency` callers over the processes; returns (latencies s, errors, bytes)."""
@@ -846,15 +866,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Runs the benchmark. Ctrl-C at any point (set-up, measuring, writing) stops every child
+    process, removes the temp dir (unless --keep), says so in one line and exits 130."""
     args = parse_args(argv)
-    started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="modelfleet-bench-"))
-    os.environ[config.ALLOCATOR.env] = args.allocator  # inherited by workers, routers, naive server, bare proxy
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress on stderr
+    try:
+        return _run(args, root, log)
+    except KeyboardInterrupt:  # the ExitStack in _run has stopped the processes and removed root
+        log("interrupted: stopped the benchmark's processes and "
+            + (f"kept its logs in {root}" if args.keep else "removed its temp dir"))
+        raise SystemExit(130) from None
+
+
+def _run(args: argparse.Namespace, root: Path, log) -> list[dict]:
+    """The run, its processes held by one ExitStack: however it ends, they stop before root goes."""
+    started = time.monotonic()
+    os.environ[config.ALLOCATOR.env] = args.allocator  # inherited by workers, routers, naive server, bare proxy
     with ExitStack() as stack:  # callbacks run last-in first-out: servers stop before the dir goes
         stack.callback(lambda: args.keep or shutil.rmtree(root, ignore_errors=True))
-        gens = Generators(args.gen_procs)  # spawned first: their start-up overlaps with the set-up
-        stack.callback(gens.close)
+        # spawned first: their start-up overlaps with the set-up
+        gens = stack.enter_context(Generators(args.gen_procs))
         bench = Bench(args, root)
         stack.callback(bench.stop)
         try:
@@ -884,4 +916,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     processes.exit_on_sigterm()  # temp dirs go on SIGTERM too
+    processes.interrupt_once()  # a second Ctrl-C does not cut the clean-up short
     main()

@@ -44,6 +44,19 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
+def interrupt_once() -> None:
+    """The first SIGINT raises KeyboardInterrupt as usual; later ones are ignored, so a second
+    Ctrl-C (impatient, or a terminal's repeat) cannot cut short the clean-up the first one
+    started: children left running, temp dirs left behind, a traceback from inside `finally`.
+    The clean-up stays bounded: `stop` SIGKILLs what has not exited after its timeout."""
+
+    def interrupted(_signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def spawn(argv: Sequence[str], *, env: dict[str, str] | None = None, stdout: IO | int | None = None,
           stderr: IO | int | None = None) -> subprocess.Popen:
     """Starts argv as a child that receives SIGTERM when this process dies."""
