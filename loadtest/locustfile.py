@@ -6,7 +6,8 @@ headless, one command:
     .venv/bin/locust -f loadtest/locustfile.py --headless -u 20 -r 5 -t 30s \\
         --host 127.0.0.1:50051 --csv out/locust --html out/locust.html
 
-`--host` is the router's HOST:PORT (a `grpc://` or `http://` prefix is ignored). Every call is
+`--host` (or LOCUST_HOST) is the router's HOST:PORT (a `grpc://` or `http://` prefix is ignored);
+a headless run without one stops at once with one line saying so. Every call is
 reported to locust's statistics as request type "grpc", name "Predict", with its response time
 (ms), response size (bytes) and, for a failed call, the grpc.RpcError as the exception (locust
 then exits non-zero with --headless). The web UI works too: drop --headless.
@@ -25,6 +26,7 @@ wait. Environment:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -33,7 +35,8 @@ import time
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
-from locust import User, constant, task
+from locust import User, constant, events, task
+from locust.exception import StopUser
 
 from modelfleet import config
 from modelfleet.demo_models import sample_features
@@ -71,9 +74,12 @@ def zipf_weights(n: int, s: float) -> np.ndarray:
     return weights / weights.sum()
 
 
+HOST_MISSING = "give the router's address with --host HOST:PORT or LOCUST_HOST (e.g. --host 127.0.0.1:50051)"
+
+
 def router_address(host: str | None) -> str:
     if not host:
-        raise ValueError("give the router's address with --host HOST:PORT (e.g. --host 127.0.0.1:50051)")
+        raise ValueError(HOST_MISSING)
     return re.sub(r"^[a-z][a-z0-9+.-]*://", "", host).rstrip("/")
 
 
@@ -95,13 +101,38 @@ _CDF = np.cumsum(zipf_weights(len(TENANTS), ZIPF_S))
 _FEATURE_POOL = 1024  # distinct request bodies per user, drawn at random
 
 
+@events.init.add_listener
+def _stop_without_a_host(environment, **_kwargs) -> None:
+    """A run that starts on its own (--headless, --autostart) with no router address stops here,
+    with one line, as a bad MODELFLEET_LOCUST_* setting does: otherwise every user's on_start
+    fails with a traceback of its own. The web UI asks for the host in its form, and a
+    --worker is told it by its master, so those go on (see PredictUser.on_start)."""
+    options = environment.parsed_options
+    if options is None or getattr(options, "worker", False):
+        return
+    if (options.headless or options.autostart) and not (environment.host or PredictUser.host):
+        sys.exit(f"error: {HOST_MISSING}")
+
+
+@events.test_start.add_listener
+def _say_the_host_is_missing(environment, **_kwargs) -> None:
+    """Once per test, not once per user, where a test starts with no host anyway (the web UI's
+    form left empty): its users stop without sending anything."""
+    if not (environment.host or PredictUser.host):
+        logging.error(HOST_MISSING)
+
+
 class PredictUser(User):
     """One caller of modelfleet.v1.Predictor/Predict with its own channel."""
 
     wait_time = constant(0)
     _seq = 0
 
+    channel: grpc.Channel | None = None
+
     def on_start(self) -> None:
+        if not self.host:  # said once by _say_the_host_is_missing; an exception here is a traceback a user
+            return
         PredictUser._seq += 1
         self.rng = np.random.default_rng(PredictUser._seq)
         self.rows = sample_features(PredictUser._seq, _FEATURE_POOL * ROWS, NUM_FEATURES).reshape(_FEATURE_POOL, -1)
@@ -109,10 +140,13 @@ class PredictUser(User):
         self.stub = predictor_pb2_grpc.PredictorStub(self.channel)
 
     def on_stop(self) -> None:
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
 
     @task
     def predict(self) -> None:
+        if self.channel is None:
+            raise StopUser()  # no host: nothing to call (locust stops a user quietly on this)
         tenant = TENANTS[min(int(np.searchsorted(_CDF, self.rng.random(), side="right")), len(TENANTS) - 1)]
         request = predictor_pb2.PredictRequest(tenant_id=tenant,
                                                features=self.rows[int(self.rng.integers(_FEATURE_POOL))].tolist())
