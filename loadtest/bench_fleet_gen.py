@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import lightgbm
 import numpy as np
 
-from modelfleet import processes
+from modelfleet import config, processes
 from modelfleet.fleet_gen import generate_fleet, train_templates
 
 TARGET_TENANTS = 100_000
@@ -39,15 +40,25 @@ def _disk_usage(root: Path) -> tuple[int, int, int]:
     return files, apparent, allocated
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tenants", type=int, default=10_000)
-    ap.add_argument("--versions", type=int, default=1)
-    ap.add_argument("--templates", type=int, default=8)
-    ap.add_argument("--processes", type=int, default=None, help="default: os.cpu_count()")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every bad value is a usage error (exit 2) before anything runs, not a traceback from
+    generate_fleet after the render-only pass."""
+    ap = argparse.ArgumentParser(prog="python -m loadtest.bench_fleet_gen", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tenants", type=config.whole(1), default=10_000)
+    ap.add_argument("--versions", type=config.whole(1), default=1)
+    ap.add_argument("--templates", type=config.whole(1), default=8)
+    ap.add_argument("--processes", type=config.whole(1), default=None, help="default: os.cpu_count()")
     ap.add_argument("--dir", type=Path, default=None, help="output directory (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated fleet")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.dir is not None and args.dir.exists() and not args.dir.is_dir():
+        ap.error(f"--dir {args.dir} exists and is not a directory")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, lightgbm {lightgbm.__version__}, "
           f"os.cpu_count()={os.cpu_count()}")
@@ -82,6 +93,8 @@ def main() -> None:
               f"(targets: <= 10 min, <= 5 GB)")
         if args.keep:
             print(f"kept: {out} (manifest {manifest})")
+    except (OSError, ValueError) as exc:  # a --dir that can't be written, a full disk: one line, exit 1
+        sys.exit(f"error: {exc}")
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
