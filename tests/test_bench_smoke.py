@@ -7,15 +7,17 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import lightgbm
 import numpy as np
 import pytest
 
-from loadtest import bench
+from loadtest import bench, bench_fleet_gen
 from modelfleet import processes
 from modelfleet.demo_models import sample_features
 from modelfleet.store import LocalStore
@@ -75,6 +77,20 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
 def test_bad_bench_flags_are_usage_errors_before_anything_runs(capsys, argv, says):
     with pytest.raises(SystemExit) as exited:
         bench.parse_args(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--tenants", "0"], "argument --tenants: expected a whole number >= 1, got '0'"),
+    (["--versions", "-1"], "argument --versions: expected a whole number >= 1"),
+    (["--templates", "0"], "argument --templates: expected a whole number >= 1"),  # was a ZeroDivisionError
+    (["--processes", "0"], "argument --processes: expected a whole number >= 1"),
+    (["--tenants", "many"], "argument --tenants: expected a whole number, got 'many'"),
+    (["--dir", __file__], "exists and is not a directory"),  # found before the render pass, not after
+])
+def test_bad_fleet_gen_bench_flags_are_usage_errors(capsys, argv, says):
+    with pytest.raises(SystemExit) as exited:
+        bench_fleet_gen.parse_args(argv)
     assert exited.value.code == 2 and says in capsys.readouterr().err
 
 
@@ -205,10 +221,65 @@ def test_a_benchmark_stopped_with_sigterm_removes_its_temp_dirs(tmp_path):
     assert list(scratch.iterdir()) == []
 
 
-@pytest.mark.parametrize("name,value", [("MODELFLEET_LOCUST_ROWS", "abc"), ("MODELFLEET_LOCUST_TENANTS", "t-5..t-1")])
-def test_a_bad_locust_setting_is_one_line_naming_it(name, value):
-    done = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", "1",
-                           "-t", "1s", "--host", "127.0.0.1:1"], cwd=REPO_ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **{name: value}), timeout=60)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {name}={value!r}: ")
+@pytest.mark.parametrize("setting,host,says", [
+    ({"MODELFLEET_LOCUST_ROWS": "abc"}, ["--host", "127.0.0.1:1"], "error: MODELFLEET_LOCUST_ROWS='abc': "),
+    ({"MODELFLEET_LOCUST_TENANTS": "t-5..t-1"}, ["--host", "127.0.0.1:1"], "error: MODELFLEET_LOCUST_TENANTS='t-5..t-1': "),
+    ({}, [], "error: give the router's address with --host HOST:PORT or LOCUST_HOST"),  # was a traceback a user
+])
+def test_a_bad_locust_setting_is_one_line_naming_it(setting, host, says):
+    env = {k: v for k, v in os.environ.items() if k != "LOCUST_HOST"}
+    done = subprocess.run([sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", "2",
+                           "-t", "1s", *host], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env=dict(env, PYTHONPATH=str(REPO_ROOT), **setting), timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(says)
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """The processes of process group `pgid` that are still running (zombies waiting for init
+    to reap them are not): a stopped benchmark must leave none."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    return alive
+
+
+def test_ctrl_c_while_measuring_stops_the_benchmark_cleanly(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group (the bench, its generators,
+    etcd, workers, router, proxies): one line, exit 130, no traceback from any process, nothing
+    left running, the temp dir gone. Interrupted mid-cell: the generators are stopped, not
+    waited for."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    argv = ["-m", "loadtest.bench", "--mixes", "warm", "--rows", "1", "--concurrency", "1", "--paths", "direct",
+            "--duration", "30", "--warmup", "0", "--mix-warmup", "0", "--artifacts", "1", "--trees", "5",
+            "--out", str(tmp_path / "out")]
+    # As a shell's foreground job gets it: SIGINT not ignored, whatever this process does with it.
+    sigint_default = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", sigint_default, *argv], cwd=REPO_ROOT, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(scratch)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # "[1/1] direct ..." is logged at the end of the cell: watch the set-up's last line
+            seen.append(line)
+            if line.startswith("set-up: etcd,"):
+                break
+        assert any(p.name.startswith("modelfleet-bench-") for p in scratch.iterdir()), seen
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(30) == 130, "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert rest.strip().splitlines() == ["interrupted: stopped the benchmark's processes and removed its temp dir"]
+    assert _group_alive(proc.pid) == []
+    assert list(scratch.iterdir()) == []
