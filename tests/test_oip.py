@@ -19,6 +19,7 @@ import pytest
 from modelfleet.demo_models import sample_features
 from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
+from router.oip import OFFLOAD_VALUES, _predict_request
 from tests.conftest import new_prefix
 from tests.fleet import REPO_ROOT, Fleet
 from version_service.retention import apply_gc, plan_gc
@@ -116,6 +117,30 @@ def test_infer_equals_lightgbm(running, tenant, rows, encoding):
     assert bool(response.raw_output_contents) == raw and bool(output.contents.fp64_contents) != raw
     np.testing.assert_allclose(output_values(response), expected, rtol=0, atol=1e-6 if fp32 else 1e-9)
     assert (response.model_name, response.model_version) == (tenant, "v1")
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_large_input_converted_in_a_thread_answers_what_small_ones_do(running, encoding):
+    """Over router.oip.OFFLOAD_VALUES values an input is converted off the event loop, in chunks
+    (3 and a bit here): the same answers, to the bit, as its rows sent in requests under the
+    threshold, converted inline."""
+    fleet, _, stub = running
+    small_rows = OFFLOAD_VALUES // 8  # 8 features: the largest input still converted inline
+    x = sample_features(9, 3 * small_rows + 5)
+    large = output_values(infer(stub, "multi", x, encoding))
+    small = np.concatenate([output_values(infer(stub, "multi", x[i:i + small_rows], encoding))
+                            for i in range(0, len(x), small_rows)])
+    assert large.shape == (len(x), 3)
+    np.testing.assert_array_equal(large, small)
+    seen = x.astype(np.float32).astype(np.float64) if encoding.endswith("fp32") else x
+    np.testing.assert_allclose(large, reference(fleet, "multi", "v1", seen), rtol=0, atol=1e-6)
+
+
+def test_the_chunked_conversion_keeps_every_value_in_order():
+    x = np.random.default_rng(3).random((2 * OFFLOAD_VALUES // 5 + 7, 5))  # 2 chunks and a partial third
+    rows, predict = _predict_request(infer_request("t", x, "raw-fp64", version="v3"))
+    assert (rows, predict.tenant_id, predict.version, predict.features_per_row) == (len(x), "t", "v3", 5)
+    np.testing.assert_array_equal(np.asarray(predict.features), x.reshape(-1))
 
 
 def test_one_dimensional_shape_is_one_row(running):
