@@ -121,6 +121,35 @@ def test_a_pin_racing_the_collection_of_its_version_fails_not_found(fleet):
     assert (route.serving, route.pinned) == ("v4", False)
 
 
+def test_a_model_file_rewritten_after_its_check_is_refused_and_nothing_is_recorded(fleet, monkeypatch, tmp_path):
+    """The checker's child loads the file before the store copies it: bytes written in between
+    were never loaded (a half-written model can crash the workers that load it), so the register
+    is refused, CONFLICT, and etcd gets nothing of it."""
+    model = tmp_path / "model.txt"
+    model.write_bytes(fleet.model_file(1).read_bytes())
+    monkeypatch.setenv("MODELFLEET_FAILPOINT_DIR", str(fleet.root))
+    outcome = {}
+
+    def register() -> None:
+        try:
+            outcome["record"] = fleet.registry.register("acme", "v1", model)
+        except Exception as exc:  # noqa: BLE001 - the assertions say which
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=register)
+    thread.start()
+    try:
+        fleet.wait_for(lambda: any(fleet.root.glob("before_register_store.*.ready")), what="the file to be checked")
+        model.write_text(model.read_text()[:1000])  # cut short, as by a copy still being written
+    finally:
+        (fleet.root / "before_register_write.go").touch()  # the write's own failpoint, were it reached
+        (fleet.root / "before_register_store.go").touch()
+        thread.join(60)
+    assert isinstance(outcome.get("error"), Conflict), outcome
+    assert str(outcome["error"]) == f"model file {str(model)!r} changed while it was being registered; register it again"
+    assert fleet.client.get_prefix_response(fleet.keys.prefix).kvs == []  # no version, route or history
+
+
 @pytest.mark.parametrize("tenant", ["", "a/b", "..", ".", "x" * 129, "tenant with space", "t\n"])
 def test_invalid_tenant_ids_are_refused(fleet, tenant):
     with pytest.raises(InvalidArgument, match="invalid tenant id"):

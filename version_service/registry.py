@@ -138,6 +138,7 @@ class Registry:
             info = read_header(path.read_text(errors="replace"), str(path))
         else:
             info = self.checker.check(path)
+            failpoints.pause("before_register_store")  # checked, not yet stored: where a rewrite matters
             stored = self.store.put_file(path)
         if stored.sha256 != sha:  # rewritten while being registered: what was checked is not what was read
             raise Conflict(f"model file {str(path)!r} changed while it was being registered; register it again")
