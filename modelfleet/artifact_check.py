@@ -19,7 +19,8 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,9 @@ class ModelInfo:
     num_features: int
     num_classes: int
     objective: str
+    # The digest of the very bytes a check loaded ("" from read_header): a file rewritten between
+    # its hash and its check must not be stored under the hash as if checked.
+    sha256: str = field(default="", compare=False)
 
 
 def read_header(text: str, what: str = "model") -> ModelInfo:
@@ -210,7 +214,8 @@ def _check_path(path: Path) -> dict | str:
     from worker.predictor import LoadedModel
 
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()  # one read: what is hashed is what is loaded
+        text = data.decode("utf-8")
         info = read_header(text, "it")  # the caller's message names the path
         model = LoadedModel.from_model_text(text)
         try:
@@ -223,7 +228,7 @@ def _check_path(path: Path) -> dict | str:
             model.predict(rows.reshape(-1))  # the batch path
         finally:
             model.close()
-        return asdict(info)
+        return {**asdict(info), "sha256": hashlib.sha256(data).hexdigest()}
     except (ModelfleetError, OSError, UnicodeDecodeError) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from modelfleet.errors import FailedPrecondition, InvalidArgument
+from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.verified_files import VerifiedFiles
 from modelfleet.whole_file import read_whole_file_between_stats
 
@@ -70,6 +70,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_expected(source: str | Path, sha256: str | None) -> tuple[bytes, str]:
+    """(bytes, digest) of a file about to be stored. With `sha256` (the digest it had when it was
+    hashed and checked), other bytes are Conflict and nothing is stored: a file rewritten after
+    its check must not enter the store, where being stored means being checked."""
+    data = Path(source).read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and sha != sha256:
+        raise Conflict(f"model file {str(source)!r} changed while it was being registered; register it again")
+    return data, sha
+
+
 def artifact_for(sha256: str) -> str:
     """The relative artifact path of a digest: `sha256/<hh>/<sha256>.lgbm`."""
     return f"sha256/{sha256[:2]}/{sha256}.lgbm"
@@ -103,7 +114,7 @@ class Store(Protocol):
     @property
     def uri(self) -> str: ...
 
-    def put_file(self, source: str | Path) -> StoredArtifact: ...
+    def put_file(self, source: str | Path, sha256: str | None = None) -> StoredArtifact: ...
 
     def read_verified(self, artifact: str, sha256: str, what: str) -> bytes: ...
 
@@ -139,12 +150,10 @@ class LocalStore:
     def _path(self, artifact: str) -> Path:
         return self.root / validate_artifact(artifact)
 
-    def put_file(self, source: str | Path) -> StoredArtifact:
+    def put_file(self, source: str | Path, sha256: str | None = None) -> StoredArtifact:
         """Copies source into the store (idempotent: an intact artifact with the same digest is
-        kept; one damaged since it was stored is written again)."""
-        source = Path(source)
-        data = source.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
+        kept; one damaged since it was stored is written again); `sha256`: see `read_expected`."""
+        data, sha = read_expected(source, sha256)
         artifact = self.artifact_for(sha)
         target = self._path(artifact)
         if not self._swept:

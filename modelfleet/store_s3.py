@@ -37,7 +37,7 @@ from botocore.exceptions import (
 )
 
 from modelfleet.errors import FailedPrecondition, ModelfleetError, Unavailable
-from modelfleet.store import StoredArtifact, artifact_for, validate_artifact
+from modelfleet.store import StoredArtifact, artifact_for, read_expected, validate_artifact
 from modelfleet.store_cache import DiskCache
 
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -101,12 +101,11 @@ class S3Store:
 
     # -- the Store interface ------------------------------------------------------------------
 
-    def put_file(self, source: str | Path) -> StoredArtifact:
+    def put_file(self, source: str | Path, sha256: str | None = None) -> StoredArtifact:
         """Uploads source under its digest; a no-op when the object is already stored intact (its
         size and the sha256 in its metadata, which only this code writes: an object put there by
-        anything else is written again)."""
-        data = Path(source).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
+        anything else is written again); `sha256`: see modelfleet.store.read_expected."""
+        data, sha = read_expected(source, sha256)
         artifact = artifact_for(sha)
         key = self.key_for(artifact)
         head = self._head(key, f"storing {artifact}", tolerate_denied=True)

@@ -147,3 +147,36 @@ def test_demo_fleet_then_import_then_predict(fleet):
     assert answer.model_version == "v2"
     expected = lightgbm.Booster(model_file=str(out / "models" / "07" / "tenant-000007-v2.txt")).predict(x)
     np.testing.assert_allclose(answer.predictions, np.asarray(expected).reshape(-1), atol=1e-9)
+
+
+def test_a_file_rewritten_after_its_check_is_rejected_and_never_stored(fleet, monkeypatch, tmp_path):
+    """An import stores only the bytes it hashed and checked: a file rewritten after its check is
+    a rejected row, and its new bytes stay out of the store (where being stored means checked);
+    the other rows import."""
+    import hashlib
+    import threading
+
+    from modelfleet.store import artifact_for
+    from version_service.bulk_import import import_manifest
+
+    for seed in (1, 2):
+        (tmp_path / f"m{seed}.txt").write_bytes(fleet.model_file(seed).read_bytes())
+    (tmp_path / "manifest.csv").write_text("tenant,version,artifact\nacme,v1,m1.txt\nbeta,v1,m2.txt\n")
+    rows = read_manifest(tmp_path / "manifest.csv")
+    changed = rows[1].source
+    cut = changed.read_bytes()[:1000]  # as by a copy still being written
+    monkeypatch.setenv("MODELFLEET_FAILPOINT_DIR", str(fleet.root))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=import_manifest(fleet.registry, rows, "test")))
+    thread.start()
+    try:
+        fleet.wait_for(lambda: any(fleet.root.glob("before_import_store.*.ready")), what="the files to be checked")
+        changed.write_bytes(cut)
+    finally:
+        (fleet.root / "before_import_store.go").touch()
+        thread.join(60)
+    result = outcome["result"]
+    assert result.rejected == [f"{changed}: changed while it was being imported; import it again"]
+    assert (result.registered, result.artifacts_new) == (1, 1)
+    assert set(fleet.registry.tenants()) == {rows[0].tenant}
+    assert not fleet.registry.store.exists(artifact_for(hashlib.sha256(cut).hexdigest()))

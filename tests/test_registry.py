@@ -1,6 +1,7 @@
 """The registry on a real etcd: register, newest serves, pin/unpin, CAS conflicts, validation."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
-from modelfleet.store import sha256_file
+from modelfleet.store import artifact_for, sha256_file
 from tests.test_cli import cli
 
 
@@ -121,13 +122,20 @@ def test_a_pin_racing_the_collection_of_its_version_fails_not_found(fleet):
     assert (route.serving, route.pinned) == ("v4", False)
 
 
-def test_a_model_file_rewritten_after_its_check_is_refused_and_nothing_is_recorded(fleet, monkeypatch, tmp_path):
-    """The checker's child loads the file before the store copies it: bytes written in between
-    were never loaded (a half-written model can crash the workers that load it), so the register
-    is refused, CONFLICT, and etcd gets nothing of it."""
+@pytest.mark.parametrize("swapped", ["before_the_check", "after_the_check"])
+def test_a_model_file_rewritten_while_being_registered_is_refused_and_nothing_is_stored(fleet, monkeypatch, tmp_path,
+                                                                                       swapped):
+    """What is hashed, what the checker's child loads and what the store copies must be the same
+    bytes: a rewrite between any two (a half-written model can crash the workers that load it) is
+    refused, CONFLICT, and neither etcd nor the store gets it. A store holding unchecked bytes
+    would let a later register of them skip the check (being stored means being checked).
+    before_the_check: the checker loads other bytes, then the file is put back as it was hashed."""
     model = tmp_path / "model.txt"
-    model.write_bytes(fleet.model_file(1).read_bytes())
+    original = fleet.model_file(1).read_bytes()
+    other = fleet.model_file(2).read_bytes()  # a usable model too: only the digests tell them apart
+    model.write_bytes(original)
     monkeypatch.setenv("MODELFLEET_FAILPOINT_DIR", str(fleet.root))
+    (fleet.root / "before_register_write.go").touch()  # were it reached
     outcome = {}
 
     def register() -> None:
@@ -139,15 +147,23 @@ def test_a_model_file_rewritten_after_its_check_is_refused_and_nothing_is_record
     thread = threading.Thread(target=register)
     thread.start()
     try:
-        fleet.wait_for(lambda: any(fleet.root.glob("before_register_store.*.ready")), what="the file to be checked")
-        model.write_text(model.read_text()[:1000])  # cut short, as by a copy still being written
+        fleet.wait_for(lambda: any(fleet.root.glob("before_register_check.*.ready")), what="the file to be hashed")
+        if swapped == "before_the_check":
+            model.write_bytes(other)
+        (fleet.root / "before_register_check.go").touch()
+        fleet.wait_for(lambda: not thread.is_alive() or any(fleet.root.glob("before_register_store.*.ready")),
+                       what="register to refuse, or to reach before_register_store")
+        if thread.is_alive():  # checked: now the bytes it would store are put back as hashed, or rewritten
+            model.write_bytes(original if swapped == "before_the_check" else other)
     finally:
-        (fleet.root / "before_register_write.go").touch()  # the write's own failpoint, were it reached
-        (fleet.root / "before_register_store.go").touch()
+        for name in ("before_register_check", "before_register_store"):
+            (fleet.root / f"{name}.go").touch()
         thread.join(60)
     assert isinstance(outcome.get("error"), Conflict), outcome
     assert str(outcome["error"]) == f"model file {str(model)!r} changed while it was being registered; register it again"
     assert fleet.client.get_prefix_response(fleet.keys.prefix).kvs == []  # no version, route or history
+    for data in (original, other):
+        assert not fleet.registry.store.exists(artifact_for(hashlib.sha256(data).hexdigest()))
 
 
 @pytest.mark.parametrize("tenant", ["", "a/b", "..", ".", "x" * 129, "tenant with space", "t\n"])

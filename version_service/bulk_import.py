@@ -14,6 +14,7 @@ is a path (relative to the manifest's directory) or a file:// URI.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlparse
 
+from modelfleet import failpoints
 from modelfleet.artifact_check import ModelInfo, check_many, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
-from modelfleet.store import artifact_for, sha256_file
+from modelfleet.store import StoredArtifact, artifact_for
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry, next_route_on_register
@@ -125,6 +127,9 @@ def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_
     return result
 
 
+CHANGED = "{}: changed while it was being imported; import it again"  # a rejected row's reason
+
+
 def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: ImportResult,
                      progress: Progress) -> dict[Path, tuple[str, str, int, ModelInfo]]:
     """source -> (artifact, sha256, size, info) for every usable source; the others are rejected."""
@@ -132,20 +137,21 @@ def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: Import
         raise FailedPrecondition("importing needs a model store (--store / MODELFLEET_STORE)")
     sources = list(dict.fromkeys(r.source for r in rows))
     result.artifacts = len(sources)
-    hashed: dict[Path, tuple[str, int]] = {}
+    hashed: dict[Path, str] = {}  # source -> the digest of the bytes read
     new: list[Path] = []
     stored: dict[Path, tuple[str, str, int, ModelInfo]] = {}
     for n, source in enumerate(sources, 1):
         try:
-            sha, size = sha256_file(source), source.stat().st_size
+            data = source.read_bytes()  # one read for the digest and, if already stored, the header
         except OSError as exc:
             result.rejected.append(f"{source}: {exc.strerror}")
             continue
-        hashed[source] = (sha, size)
+        sha = hashlib.sha256(data).hexdigest()
+        hashed[source] = sha
         if registry.store.exists(artifact_for(sha)):  # checked when stored; put_file repairs a damaged copy
-            registry.store.put_file(source)
-            stored[source] = (artifact_for(sha), sha, size, read_header(source.read_text(errors="replace"),
-                                                                         str(source)))
+            if _stored(registry, source, sha, result) is not None:
+                stored[source] = (artifact_for(sha), sha, len(data),
+                                  read_header(data.decode(errors="replace"), str(source)))
         else:
             new.append(source)
         progress("hashing", n, len(sources))
@@ -156,14 +162,31 @@ def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: Import
         checked += 1
         progress("checking", checked, len(new))
 
-    for source, outcome in check_many(new, on_done=one_checked).items():
+    outcomes = check_many(new, on_done=one_checked)
+    failpoints.pause("before_import_store")  # checked, not yet stored: where a rewrite matters
+    for source, outcome in outcomes.items():
         if isinstance(outcome, FailedPrecondition):
             result.rejected.append(str(outcome))
             continue
-        put = registry.store.put_file(source)
-        stored[source] = (put.artifact, put.sha256, put.size, outcome)
-        result.artifacts_new += 1
+        sha = hashed[source]
+        if outcome.sha256 != sha:  # rewritten between the hash and the check
+            result.rejected.append(CHANGED.format(source))
+            continue
+        put = _stored(registry, source, sha, result)
+        if put is not None:
+            stored[source] = (put.artifact, put.sha256, put.size, outcome)
+            result.artifacts_new += 1
     return stored
+
+
+def _stored(registry: Registry, source: Path, sha256: str, result: ImportResult) -> StoredArtifact | None:
+    """Stores `source` if it still holds the bytes hashed (and checked) as `sha256`; else the
+    row is rejected and nothing enters the store, where being stored means being checked."""
+    try:
+        return registry.store.put_file(source, sha256=sha256)
+    except Conflict:
+        result.rejected.append(CHANGED.format(source))
+        return None
 
 
 def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult,
@@ -228,6 +251,6 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
             result.already_registered += skipped
             return guard
         guard = restored_after_collection(client, keys, registry.store, guard,
-                                          [(stored[row.source][0], row.source) for row in batch])
+                                          [(stored[row.source][1], row.source) for row in batch])
     raise Conflict("the import kept racing other registry writes on the same tenants; re-run it to resume")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from modelfleet.errors import Unavailable
+from modelfleet.store import artifact_for
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import CollectionRecord, Keys, utc_stamp
 
@@ -48,12 +49,13 @@ def quiet_revision(client: EtcdClient, keys: Keys, wait_s: float = WAIT_S) -> in
 def restored_after_collection(client: EtcdClient, keys: Keys, store, guard: int,
                                artifacts: Iterable[tuple[str, Path]]) -> int:
     """After a write that compared `guard` and failed: the guard's revision now. If a collection
-    ran since `guard`, each (artifact, source file) it may have deleted is stored again first."""
+    ran since `guard`, each (sha256, source file) it may have deleted is stored again first, and
+    only if the file still holds the bytes that were checked (else Conflict)."""
     now = quiet_revision(client, keys)
     if now != guard:
-        for artifact, source in artifacts:
-            if not store.exists(artifact):
-                store.put_file(source)
+        for sha256, source in artifacts:
+            if not store.exists(artifact_for(sha256)):
+                store.put_file(source, sha256=sha256)
     return now
 
 

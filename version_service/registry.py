@@ -16,6 +16,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import getpass
+import hashlib
 import math
 import secrets
 import time
@@ -25,7 +26,7 @@ from typing import Callable
 from modelfleet import failpoints
 from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
-from modelfleet.store import Store, artifact_for, sha256_file
+from modelfleet.store import Store, artifact_for
 from sharding import MAX_SHARD_SIZE
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
@@ -131,17 +132,19 @@ class Registry:
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise InvalidArgument(f"model file {str(path)!r} {what}")
-        sha = sha256_file(path)
-        artifact = artifact_for(sha)
-        if self.store.exists(artifact):  # stored => these bytes were checked; the header is enough
-            stored = self.store.put_file(path)  # a no-op, unless the stored copy was damaged since
-            info = read_header(path.read_text(errors="replace"), str(path))
+        data = path.read_bytes()  # one read for the digest and, if already stored, the header
+        sha = hashlib.sha256(data).hexdigest()
+        if self.store.exists(artifact_for(sha)):  # stored => these bytes were checked; the header is enough
+            info = read_header(data.decode(errors="replace"), str(path))
         else:
+            failpoints.pause("before_register_check")  # hashed, not yet checked
             info = self.checker.check(path)
+            if info.sha256 != sha:  # rewritten between the hash and the check
+                raise Conflict(f"model file {str(path)!r} changed while it was being registered; register it again")
             failpoints.pause("before_register_store")  # checked, not yet stored: where a rewrite matters
-            stored = self.store.put_file(path)
-        if stored.sha256 != sha:  # rewritten while being registered: what was checked is not what was read
-            raise Conflict(f"model file {str(path)!r} changed while it was being registered; register it again")
+        # Only the bytes hashed (and checked) enter the store: a rewrite since is Conflict, nothing
+        # stored. A no-op when already stored, unless the stored copy was damaged since.
+        stored = self.store.put_file(path, sha256=sha)
         return stored.artifact, stored.sha256, stored.size, info
 
     # -- writes ----------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class Registry:
             if ok:
                 return record, True
             guard = restored_after_collection(self.client, self.keys, self.store, guard,
-                                              [(artifact, Path(model_file))])
+                                              [(sha, Path(model_file))])
         raise Conflict(f"could not register {tenant!r} version {version!r}: the route kept changing; retry")
 
     def pin(self, tenant: str, version: str, actor: str | None = None, reason: str = "") -> RouteRecord:
