@@ -13,6 +13,7 @@ from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
+from version_service.registry import default_actor
 
 X = sample_features(1, 1)[0]
 
@@ -38,6 +39,19 @@ def test_history_records_who_when_what_and_why_and_rollback_uses_it(fleet):
     done = cli(fleet, "pin", "acme", "v3", "--actor", "dave", "--reason", "fixed")
     assert done.returncode == 0, done.stderr
     assert fleet.registry.history("acme")[-1].actor == "dave"
+
+
+def test_register_and_import_record_the_reason_given(fleet):
+    """`--reason` on register and import reaches the history (it was accepted and dropped)."""
+    done = cli(fleet, "register", "--tenant", "acme", "--version", "v1", "--model-file", str(fleet.model_file(1)),
+               "--actor", "ci-bot", "--reason", "weekly retrain")
+    assert done.returncode == 0, done.stderr
+    manifest = fleet.root / "manifest.csv"
+    manifest.write_text(f"tenant,version,artifact\nacme,v2,{fleet.model_file(2)}\n")
+    done = cli(fleet, "import", str(manifest), "--reason", "backfill OPS-9")
+    assert done.returncode == 0, done.stderr
+    assert [(h.action, h.to_version, h.actor, h.reason) for h in fleet.registry.history("acme")] == [
+        ("register", "v1", "ci-bot", "weekly retrain"), ("register", "v2", default_actor(), "backfill OPS-9")]
 
 
 def test_rollback_without_an_earlier_version_is_refused(fleet):

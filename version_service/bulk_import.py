@@ -107,7 +107,7 @@ def _row(line: int, record: dict, base: Path, manifest: Path) -> ManifestRow:
 
 
 def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_progress: Progress | None = None,
-                    batch_size: int = RECORDS_PER_TXN) -> ImportResult:
+                    batch_size: int = RECORDS_PER_TXN, reason: str = "import") -> ImportResult:
     result = ImportResult(rows=len(rows))
     progress = on_progress or (lambda phase, done, total: None)
 
@@ -120,7 +120,7 @@ def import_manifest(registry: Registry, rows: list[ManifestRow], actor: str, on_
     done = 0
     for start in range(0, len(rows), batch_size):
         batch = [r for r in rows[start:start + batch_size] if r.source in stored]
-        guard = _register_batch(registry, batch, stored, actor, result, guard)
+        guard = _register_batch(registry, batch, stored, actor, result, guard, reason)
         done += len(rows[start:start + batch_size])
         progress("registering", done, len(rows))
     result.registration_seconds = time.perf_counter() - started
@@ -190,7 +190,7 @@ def _stored(registry: Registry, source: Path, sha256: str, result: ImportResult)
 
 
 def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult,
-                    guard: int) -> int:
+                    guard: int, reason: str = "import") -> int:
     """Returns the collection guard's revision since which the artifacts are known to be stored:
     `guard` given, a newer one after a collection failed the write (collection_guard)."""
     client, keys = registry.client, registry.keys
@@ -233,7 +233,7 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
             current[row.tenant] = next_route_on_register(old, row.version, sha)
             if old is None or old.serving != current[row.tenant].serving:
                 ops.append(registry.history_op(row.tenant, "register", old.serving if old else "",
-                                               current[row.tenant].serving, actor, "import"))
+                                               current[row.tenant].serving, actor, reason))
             registered += 1
         for tenant, (route, mod_revision) in routes.items():
             if current[tenant] is not route:

@@ -149,10 +149,11 @@ class Registry:
 
     # -- writes ----------------------------------------------------------------------------
     def register(self, tenant: str, version: str, model_file: str | Path,
-                 actor: str | None = None) -> tuple[VersionRecord, bool]:
+                 actor: str | None = None, reason: str = "") -> tuple[VersionRecord, bool]:
         """Copies the artifact into the store and records it; returns (record, created).
 
-        The new version becomes serving unless the tenant is pinned.
+        The new version becomes serving unless the tenant is pinned (then the history records
+        nothing: what serves did not change).
         """
         validate_id("tenant id", tenant)
         validate_id("version", version)
@@ -184,7 +185,7 @@ class Registry:
                 ops = [txn.put(version_key, record.to_json()), txn.put(route_key, route.to_json())]
                 if old is None or old.serving != route.serving:
                     ops.append(self.history_op(tenant, "register", old.serving if old else "", route.serving,
-                                                actor, ""))
+                                                actor, reason))
                 unchanged = (txn.version(route_key) == 0 if old is None
                              else txn.mod(route_key) == route_meta.mod_revision)
                 failpoints.pause("before_register_write")

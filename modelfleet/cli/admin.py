@@ -30,7 +30,8 @@ def open_registry(args: argparse.Namespace) -> Registry:
 def register(args: argparse.Namespace) -> int:
     registry = open_registry(args)
     try:
-        record, created = registry.register(args.tenant, args.version, args.model_file, actor=args.actor)
+        record, created = registry.register(args.tenant, args.version, args.model_file, actor=args.actor,
+                                            reason=args.reason)
     finally:
         registry.close()  # the checker's child exits with this command, not after it
     route, _ = registry.route(args.tenant)

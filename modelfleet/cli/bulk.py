@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
                 tasks[phase] = progress.add_task(phase, total=total)
             progress.update(tasks[phase], completed=done)
 
-        result = import_manifest(registry, rows, args.actor or default_actor(), on_progress, args.batch)
+        result = import_manifest(registry, rows, args.actor or default_actor(), on_progress, args.batch,
+                                 args.reason or "import")
     if args.json:
         print(json.dumps(asdict(result)))
     else:
