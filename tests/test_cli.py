@@ -138,6 +138,11 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("workers", "drain", "w1", "--reason", "x" * 201), {}, "at most 200 characters, got 201"),
     (("workers", "drain", "w1", "--reason", "ok\nw2 drained by root: forged"), {}, "printable text on one line"),
     (("shards", "apply", "--drain", "w1", "--reason", "\x1b[2J"), {}, "printable text on one line"),
+    (("pin", "acme", "v1", "--reason", "ok\n2026-01-01 root pin v1"), {}, "printable text on one line"),  # history
+    (("rollout", "acme", "v2", "--percent", "5", "--reason", "x" * 201), {}, "at most 200 characters, got 201"),
+    (("register", "--tenant", "t", "--version", "v", "--model-file", "m", "--reason", " "), {}, "expected some text"),
+    (("rollback", "acme", "--actor", "\x1b[2Jroot"), {}, "printable text on one line"),
+    (("import", "m.csv", "--actor", "a" * 129), {}, "at most 128 characters, got 129"),
     (("workers", "undrain", "w1", "--warm-timeout", "0"), {}, "> 0"),
     (("shards", "apply", "--undrain", "w1"), {"MODELFLEET_WARM_TIMEOUT": "soon"}, "MODELFLEET_WARM_TIMEOUT"),
 ])

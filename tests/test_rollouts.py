@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import grpc
 import lightgbm
@@ -52,6 +54,18 @@ def test_register_and_import_record_the_reason_given(fleet):
     assert done.returncode == 0, done.stderr
     assert [(h.action, h.to_version, h.actor, h.reason) for h in fleet.registry.history("acme")] == [
         ("register", "v1", "ci-bot", "weekly retrain"), ("register", "v2", default_actor(), "backfill OPS-9")]
+
+
+def test_the_history_table_shows_actors_and_reasons_as_text_not_markup(fleet):
+    """A reason is anyone's text (the Python API, an older CLI): `[/]` once made `versions --history`
+    end in a rich MarkupError traceback, and `[red]` vanished into styling."""
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    fleet.registry.pin("acme", "v1", actor="[bold]ops[/bold]", reason="[/] see [red]OPS-12[/red]")
+    done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "versions", "acme", "--history"],
+                          env={**fleet.env(), "COLUMNS": "300"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert "[bold]ops[/bold]" in done.stdout and "[/] see [red]OPS-12[/red]" in done.stdout, done.stdout
 
 
 def test_rollback_without_an_earlier_version_is_refused(fleet):

@@ -315,9 +315,9 @@ class Registry:
                 raise error
 
     def history_op(self, tenant: str, action: str, from_version: str, to_version: str, actor: str | None,
-                    reason: str):
+                    reason: str | None):
         record = HistoryRecord(at=utc_stamp(), actor=actor or default_actor(), action=action,
-                               from_version=from_version, to_version=to_version, reason=reason)
+                               from_version=from_version, to_version=to_version, reason=reason or "")
         return self.client.transactions.put(self.keys.history_event(tenant, new_event_id()), record.to_json())
 
     # -- internals -------------------------------------------------------------------------

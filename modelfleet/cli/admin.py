@@ -126,7 +126,8 @@ def versions(args: argparse.Namespace) -> int:
         for column in ("when", "who", "action", "from", "to", "reason"):
             table.add_column(column)
         for h in history:
-            table.add_row(h.at, h.actor, h.action, h.from_version, h.to_version, h.reason)
+            # escaped: an actor or reason is anyone's text (an older tool's, the Python API's), not markup
+            table.add_row(h.at, escape(h.actor), h.action, h.from_version, h.to_version, escape(h.reason))
         console.print(table)
     return 0
 

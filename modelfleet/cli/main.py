@@ -46,6 +46,7 @@ WORKER_CLIENT_TLS = (config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + 13  # as a tool killed by SIGPIPE exits
+ACTOR_CHARS = 128  # --actor of a change: a name, not a note
 
 
 def _run_worker(args: argparse.Namespace) -> None:
@@ -110,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("worker", _run_worker, "run one worker", *config.WORKER_OPTIONS)
 
     def audited(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument("--actor", default=None, help="who is making the change (default: the OS user)")
-        sub.add_argument("--reason", default="", help="why, for the history")
+        # Both end up in every `versions --history` table and log: printable, one line (as a drain's reason).
+        sub.add_argument("--actor", type=config.one_line(ACTOR_CHARS), default=None, metavar="NAME",
+                         help=f"who is making the change (default: the OS user; at most {ACTOR_CHARS} characters)")
+        sub.add_argument("--reason", type=shards.REASON_TYPE, default=None, metavar="TEXT",
+                         help=f"why, for the history (printable, one line, at most {shards.REASON_CHARS} characters)")
         return sub
 
     sub = audited(command("register", admin.register, "register a model version for a tenant",
