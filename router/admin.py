@@ -8,7 +8,7 @@ import grpc
 from modelfleet.errors import NotFound
 from modelfleet.rpc import translate_errors
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
-from router.rollout import Rollouts
+from router.rollout import Rollouts, rollout_of
 from sharding import ShardCache
 from version_service.routing_cache import RoutingCache
 from version_service.schema import validate_id
@@ -53,7 +53,7 @@ class RouterAdminServicer(router_admin_pb2_grpc.RouterAdminServicer):
             canary_version=route.canary or "", canary_percent=route.canary_percent or 0.0,
             shadow_version=route.shadow or "")
         stats = self.rollouts.stats.get(tenant)
-        if stats is not None and stats.rollout == (route.canary, route.canary_percent, route.shadow):
+        if stats is not None and stats.rollout == rollout_of(route):
             response.serving_requests = stats.serving_requests
             response.canary_requests = stats.canary_requests
             response.serving_errors = stats.serving_errors

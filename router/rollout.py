@@ -39,11 +39,17 @@ def in_canary(tenant: str, percent: float, key: str | None) -> bool:
     return xxhash.xxh3_64_intdigest(f"{tenant}\x00{key}".encode()) % BUCKETS < threshold
 
 
+def rollout_of(route) -> tuple:
+    """What identifies one rollout of a route: a rollout started anew (even of the same version at
+    the same percentage, after an abort) is another, and its counts start from zero."""
+    return route.canary, route.canary_percent, route.shadow, route.rollout_id
+
+
 @dataclass
 class RolloutStats:
-    """One tenant's rollout as this router saw it (reset when the rollout changes)."""
+    """One tenant's rollout as this router saw it (reset when the rollout changes: `rollout_of`)."""
 
-    rollout: tuple[str | None, float | None, str | None]
+    rollout: tuple[str | None, float | None, str | None, str | None]
     serving_requests: int = 0
     canary_requests: int = 0
     serving_errors: int = 0  # of those, failed: a canary that fails its traffic must show
@@ -64,7 +70,7 @@ class Rollouts:
         self._tasks: set[asyncio.Task] = set()
 
     def stats_for(self, tenant: str, route) -> RolloutStats:
-        rollout = (route.canary, route.canary_percent, route.shadow)
+        rollout = rollout_of(route)
         stats = self.stats.get(tenant)
         if stats is None or stats.rollout != rollout:
             stats = self.stats[tenant] = RolloutStats(rollout)

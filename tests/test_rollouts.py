@@ -12,7 +12,7 @@ import pytest
 
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition, InvalidArgument
-from modelfleet.v1 import predictor_pb2
+from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
 from tests.fleet import predict, predictor
 from tests.test_cli import cli
 from version_service.registry import default_actor
@@ -177,6 +177,31 @@ def test_shadow_never_changes_a_response_and_is_measured(two_version_fleet):
     expected_diff = np.abs(serving_model.predict(rows) - shadow_model.predict(rows))
     assert summary["shadow_max_abs_diff"] == pytest.approx(expected_diff.max(), rel=1e-6)
     assert cli(fleet, "rollout", "acme", "--abort").returncode == 0
+
+
+def test_a_rollout_started_again_counts_from_zero(two_version_fleet):
+    """Abort a canary, start the same one again (v1 at 50 %): `rollout --status` counted the aborted
+    rollout's requests and errors as the new one's, because a router told rollouts apart only by
+    version and percentage."""
+    fleet, router, stub = two_version_fleet
+    with grpc.insecure_channel(router.address) as channel:
+        admin = router_admin_pb2_grpc.RouterAdminStub(channel)
+        seen = lambda: admin.Rollout(router_admin_pb2.RolloutStatusRequest(tenant_id="acme"), timeout=5)  # noqa: E731
+        counted = lambda status: status.serving_requests + status.canary_requests  # noqa: E731
+        fleet.registry.start_rollout("acme", "v1", percent=50)
+        fleet.wait_for(lambda: seen().canary_version == "v1", timeout=5, what="the router to start the canary")
+        for i in range(20):
+            predict(stub, "acme", X, metadata=(("x-modelfleet-key", f"k{i}"),))
+        assert counted(seen()) == 20
+        fleet.registry.abort("acme")
+        fleet.wait_for(lambda: seen().canary_version == "", timeout=5, what="the router to end the canary")
+        fleet.registry.start_rollout("acme", "v1", percent=50)
+        status = fleet.wait_for(lambda: (s := seen()).canary_version == "v1" and s, timeout=5,
+                                what="the router to start the canary again")
+        assert counted(status) == 0 and status.canary_percent == 50
+        for i in range(5):
+            predict(stub, "acme", X, metadata=(("x-modelfleet-key", f"k{i}"),))
+        assert counted(seen()) == 5
 
 
 def test_rollout_cli_errors_are_clear(fleet):

@@ -238,8 +238,10 @@ class Registry:
                 raise FailedPrecondition(f"tenant {tenant!r} already has a rollout of "
                                          f"{sorted(route.in_rollout)[0]!r}: promote or abort it first")
             if shadow:
-                return route.with_changes(shadow=version, shadow_sha256=sha256, canary=None, canary_percent=None)
-            return route.with_changes(canary=version, canary_sha256=sha256, canary_percent=float(percent), shadow=None)
+                return route.with_changes(shadow=version, shadow_sha256=sha256, canary=None, canary_percent=None,
+                                          rollout_id=new_event_id())
+            return route.with_changes(canary=version, canary_sha256=sha256, canary_percent=float(percent), shadow=None,
+                                      rollout_id=new_event_id())
 
         action = "shadow" if shadow else f"canary {percent:g}%"
         return self._update_route(tenant, action, start, actor, reason, to_version=version)
@@ -371,4 +373,4 @@ def next_route_on_register(old: RouteRecord | None, version: str, sha256: str) -
 
 
 def _ended(route: RouteRecord, version: str) -> RouteRecord:
-    return route.with_changes(canary=None, canary_percent=None, shadow=None)
+    return route.with_changes(canary=None, canary_percent=None, shadow=None, rollout_id=None)

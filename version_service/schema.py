@@ -202,6 +202,10 @@ class RouteRecord(_Record):
     shadow that a worker has to load needs no etcd either (through an etcd outage too).
     `with_changes` drops each digest whenever its version changes without it, so none can ever
     name another version's artifact.
+
+    `rollout_id` names one rollout: set afresh by every start (a new version, percentage or mode),
+    dropped when it ends. Routers count each rollout's traffic for `rollout --status` under it, so a
+    rollout of v2 at 5 % started after an earlier one at 5 % was aborted starts from zero.
     """
 
     serving: str
@@ -217,6 +221,7 @@ class RouteRecord(_Record):
     serving_sha256: str | None = None
     canary_sha256: str | None = None
     shadow_sha256: str | None = None
+    rollout_id: str | None = None
 
     def with_changes(self, **changes: Any) -> "RouteRecord":
         for name, digest in _DIGESTS:
