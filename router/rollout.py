@@ -3,7 +3,9 @@
 Canary: a request with routing key `x-modelfleet-key` goes to the canary iff a hash of
 (tenant, key) falls in the canary's percent, so one key always sees one version; without a key
 the choice is random. Shadow: after the caller has its answer, a copy goes to the shadow
-version, at most `budget` at a time per router (a full budget drops the copy and counts it);
+version on the shard's first member (never failed over or held against the worker: a slow shadow
+must not eject a worker nor load on every member), at most `budget` at a time per router (a full
+budget drops the copy and counts it);
 its latency, errors and difference from the served answer are recorded, never returned.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@
    worker that has to load the model reads nothing from etcd.
    Errors about the request itself (unknown version, bad features, corrupt artifact) come back
    from the worker and are returned as they are: another member would answer the same.
-6. a shadow rollout gets a copy afterwards, off the caller's path.
+6. a shadow rollout gets a copy afterwards, off the caller's path, on the shard's first member only.
 
 With tracing on (modelfleet.tracing), steps 1-4 are the `route` span and each attempt of step 5
 a `forward` span; with it off the path tests `self.tracer is None` and nothing else.
@@ -92,8 +92,11 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                         stats.serving_errors += 1
                 raise
             if stats is not None and route.shadow is not None and request.version == route.serving:
+                # One member, the shard's first, with the whole budget: a slow shadow (a big model's
+                # first load) then passes no attempt timeout, so it never counts against the worker
+                # (three would eject it from every shard), nor goes on to load on the next member.
                 self.rollouts.shadow(stats, request, response,
-                                     lambda r: self.failover.send(r, shard, SHADOW_TIMEOUT_S, hedge=False,
+                                     lambda r: self.failover.send(r, shard[:1], SHADOW_TIMEOUT_S, hedge=False,
                                                                   artifact=route.shadow_sha256))
             return response
         finally:

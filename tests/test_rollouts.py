@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import pytest
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
-from tests.fleet import predict, predictor
+from tests.fleet import predict, predictor, stats
 from tests.test_cli import cli
 from version_service.registry import default_actor
 
@@ -202,6 +203,36 @@ def test_a_rollout_started_again_counts_from_zero(two_version_fleet):
         for i in range(5):
             predict(stub, "acme", X, metadata=(("x-modelfleet-key", f"k{i}"),))
         assert counted(seen()) == 5
+
+
+def test_a_slow_shadow_gets_no_worker_ejected_and_stays_on_one_member(two_version_fleet):
+    """A shadow version slow to load (a big model, a slow store) never answers its copies in time.
+    Each copy was sent like a caller's request: past its attempt timeout it counted against the
+    tenant's first worker, whom three such copies ejected from every shard it serves, and went on to
+    the second member, which loaded the shadow model as well."""
+    fleet, router, stub = two_version_fleet
+    artifact = fleet.store_dir / fleet.registry.version("acme", "v1").artifact
+    model = artifact.read_bytes()
+    artifact.unlink()
+    os.mkfifo(artifact)  # a load of v1 waits in open() until the test writes the model into it
+    try:
+        with grpc.insecure_channel(router.address) as channel:
+            admin = router_admin_pb2_grpc.RouterAdminStub(channel)
+            seen = lambda: admin.Rollout(router_admin_pb2.RolloutStatusRequest(tenant_id="acme"), timeout=5)  # noqa: E731
+            fleet.registry.start_rollout("acme", "v1", shadow=True)
+            fleet.wait_for(lambda: seen().shadow_version == "v1", timeout=5, what="the router to start the shadow")
+            request = predictor_pb2.PredictRequest(tenant_id="acme", features=list(X))
+            answers = [f.result() for f in [stub.Predict.future(request, timeout=5) for _ in range(4)]]
+            assert {a.model_version for a in answers} == {"v2"}
+            first = answers[0].worker_id
+            fleet.wait_for(lambda: seen().shadow_errors == 4, timeout=5, what="the shadow copies to time out")
+        assert "worker_ejected" not in router.log(), router.log()
+        assert predict(stub, "acme", X).worker_id == first  # still the tenant's first member
+    finally:
+        with open(artifact, "wb") as fifo:  # lets the waiting load(s) go (EOF after the bytes)
+            fifo.write(model)
+    other = next(w for w in fleet.procs if w.name in ("w1", "w2") and w.name != first)
+    assert stats(other.address).requests_total == 0  # no copy went on to the other member
 
 
 def test_rollout_cli_errors_are_clear(fleet):
