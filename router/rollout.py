@@ -21,10 +21,10 @@ import grpc
 import xxhash
 
 from modelfleet.v1 import predictor_pb2
+from version_service.schema import CANARY_BUCKETS, canary_buckets
 
 ROUTING_KEY = "x-modelfleet-key"
 LATENCY_SAMPLE = 1000
-BUCKETS = 10_000  # canary resolution: 0.01 %
 
 
 def routing_key(context: grpc.aio.ServicerContext) -> str | None:
@@ -35,10 +35,12 @@ def routing_key(context: grpc.aio.ServicerContext) -> str | None:
 
 
 def in_canary(tenant: str, percent: float, key: str | None) -> bool:
-    threshold = percent * (BUCKETS / 100)
+    """Keyed and unkeyed requests alike: `canary_buckets(percent)` of CANARY_BUCKETS (a whole number,
+    so both shares are the same, and a canary that grows keeps the keys it had)."""
+    buckets = canary_buckets(percent)
     if key is None:
-        return random.random() * BUCKETS < threshold
-    return xxhash.xxh3_64_intdigest(f"{tenant}\x00{key}".encode()) % BUCKETS < threshold
+        return random.random() * CANARY_BUCKETS < buckets
+    return xxhash.xxh3_64_intdigest(f"{tenant}\x00{key}".encode()) % CANARY_BUCKETS < buckets
 
 
 def rollout_of(route) -> tuple:

@@ -139,6 +139,8 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("workers", "drain", "w1", "--reason", "ok\nw2 drained by root: forged"), {}, "printable text on one line"),
     (("shards", "apply", "--drain", "w1", "--reason", "\x1b[2J"), {}, "printable text on one line"),
     (("pin", "acme", "v1", "--reason", "ok\n2026-01-01 root pin v1"), {}, "printable text on one line"),  # history
+    *((("rollout", "acme", "v2", "--percent", bad), {}, f"percentage from 0.01 to 100 (to 0.01), got '{bad}'")
+      for bad in ("0", "-5", "nan", "inf", "100.5", "0.001", "1e-9", "5%")),  # below 0.01: under one bucket
     (("rollout", "acme", "v2", "--percent", "5", "--reason", "x" * 201), {}, "at most 200 characters, got 201"),
     (("register", "--tenant", "t", "--version", "v", "--model-file", "m", "--reason", " "), {}, "expected some text"),
     (("rollback", "acme", "--actor", "\x1b[2Jroot"), {}, "printable text on one line"),

@@ -10,10 +10,12 @@ import grpc
 import lightgbm
 import numpy as np
 import pytest
+import xxhash
 
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
+from router.rollout import in_canary
 from tests.fleet import predict, predictor, stats
 from tests.test_cli import cli
 from version_service.registry import default_actor
@@ -96,6 +98,23 @@ def test_rollout_rules(fleet):
     assert (route.serving, route.pinned, route.shadow) == ("v2", True, None)  # v3 is newer: promoting pins
     assert [h.action for h in fleet.registry.history("acme")][-5:] == [
         "canary 5%", "canary 10%", "abort", "shadow", "promote"]
+
+
+def test_a_canary_takes_the_share_it_names_to_its_resolution_keyed_or_not(fleet):
+    """Routers split keys into 10,000 buckets. 0.07 % took 8 of them (0.07 * 100 is 7.000000000000001),
+    1e-9 % all of bucket 0 (0.01 %), while unkeyed requests got the exact share: now a percent is
+    kept to 0.01, one below that is refused, and keyed and unkeyed requests take the same buckets."""
+    bucket = lambda key: xxhash.xxh3_64_intdigest(f"acme\x00{key}".encode()) % 10_000  # noqa: E731
+    edge = {bucket(f"user-{i}"): f"user-{i}" for i in range(200_000)}
+    assert in_canary("acme", 0.07, edge[6]) and not in_canary("acme", 0.07, edge[7])
+    assert in_canary("acme", 1.1, edge[109]) and not in_canary("acme", 1.1, edge[110])  # 110.00000000000001
+    assert in_canary("acme", 100, edge[9_999]) and not in_canary("acme", 0.01, edge[1])
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    assert fleet.registry.start_rollout("acme", "v1", percent=0.014).canary_percent == 0.01  # as routers apply it
+    for bad in (0.001, 0.0, -1.0, float("nan"), 100.5):
+        with pytest.raises(InvalidArgument, match="from 0.01 to 100"):
+            fleet.registry.start_rollout("acme", "v1", percent=bad)
 
 
 def test_pinning_or_unpinning_onto_the_rollout_version_ends_the_rollout(fleet):

@@ -30,8 +30,8 @@ from modelfleet.store import Store, artifact_for
 from sharding import MAX_SHARD_SIZE
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
-from version_service.schema import (HistoryRecord, Keys, RetiredRecord, RouteRecord, VersionRecord, retired_conflict,
-                                    utc_stamp, validate_id)
+from version_service.schema import (HistoryRecord, Keys, RetiredRecord, RouteRecord, VersionRecord, canary_percent,
+                                    retired_conflict, utc_stamp, validate_id)
 
 _REGISTER_ATTEMPTS = 8
 _RETIRED_PER_TXN = 60  # 2 operations each: within etcd's 128 per transaction
@@ -227,8 +227,8 @@ class Registry:
         """A canary (`percent` of traffic answered by `version`) or a shadow (a copy of traffic)."""
         if shadow == (percent is not None):
             raise InvalidArgument("a rollout is either --percent P (canary) or --shadow")
-        if percent is not None and not 0 < percent <= 100:
-            raise InvalidArgument(f"--percent must be in (0, 100], got {percent}")
+        if percent is not None:
+            percent = canary_percent(percent)  # to the routers' resolution, 0.01 %
         sha256 = self.version(tenant, version).sha256  # NotFound for an unknown version
 
         def start(route: RouteRecord) -> RouteRecord:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Collection, Mapping, TypeVar
@@ -177,6 +178,27 @@ class CollectionRecord(_Record):
     deleting: bool
     at: str
     actor: str = ""
+
+
+CANARY_BUCKETS = 10_000  # routers split each tenant's keys into this many: a canary's resolution is 0.01 %
+
+
+def canary_percent(value: float) -> float:
+    """A canary's share of traffic as routers apply it: `value` % to the nearest 0.01 (one bucket of
+    CANARY_BUCKETS), from 0.01 to 100; else InvalidArgument. A share below one bucket cannot be
+    kept (1e-9 % took every key of bucket 0: 0.01 %), so it is refused, not rounded up."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 100):
+        raise InvalidArgument(f"a canary's percent must be from 0.01 to 100, got {value}")
+    rounded = round(value, 2)
+    if rounded == 0:
+        raise InvalidArgument(f"a canary's percent must be from 0.01 to 100 (its resolution), got {value:g}")
+    return rounded
+
+
+def canary_buckets(percent: float) -> int:
+    """How many of CANARY_BUCKETS a canary of `percent` takes: rounded, since 0.07 * 100 is
+    7.000000000000001 in floating point (counted as 8 buckets, 0.08 %, it was)."""
+    return round(percent * (CANARY_BUCKETS / 100))
 
 
 _DIGESTS = (("serving", "serving_sha256"), ("canary", "canary_sha256"), ("shadow", "shadow_sha256"))

@@ -11,12 +11,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from modelfleet.cli.shards import fleet_shard_size
+from modelfleet.errors import InvalidArgument
 from modelfleet.store import open_store
 from sharding import shard_for
 from version_service.etcd_client import connect_args
 from version_service.membership import read_fleet
 from version_service.registry import Registry
-from version_service.schema import Keys, live_members
+from version_service.schema import Keys, canary_percent, live_members
 
 console = Console(highlight=False)
 
@@ -97,6 +98,14 @@ def limit_value(kind: type) -> Callable[[str], object]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number or 'default', got {text!r}") from None
     return parse
+
+
+def canary_percent_value(text: str) -> float:
+    """argparse type of `rollout --percent`: 0.01 to 100, to the nearest 0.01 (what routers apply)."""
+    try:
+        return canary_percent(float(text))
+    except (ValueError, InvalidArgument):
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0.01 to 100 (to 0.01), got {text!r}") from None
 
 
 def versions(args: argparse.Namespace) -> int:

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("tenant")
     sub.add_argument("version", nargs="?", help="the version to roll out (to start a rollout)")
     mode = sub.add_mutually_exclusive_group()
-    mode.add_argument("--percent", type=float, help="canary: this share of the tenant's traffic")
+    mode.add_argument("--percent", type=admin.canary_percent_value, metavar="P",
+                      help="canary: this share of the tenant's traffic, 0.01 to 100 (%%), to 0.01")
     mode.add_argument("--shadow", action="store_true", help="shadow: a copy of the traffic, answers compared")
     mode.add_argument("--promote", action="store_true", help="the rollout's version serves from now on")
     mode.add_argument("--abort", action="store_true", help="end the rollout")
