@@ -25,6 +25,7 @@ from version_service.schema import CANARY_BUCKETS, canary_buckets
 
 ROUTING_KEY = "x-modelfleet-key"
 LATENCY_SAMPLE = 1000
+FORGET_EVERY_S = 60.0  # how often, at most, the stats of ended rollouts are dropped
 
 
 def routing_key(context: grpc.aio.ServicerContext) -> str | None:
@@ -68,17 +69,37 @@ class RolloutStats:
 
 
 class Rollouts:
-    def __init__(self, shadow_budget: int = 16) -> None:
+    """Each tenant's RolloutStats while its rollout lasts. `route_of` (the routing cache's lookup):
+    when a rollout starts here, at most once per FORGET_EVERY_S, the stats of rollouts that have
+    ended are dropped; nothing reads them (RouterAdmin answers only the route's current rollout),
+    and a shadow's latency sample is ~32 KiB: kept for every tenant ever shadowed, a router
+    serving 100k tenants would have grown by gigabytes."""
+
+    def __init__(self, shadow_budget: int = 16, route_of: Callable[[str], object | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.stats: dict[str, RolloutStats] = {}
         self._budget = asyncio.Semaphore(shadow_budget)
         self._tasks: set[asyncio.Task] = set()
+        self._route_of = route_of
+        self._clock = clock
+        self._next_forget = 0.0
 
     def stats_for(self, tenant: str, route) -> RolloutStats:
         rollout = rollout_of(route)
         stats = self.stats.get(tenant)
         if stats is None or stats.rollout != rollout:
+            self._forget_ended()
             stats = self.stats[tenant] = RolloutStats(rollout)
         return stats
+
+    def _forget_ended(self) -> None:
+        if self._route_of is None or self._clock() < self._next_forget:
+            return
+        self._next_forget = self._clock() + FORGET_EVERY_S
+        for tenant, stats in list(self.stats.items()):
+            route = self._route_of(tenant)
+            if route is None or rollout_of(route) != stats.rollout:
+                del self.stats[tenant]
 
     def shadow(self, stats: RolloutStats, request: predictor_pb2.PredictRequest,
                served: predictor_pb2.PredictResponse,

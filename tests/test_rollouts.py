@@ -15,7 +15,8 @@ import xxhash
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
-from router.rollout import in_canary
+from router.rollout import FORGET_EVERY_S, LATENCY_SAMPLE, Rollouts, in_canary
+from version_service.schema import RouteRecord
 from tests.fleet import predict, predictor, stats
 from tests.test_cli import cli
 from version_service.registry import default_actor
@@ -252,6 +253,22 @@ def test_a_slow_shadow_gets_no_worker_ejected_and_stays_on_one_member(two_versio
             fifo.write(model)
     other = next(w for w in fleet.procs if w.name in ("w1", "w2") and w.name != first)
     assert stats(other.address).requests_total == 0  # no copy went on to the other member
+
+
+def test_a_router_forgets_the_counts_of_rollouts_that_ended():
+    """Each shadowed tenant's stats hold a ~32 KiB latency sample; a router kept them after the rollout
+    ended, for every tenant ever shadowed (100k tenants: gigabytes). Pure: the router's own bookkeeping."""
+    now = [0.0]
+    shadowed = RouteRecord(serving="v2", newest="v2", shadow="v1", rollout_id="r1")
+    routes = {"a": shadowed, "b": shadowed.with_changes(rollout_id="r2"), "c": shadowed.with_changes(rollout_id="r3")}
+    rollouts = Rollouts(route_of=routes.get, clock=lambda: now[0])
+    for tenant in ("a", "b"):
+        rollouts.stats_for(tenant, routes[tenant]).latencies_ms.extend([1.0] * LATENCY_SAMPLE)
+    routes["a"] = shadowed.with_changes(shadow=None, rollout_id=None)  # aborted, or promoted
+    del routes["b"]  # the tenant is gone
+    now[0] += FORGET_EVERY_S
+    rollouts.stats_for("c", routes["c"])  # a rollout starting here sweeps (at most once a minute)
+    assert set(rollouts.stats) == {"c"}
 
 
 def test_rollout_cli_errors_are_clear(fleet):
