@@ -118,6 +118,22 @@ def test_a_canary_takes_the_share_it_names_to_its_resolution_keyed_or_not(fleet)
             fleet.registry.start_rollout("acme", "v1", percent=bad)
 
 
+def test_a_rollout_of_a_model_that_takes_other_rows_or_answers_other_outputs_is_refused(fleet):
+    """Callers send one row width: a canary of a 10-feature model beside an 8-feature one failed its
+    whole share (INVALID_ARGUMENT), and a shadow of a 3-class model every copy."""
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "wide", seed=2, num_features=10)
+    fleet.register("acme", "classes", seed=3, objective="multiclass")
+    fleet.registry.pin("acme", "v1")
+    for version, kind, needle in (("wide", {"percent": 5}, "takes 10 features"),
+                                  ("classes", {"shadow": True}, r"answers 3 output\(s\)")):
+        with pytest.raises(FailedPrecondition, match=needle):
+            fleet.registry.start_rollout("acme", version, **kind)
+    assert fleet.registry.route("acme")[0].in_rollout == set()
+    fleet.register("acme", "v2", seed=4)  # the same shape: fine, whatever its objective
+    assert fleet.registry.start_rollout("acme", "v2", percent=5).canary == "v2"
+
+
 def test_pinning_or_unpinning_onto_the_rollout_version_ends_the_rollout(fleet):
     """A canary or shadow of the version that serves would compare a version with itself."""
     for version, seed in (("v1", 1), ("v2", 2)):

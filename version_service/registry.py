@@ -229,7 +229,8 @@ class Registry:
             raise InvalidArgument("a rollout is either --percent P (canary) or --shadow")
         if percent is not None:
             percent = canary_percent(percent)  # to the routers' resolution, 0.01 %
-        sha256 = self.version(tenant, version).sha256  # NotFound for an unknown version
+        record = self.version(tenant, version)  # NotFound for an unknown version
+        sha256 = record.sha256
 
         def start(route: RouteRecord) -> RouteRecord:
             if version == route.serving:
@@ -237,6 +238,7 @@ class Registry:
             if route.in_rollout - {version}:
                 raise FailedPrecondition(f"tenant {tenant!r} already has a rollout of "
                                          f"{sorted(route.in_rollout)[0]!r}: promote or abort it first")
+            _check_same_shape(tenant, record, self.version(tenant, route.serving))
             if shadow:
                 return route.with_changes(shadow=version, shadow_sha256=sha256, canary=None, canary_percent=None,
                                           rollout_id=new_event_id())
@@ -370,6 +372,20 @@ def next_route_on_register(old: RouteRecord | None, version: str, sha256: str) -
     if old.pinned:
         return old.with_changes(newest=version)
     return old.with_changes(serving=version, newest=version, serving_sha256=sha256)
+
+
+def _check_same_shape(tenant: str, rollout: VersionRecord, serving: VersionRecord) -> None:
+    """A rollout's version must take the rows the serving one takes and answer as many outputs: a
+    caller sends one row width, so a canary of another width fails its whole share of the tenant's
+    requests (or answers them in another shape) and a shadow every copy (changing the width is a pin,
+    with the callers)."""
+    if (rollout.num_features, rollout.num_classes) != (serving.num_features, serving.num_classes):
+        raise FailedPrecondition(
+            f"tenant {tenant!r} version {rollout.version!r} takes {rollout.num_features} features and answers "
+            f"{rollout.num_classes} output(s) per row, but {serving.version!r}, which serves, takes "
+            f"{serving.num_features} and answers {serving.num_classes}: callers send one row width and read one "
+            f"answer shape, so a canary would fail (or answer in another shape) every request of its share and "
+            f"a shadow would compare nothing; pin it to change what serves, with the callers")
 
 
 def _ended(route: RouteRecord, version: str) -> RouteRecord:
