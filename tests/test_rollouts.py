@@ -262,6 +262,9 @@ def test_a_slow_shadow_gets_no_worker_ejected_and_stays_on_one_member(two_versio
             assert {a.model_version for a in answers} == {"v2"}
             first = answers[0].worker_id
             fleet.wait_for(lambda: seen().shadow_errors == 4, timeout=5, what="the shadow copies to time out")
+        status = json.loads(cli(fleet, "rollout", "acme", "--status", "--json").stdout)
+        assert status["shadow_errors"] == status["shadow_requests"] == 4  # nothing compared: no |diff|, not 0
+        assert status["shadow_max_abs_diff"] is None and status["shadow_mean_abs_diff"] is None
         assert "worker_ejected" not in router.log(), router.log()
         assert predict(stub, "acme", X).worker_id == first  # still the tenant's first member
     finally:

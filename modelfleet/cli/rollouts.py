@@ -67,7 +67,8 @@ def status(args: argparse.Namespace, registry) -> int:
         "shadow_dropped": sum(r.shadow_dropped for r in per_router),
         "shadow_p50_ms": float(np.percentile(latencies, 50)) if latencies.size else None,
         "shadow_p99_ms": float(np.percentile(latencies, 99)) if latencies.size else None,
-        "shadow_max_abs_diff": max((r.shadow_max_abs_diff for r in per_router), default=0.0),
+        # None, not 0, while no copy was compared (all failed, or none sent): 0 would read as "agrees exactly"
+        "shadow_max_abs_diff": max(r.shadow_max_abs_diff for r in per_router) if compared else None,
         "shadow_mean_abs_diff": (sum(m * n for m, n in diffs) / compared) if compared else None,
     }
     incomplete = 1 if unanswered else 0  # the figures leave those routers out: a script must not take them as whole
