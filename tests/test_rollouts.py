@@ -290,6 +290,30 @@ def test_a_router_forgets_the_counts_of_rollouts_that_ended():
     assert set(rollouts.stats) == {"c"}
 
 
+def test_a_promote_whose_rollout_changed_after_it_read_it_is_a_conflict(fleet):
+    """promote (like abort and rollback) read the route, then read it again to write: a rollout
+    aborted and replaced between the two reads was promoted anyway (the aborted version served,
+    the new shadow ended unseen). Now the write compares the read the decision was made on."""
+    for version, seed in (("v1", 1), ("v2", 2), ("v3", 3)):
+        fleet.register("acme", version, seed=seed)
+    fleet.registry.start_rollout("acme", "v1", percent=10)
+    env = dict(fleet.env(), MODELFLEET_FAILPOINT_DIR=str(fleet.root))
+    proc = subprocess.Popen([sys.executable, "-m", "modelfleet.cli", "rollout", "acme", "--promote"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fleet.wait_for(lambda: list(fleet.root.glob("after_route_read.*.ready")), what="promote to read the route")
+        fleet.registry.abort("acme", actor="bob")
+        fleet.registry.start_rollout("acme", "v2", shadow=True, actor="bob")
+    finally:
+        for name in ("after_route_read", "before_route_write"):
+            (fleet.root / f"{name}.go").touch()
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "changed concurrently" in stderr, stderr
+    route, _ = fleet.registry.route("acme")
+    assert (route.serving, route.shadow, route.canary) == ("v3", "v2", None)
+    assert [h.action for h in fleet.registry.history("acme")][-3:] == ["canary 10%", "abort", "shadow"]
+
+
 def test_rollout_cli_errors_are_clear(fleet):
     fleet.register("acme", "v1", seed=1)
     for argv, needle in ((("rollout", "acme", "v9", "--percent", "5"), "no version 'v9'"),

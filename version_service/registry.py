@@ -211,7 +211,9 @@ class Registry:
 
     def rollback(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
         """Pins the version that served before the current one (from the history)."""
-        route, _ = self.route(tenant)
+        read = self.route(tenant)  # the write compares this read: a change since is a Conflict
+        failpoints.pause("after_route_read")
+        route = read[0]
         previous = next((h.from_version for h in reversed(self.history(tenant))
                          if h.to_version == route.serving and h.from_version and h.from_version != route.serving),
                         None)
@@ -220,7 +222,7 @@ class Registry:
         sha256 = self.version(tenant, previous).sha256
         return self._update_route(
             tenant, "rollback", lambda r: r.with_changes(serving=previous, pinned=True, serving_sha256=sha256),
-            actor, reason)
+            actor, reason, read=read)
 
     def start_rollout(self, tenant: str, version: str, percent: float | None = None, shadow: bool = False,
                       actor: str | None = None, reason: str = "") -> RouteRecord:
@@ -250,21 +252,24 @@ class Registry:
 
     def promote(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
         """The rollout's version serves (pinned unless it is the newest); the rollout ends."""
-        route, _ = self.route(tenant)
-        version = route.canary or route.shadow
+        read = self.route(tenant)  # the write compares this read: promotes the rollout it saw, or Conflict
+        failpoints.pause("after_route_read")
+        version = read[0].canary or read[0].shadow
         if version is None:
             raise FailedPrecondition(f"tenant {tenant!r} has no rollout to promote")
         return self._update_route(
             tenant, "promote", lambda r: _ended(r, version).with_changes(
                 serving=version, pinned=version != r.newest, serving_sha256=r.artifact_of(version)),
-            actor, reason)
+            actor, reason, read=read)
 
     def abort(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
-        route, _ = self.route(tenant)
-        version = route.canary or route.shadow
+        read = self.route(tenant)  # the write compares this read: aborts the rollout it saw, or Conflict
+        failpoints.pause("after_route_read")
+        version = read[0].canary or read[0].shadow
         if version is None:
             raise FailedPrecondition(f"tenant {tenant!r} has no rollout to abort")
-        return self._update_route(tenant, "abort", lambda r: _ended(r, version), actor, reason, to_version=version)
+        return self._update_route(tenant, "abort", lambda r: _ended(r, version), actor, reason, to_version=version,
+                                  read=read)
 
     def set_shard_size(self, tenant: str, shard_size: int | None) -> RouteRecord:
         """Gives a hot tenant a larger shard (None: back to the routers' default)."""
@@ -334,8 +339,11 @@ class Registry:
             return None
 
     def _update_route(self, tenant: str, action: str, change: Callable[[RouteRecord], RouteRecord],
-                      actor: str | None = None, reason: str = "", to_version: str | None = None) -> RouteRecord:
-        route, mod_revision = self.route(tenant)
+                      actor: str | None = None, reason: str = "", to_version: str | None = None,
+                      read: tuple[RouteRecord, int] | None = None) -> RouteRecord:
+        """`read`: the route and revision the caller decided on (else read here); the write
+        compares that revision, so a change since is a Conflict, never applied on top."""
+        route, mod_revision = read if read is not None else self.route(tenant)
         new_route = change(route)
         if new_route.serving in new_route.in_rollout:  # a pin or unpin onto the rollout's version ends it:
             new_route = _ended(new_route, new_route.serving)  # a canary or shadow of what serves is no rollout
