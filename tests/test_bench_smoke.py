@@ -31,7 +31,8 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
     segments, the paths taking turns."""
     out, records_file = tmp_path / "out", tmp_path / "records.json"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--quick", "--duration", "0.4", "--rounds", "2", "--warmup", "0.1",
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--rows", "1", "--duration", "0.4", "--rounds", "2",
+         "--warmup", "0.1",
          "--mix-warmup", "0.3", "--max-tenants", "300", "--routers", "2", "--workers", "2", "--equal-memory",
          "--json", str(records_file), "--out", str(out)],
         cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=150)
@@ -39,7 +40,7 @@ def test_quick_bench_measures_all_four_paths(tmp_path):
 
     records = json.loads(records_file.read_text())
     assert {r["path"] for r in records} == set(bench.PATHS)
-    assert {r["mix"] for r in records} == {"warm", "zipf10k"}
+    assert {r["mix"] for r in records} == {"warm", "zipf10k"} and {r["rows"] for r in records} == {1}
     for r in records:
         assert {"path", "mix", "rows", "concurrency", "rps", "p50_ms", "p99_ms", "errors", "requests",
                 "cores"} <= r.keys()
