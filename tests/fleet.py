@@ -1,6 +1,9 @@
 """Test conveniences over modelfleet.local_fleet: real processes, real gRPC, real etcd."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterable
+
 import grpc
 
 from modelfleet.local_fleet import REPO_ROOT, LocalFleet as Fleet, Proc  # noqa: F401 - re-exported for tests
@@ -46,3 +49,14 @@ def serve_and_warm(fleet: Fleet, tenants, shard_size: int = 2):
     for tenant in tenants:
         fleet.wait_for(lambda: predict(stub, tenant, x), what="warm-up")
     return workers, router, stub, x
+
+
+def register_many(fleet: Fleet, pairs: Iterable[tuple[str, str]], model: Path) -> None:
+    """Registers each (tenant, version) with one model file, as bulk import does: a few etcd
+    transactions in all, ~0.2 s for 300 where a register each costs ~50 ms (a 4 MB model is
+    read and hashed per register)."""
+    from version_service.bulk_import import ManifestRow, import_manifest
+
+    rows = [ManifestRow(line, tenant, version, Path(model)) for line, (tenant, version) in enumerate(pairs, 2)]
+    result = import_manifest(fleet.registry, rows, "test")
+    assert (result.registered, result.rejected) == (len(rows), []), result

@@ -32,7 +32,7 @@ from modelfleet import processes
 from modelfleet.demo_models import sample_features
 from modelfleet.local_fleet import REPO_ROOT
 from modelfleet.v1 import predictor_pb2
-from tests.fleet import predict, predictor, stats, worker_stub
+from tests.fleet import predict, predictor, register_many, stats, worker_stub
 from tests.test_cli import cli
 from worker.overload import retry_hint
 
@@ -273,8 +273,7 @@ def test_a_cold_load_storm_never_starves_a_warm_tenant(fleet, monkeypatch):
     cold = [f"cold{i:03d}" for i in range(300)]
     fleet.register("warm", "v1", seed=1)
     model = fleet.model_file(7, num_trees=600, num_leaves=63)  # a slow load: 15-70 ms each
-    for tenant in cold:
-        fleet.registry.register(tenant, "v1", model)
+    register_many(fleet, [(tenant, "v1") for tenant in cold], model)
     worker = fleet.start_worker("w1", extra=("--load-threads", "2"))
     stub = worker_stub(worker.address)
     x = sample_features(1, 1)[0]

@@ -13,7 +13,7 @@ from modelfleet import processes
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import NotFound
 from modelfleet.store import LocalStore
-from tests.fleet import predict, predictor, stats, worker_stub
+from tests.fleet import predict, predictor, register_many, stats, worker_stub
 from tests.test_metrics import scrape, value
 from tests.test_cli import cli
 from version_service.retention import apply_gc, plan_gc
@@ -97,9 +97,7 @@ def test_a_version_name_gc_removed_is_never_taken_by_another_model(fleet):
 
 def test_gc_removes_more_versions_than_one_transaction_holds_and_counts_a_partial_one(fleet, monkeypatch):
     model = fleet.model_file(1)
-    for n in range(1, 72):
-        fleet.registry.register("many", f"v{n:03d}", model)
-        fleet.registry.register("some", f"v{n:03d}", model)
+    register_many(fleet, [(tenant, f"v{n:03d}") for n in range(1, 72) for tenant in ("many", "some")], model)
     removed, _, skipped = apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="many"))
     assert (removed, skipped) == (70, [])
     assert [v.version for v in fleet.registry.versions("many")] == ["v071"]
