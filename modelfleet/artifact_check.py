@@ -10,6 +10,7 @@ checked. `read_header` gives the same facts cheaply for an artifact the store al
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable

@@ -22,6 +22,7 @@ from modelfleet.log import event
 log = logging.getLogger("modelfleet.rpc")
 
 MAX_MESSAGE_BYTES = 64 << 20
+MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - (64 << 10)  # a message's features or predictions, with room for its other fields
 # Clients (a router's channels to its workers) ping every KEEPALIVE_MS to find dead peers, also on
 # an idle PredictStream. gRPC servers by default refuse pings without data more often than every
 # 5 minutes and answer the third with GOAWAY "too_many_pings": after ~100 s idle every worker

@@ -77,8 +77,13 @@ def read_expected(source: str | Path, sha256: str | None) -> tuple[bytes, str]:
     data = Path(source).read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     if sha256 is not None and sha != sha256:
-        raise Conflict(f"model file {str(source)!r} changed while it was being registered; register it again")
+        raise changed_meanwhile(source)
     return data, sha
+
+
+def changed_meanwhile(source: str | Path) -> Conflict:
+    """The error of a model file that is no longer the bytes hashed and checked a moment ago."""
+    return Conflict(f"model file {str(source)!r} changed while it was being registered; register it again")
 
 
 def artifact_for(sha256: str) -> str:

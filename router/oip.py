@@ -43,7 +43,7 @@ from cachetools import LRUCache
 from modelfleet.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from modelfleet.oip import grpc_service_pb2 as pb
 from modelfleet.oip import grpc_service_pb2_grpc
-from modelfleet.rpc import MAX_MESSAGE_BYTES, translate_errors
+from modelfleet.rpc import MAX_PAYLOAD_BYTES, translate_errors
 from modelfleet.v1 import predictor_pb2
 from router.servicer import PredictorServicer
 from version_service.routing_cache import RoutingCache
@@ -57,8 +57,8 @@ OUTPUT_DATATYPE = "FP64"
 # datatype -> (little-endian numpy dtype of raw contents, the InferTensorContents field)
 INPUT_DATATYPES = {"FP64": (np.dtype("<f8"), "fp64_contents"), "FP32": (np.dtype("<f4"), "fp32_contents")}
 VERSION_CACHE_SIZE = 4096
-# What one request may carry to a worker (modelfleet.rpc), less room for the message's other fields.
-MAX_FEATURE_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
+# What one request may carry to a worker (modelfleet.rpc).
+MAX_FEATURE_BYTES = MAX_PAYLOAD_BYTES
 # An input of more values than this is decoded and converted in a thread (asyncio.to_thread), in
 # chunks of this many. Converting costs ~35-75 ns a value on a 2-core box, so 16k values hold the
 # event loop ~0.6-1.2 ms: more than that stalls the router's other callers, less is not worth a

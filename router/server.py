@@ -32,7 +32,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from modelfleet import metrics, tls, tracing
 from router.auth import ApiKeyCheck
-from version_service.etcd_client import connect_args, etcd_credentials
+from version_service.etcd_client import connect_args, etcd_access
 from version_service.membership import LeasedRegistration
 from version_service.registry import Registry
 from version_service.routing_cache import RoutingCache
@@ -92,8 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.shard_size < 1:
         raise SystemExit("error: --shard-size must be at least 1")
     server_credentials = tls.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-    routes = RoutingCache(args.etcd, Keys(args.prefix), credentials=etcd_credentials(args),
-                          user=args.etcd_user or None, password=args.etcd_password or None)
+    routes = RoutingCache(args.etcd, Keys(args.prefix), **etcd_access(args))
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, routes.start)
     shards = ShardCache()

@@ -53,8 +53,13 @@ def connect(spec: str, timeout: float = 5.0, retry_after: float = 0.2, user: str
 
 def connect_args(args) -> EtcdClient:
     """The one way commands and servers connect: --etcd plus the optional auth and TLS flags."""
-    return connect(args.etcd, user=getattr(args, "etcd_user", "") or None,
-                   password=getattr(args, "etcd_password", "") or None, credentials=etcd_credentials(args))
+    return connect(args.etcd, **etcd_access(args))
+
+
+def etcd_access(args) -> dict:
+    """The optional auth and TLS flags as the keywords `connect` and the etcd watches take."""
+    return {"user": getattr(args, "etcd_user", "") or None, "password": getattr(args, "etcd_password", "") or None,
+            "credentials": etcd_credentials(args)}
 
 
 def etcd_credentials(args) -> grpc.ChannelCredentials | None:

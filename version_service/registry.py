@@ -26,7 +26,7 @@ from typing import Callable
 from modelfleet import failpoints
 from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
-from modelfleet.store import Store, artifact_for
+from modelfleet.store import Store, artifact_for, changed_meanwhile
 from sharding import MAX_SHARD_SIZE
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
@@ -140,7 +140,7 @@ class Registry:
             failpoints.pause("before_register_check")  # hashed, not yet checked
             info = self.checker.check(path)
             if info.sha256 != sha:  # rewritten between the hash and the check
-                raise Conflict(f"model file {str(path)!r} changed while it was being registered; register it again")
+                raise changed_meanwhile(path)
             failpoints.pause("before_register_store")  # checked, not yet stored: where a rewrite matters
         # Only the bytes hashed (and checked) enter the store: a rewrite since is Conflict, nothing
         # stored. A no-op when already stored, unless the stored copy was damaged since.

@@ -48,11 +48,11 @@ class ModelLoader:
         forgets = self._forgets
         with etcd_errors(self.client, f"looking up tenant {tenant} version {version}"):
             raw, _ = self.client.get(self.keys.version(tenant, version))
+        record = VersionRecord.from_json(raw) if raw is not None else None  # parsed outside the load threads' lock
         with self._records_lock:
-            if raw is None:
+            if record is None:
                 self._records.pop((tenant, version), None)
                 raise NotFound(f"tenant {tenant!r} has no version {version!r}")
-            record = VersionRecord.from_json(raw)
             if self._forgets == forgets:  # else it may be of a version gc removed while it was read
                 self._records[(tenant, version)] = record
         return record

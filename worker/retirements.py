@@ -28,6 +28,7 @@ from pyetcd.etcdrpc import kv_pb2
 
 from modelfleet.errors import Unavailable
 from modelfleet.log import event
+from version_service.etcd_client import etcd_access
 from version_service.etcd_watch import PrefixWatch
 from version_service.schema import Keys
 
@@ -76,8 +77,7 @@ class RetirementWatch(PrefixWatch):
             log.exception("retirement_watch.callback_failed")
 
 
-def follow_retirements(args, keys: Keys, forget: OnRetired, retire: OnRetired,
-                       credentials: grpc.ChannelCredentials | None) -> RetirementWatch:
+def follow_retirements(args, keys: Keys, forget: OnRetired, retire: OnRetired) -> RetirementWatch:
     """Starts the watch for a worker: on each batch of tombstones, `forget` (the loader's kept
     records, in the watch thread) and then `retire` (the model cache, on the running event loop).
     In that order: a request that misses once the records are forgotten reads etcd itself."""
@@ -90,9 +90,7 @@ def follow_retirements(args, keys: Keys, forget: OnRetired, retire: OnRetired,
         except RuntimeError:  # the loop closed: the worker is stopping
             pass
 
-    watch = RetirementWatch(args.etcd, keys, on_retired, credentials=credentials,
-                            user=getattr(args, "etcd_user", "") or None,
-                            password=getattr(args, "etcd_password", "") or None)
+    watch = RetirementWatch(args.etcd, keys, on_retired, **etcd_access(args))
     watch.watch()
     return watch
 

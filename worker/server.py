@@ -23,7 +23,7 @@ from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
-from version_service.etcd_client import connect_args, etcd_credentials
+from version_service.etcd_client import connect_args
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, published_shard_sizes, read_fleet
 from version_service.registry import Registry
@@ -62,7 +62,7 @@ async def serve(args: argparse.Namespace) -> None:
     cache = ModelCache(loader.load, args.cache_bytes, args.load_threads, max_queued_loads=args.max_queued_loads,
                        record_digest=loader.record_sha256)
     # Started first: its read of etcd's revision overlaps the server's start (worker.retirements).
-    retirements = follow_retirements(args, keys, loader.forget, cache.retire, etcd_credentials(args))
+    retirements = follow_retirements(args, keys, loader.forget, cache.retire)
 
     registry = CollectorRegistry()
     rpc_metrics = metrics.RpcMetrics(registry, "worker")

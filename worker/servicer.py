@@ -17,7 +17,7 @@ import grpc
 
 from modelfleet import tracing
 from modelfleet.errors import InvalidArgument, ModelfleetError, ResourceExhausted, Unavailable
-from modelfleet.rpc import MAX_MESSAGE_BYTES, translate_errors
+from modelfleet.rpc import MAX_PAYLOAD_BYTES, translate_errors
 from modelfleet.v1 import predictor_pb2, worker_pb2, worker_pb2_grpc
 from version_service.schema import validate_id
 from worker.artifact_hint import artifact_hint
@@ -33,9 +33,9 @@ from worker.overload import RetryLater, set_retry_hint
 # 100 rows, 100 trees): client -> worker 906 -> 1150 rps; through the router 800 -> 820 rps,
 # p99 ~13 -> ~15 ms (the hop's CPU competes with the pool's threads on two cores).
 INLINE_MAX_WALKS = 4096
-# Values a response may carry (8 bytes each, within modelfleet.rpc.MAX_MESSAGE_BYTES, less room
-# for the other fields): a multiclass batch's answer is rows x classes, larger than its request.
-MAX_ANSWER_VALUES = (MAX_MESSAGE_BYTES - (64 << 10)) // 8
+# Values a response may carry (8 bytes each, modelfleet.rpc.MAX_PAYLOAD_BYTES): a multiclass
+# batch's answer is rows x classes, larger than its request.
+MAX_ANSWER_VALUES = MAX_PAYLOAD_BYTES // 8
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -65,15 +65,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if per_row and per_row != model.num_features:  # the caller's row width, when it says one
             raise InvalidArgument(f"tenant {tenant!r} version {version!r} takes {model.num_features} features "
                                   f"per row; the request's rows have {per_row}")
+        rows = len(features) // max(1, model.num_features)
         if self._traced:
             tracing.set_attributes(tracing.current_span(), {
-                "version": version, "rows": len(features) // max(1, model.num_features),
-                "cache": "miss" if loaded else "hit"})
+                "version": version, "rows": rows, "cache": "miss" if loaded else "hit"})
         try:
-            if len(features) // max(1, model.num_features) * model.num_trees <= INLINE_MAX_WALKS:
+            if rows * model.num_trees <= INLINE_MAX_WALKS:
                 predictions = model.predict(features)
             else:
-                answer_values = len(features) // max(1, model.num_features) * model.num_classes
+                answer_values = rows * model.num_classes
                 if answer_values > MAX_ANSWER_VALUES:  # refused before seconds of work that cannot be sent
                     raise ResourceExhausted(
                         f"the answer would be {answer_values} values ({model.num_classes} per row), over the "
