@@ -257,6 +257,34 @@ class Failover:
         raise Unavailable(f"every worker in the shard of tenant {tenant!r} failed: {'; '.join(failures)}"
                           if failures else f"no live worker in the shard of tenant {tenant!r}")
 
+    async def send_shadow(self, request: predictor_pb2.PredictRequest, worker_id: str, budget_s: float,
+                          artifact: str | None = None) -> predictor_pb2.PredictResponse | None:
+        """A shadow rollout's copy, to one member and outside the shard's books; None when not sent.
+
+        The copy is the router's experiment, not a caller's request, so what becomes of it says
+        nothing the router should act on: a shadow version's first load of a big model is slow by
+        nature. So it feeds neither the ejector (three slow shadows would eject a healthy worker
+        from every shard) nor the `auto` hedge delay; it never fails over or hedges (the shadow
+        version would load on a second member too), never carries an ejected worker's probe, and
+        is not sent to an ejected or departed member (None). It does count in the member's
+        in-flight requests, which spill reads: it is load on that worker all the same."""
+        pool = self.pool
+        predictor = pool.predictors.get(worker_id)
+        if predictor is None or pool.ejector.is_ejected(worker_id):
+            return None
+        request.artifact_sha256 = artifact or ""
+        pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
+        try:
+            return await predictor.Predict(request, timeout=budget_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _passthrough(exc) from None
+        except asyncio.CancelledError:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise  # the router is closing
+            raise Unavailable(f"{worker_id}: channel closed") from None  # it left the fleet meanwhile
+        finally:
+            pool.inflight[worker_id] -= 1
+
     def _may_retry(self, attempt: _Attempt, code: grpc.StatusCode, details: str, hint: int | None,
                    model_failure: bool, time_left: float, failures: list[str], overloaded_ms: list[int]) -> bool:
         """Whether a failed attempt makes way for the next member (recording why), or ends the request.

@@ -118,6 +118,7 @@ async def serve(args: argparse.Namespace) -> None:
     validate_id("router id", router_id)
     tracing.setup_from_args(args, "modelfleet-router", router_id)  # before the servicers read tracing.tracer()
     rollouts = Rollouts(args.shadow_budget, routes.route)
+    rollouts.start()
     servicer = PredictorServicer(routes, shards, pool, args.shard_size, args.spill_inflight, args.default_deadline,
                                  rollouts, settings=ResilienceSettings.from_args(args))
     predictor_pb2_grpc.add_PredictorServicer_to_server(

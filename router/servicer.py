@@ -92,12 +92,12 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                         stats.serving_errors += 1
                 raise
             if stats is not None and route.shadow is not None and request.version == route.serving:
-                # One member, the shard's first, with the whole budget: a slow shadow (a big model's
-                # first load) then passes no attempt timeout, so it never counts against the worker
-                # (three would eject it from every shard), nor goes on to load on the next member.
+                # One member, the shard's first, with the whole budget, outside the shard's books:
+                # a slow shadow (a big model's first load) never counts against the worker (three
+                # would eject it from every shard), nor goes on to load on the next member.
                 self.rollouts.shadow(stats, request, response,
-                                     lambda r: self.failover.send(r, shard[:1], SHADOW_TIMEOUT_S, hedge=False,
-                                                                  artifact=route.shadow_sha256))
+                                     lambda r: self.failover.send_shadow(r, shard[0], SHADOW_TIMEOUT_S,
+                                                                         artifact=route.shadow_sha256))
             return response
         finally:
             self.quotas.release(tenant)

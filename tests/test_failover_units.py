@@ -191,6 +191,28 @@ def test_a_model_failure_fails_over_without_blaming_the_worker_and_its_message_r
     run(go)
 
 
+def test_shadow_copies_stay_outside_the_shards_books(run):
+    """A shadow rollout's copies (router.rollout) went through send() narrowed to one member: their
+    failures ejected the worker from every shard, a copy could carry an ejected worker's probe, and
+    their answer times set the auto hedge delay. send_shadow keeps them out of all three."""
+    async def go(setup, fleet):
+        down = err(0, grpc.StatusCode.UNAVAILABLE)
+        failover, pool, workers, counters = await setup({"a": [down, down, down, ok(0.05, "a"), HANG],
+                                                         "b": [ok(0, "b")]}, hedge="auto", eject_after=1)
+        for _ in range(3):
+            with pytest.raises(Exception, match="UNAVAILABLE"):
+                await failover.send_shadow(REQUEST, "a", 1.0)
+        assert pool.ejector.ejected() == [] and counters.attempts == 0 and balanced(pool)
+        assert (await failover.send_shadow(REQUEST, "a", 1.0)).worker_id == "a"
+        assert not failover.hedging._sample  # a shadow's answer time is not the shard's
+        assert (await failover.send(REQUEST, ("a", "b"), 0.3)).worker_id == "b"  # a hangs: a real failure
+        assert pool.ejector.ejected() == ["a"]
+        assert await failover.send_shadow(REQUEST, "a", 1.0) is None  # not sent to an ejected member
+        assert len(workers["a"].calls) == 5 and counters.probes == 0 and balanced(pool)
+        assert await failover.send_shadow(REQUEST, "gone", 1.0) is None
+    run(go)
+
+
 def test_requests_answered_elsewhere_while_a_probe_is_out_send_no_second_probe(run):
     """One probe per ejected worker at a time: requests that put the ejected worker last and are
     answered by another member must not free the probe they never held."""

@@ -1,10 +1,13 @@
 """Pin history, rollback, canary and shadow rollouts on a real fleet."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
+from collections import deque
 
 import grpc
 import lightgbm
@@ -15,7 +18,7 @@ import xxhash
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
-from router.rollout import FORGET_EVERY_S, LATENCY_SAMPLE, Rollouts, in_canary
+from router.rollout import LATENCY_SAMPLE, Rollouts, in_canary
 from version_service.schema import RouteRecord
 from tests.fleet import predict, predictor, stats
 from tests.test_cli import cli
@@ -276,18 +279,29 @@ def test_a_slow_shadow_gets_no_worker_ejected_and_stays_on_one_member(two_versio
 
 def test_a_router_forgets_the_counts_of_rollouts_that_ended():
     """Each shadowed tenant's stats hold a ~32 KiB latency sample; a router kept them after the rollout
-    ended, for every tenant ever shadowed (100k tenants: gigabytes). Pure: the router's own bookkeeping."""
-    now = [0.0]
+    ended, for every tenant ever shadowed (100k tenants: gigabytes). Then it swept them only when another
+    rollout started here. Now a timer sweeps. Pure: the router's own bookkeeping, on a real event loop."""
     shadowed = RouteRecord(serving="v2", newest="v2", shadow="v1", rollout_id="r1")
-    routes = {"a": shadowed, "b": shadowed.with_changes(rollout_id="r2"), "c": shadowed.with_changes(rollout_id="r3")}
-    rollouts = Rollouts(route_of=routes.get, clock=lambda: now[0])
-    for tenant in ("a", "b"):
-        rollouts.stats_for(tenant, routes[tenant]).latencies_ms.extend([1.0] * LATENCY_SAMPLE)
-    routes["a"] = shadowed.with_changes(shadow=None, rollout_id=None)  # aborted, or promoted
-    del routes["b"]  # the tenant is gone
-    now[0] += FORGET_EVERY_S
-    rollouts.stats_for("c", routes["c"])  # a rollout starting here sweeps (at most once a minute)
-    assert set(rollouts.stats) == {"c"}
+    routes = {"a": shadowed, "b": shadowed.with_changes(rollout_id="r2"), "c": shadowed.with_changes(rollout_id="r3"),
+              "d": shadowed.with_changes(rollout_id="r4")}
+
+    async def main():
+        rollouts = Rollouts(route_of=routes.get, forget_every_s=0.01)
+        for tenant in ("a", "b", "c", "d"):
+            rollouts.stats_for(tenant, routes[tenant]).latencies_ms.extend([1.0] * LATENCY_SAMPLE)
+        routes["a"] = shadowed.with_changes(shadow=None, rollout_id=None)  # aborted, or promoted
+        del routes["b"]  # the tenant is gone
+        routes["d"] = routes["d"].with_changes(serving="v3")  # a newer version serves: compared with another
+        rollouts.start()  # no rollout starts after these ended: the timer alone sweeps
+        try:
+            deadline = time.monotonic() + 5
+            while set(rollouts.stats) != {"c"} and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert set(rollouts.stats) == {"c"}
+            assert rollouts.stats_for("d", routes["d"]).latencies_ms == deque()  # its figures start again
+        finally:
+            await rollouts.close()
+    asyncio.run(main())
 
 
 def test_a_promote_whose_rollout_changed_after_it_read_it_is_a_conflict(fleet):
