@@ -1,14 +1,17 @@
 """The router's watch-fed cache on a real etcd: start, changes, restart of etcd, compaction."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from modelfleet import processes
+from modelfleet.errors import Unavailable
 from modelfleet.etcd_server import EtcdServer
 from version_service.etcd_client import connect
 from version_service.registry import Registry
 from version_service.routing_cache import RoutingCache
-from version_service.schema import Keys, WorkerRecord
+from version_service.schema import Keys, RouteRecord, WorkerRecord
 from tests.conftest import new_prefix
 
 
@@ -49,6 +52,24 @@ def test_a_sync_reads_every_route_in_pages(fleet, monkeypatch):
         cache.stop()
 
 
+def test_the_first_sync_tries_each_endpoint_and_says_which_did_not_answer(fleet):
+    """The first sync (PrefixWatch.start: the router's, as the workers' watch) moves on to the next
+    endpoint when one does not answer; when none does in time it is Unavailable naming them, and
+    leaves no watch running."""
+    fleet.client.put(fleet.keys.route("acme"), RouteRecord(serving="v1", newest="v1").to_json())
+    dead = f"127.0.0.1:{processes.free_port()}"
+    cache = RoutingCache(f"{dead},{fleet.etcd_endpoint}", fleet.keys)
+    cache.start(timeout=10)
+    try:
+        assert cache.route("acme").serving == "v1"
+    finally:
+        cache.stop()
+    before = set(threading.enumerate())
+    with pytest.raises(Unavailable, match=f"^etcd at {dead} unavailable: UNAVAILABLE"):
+        RoutingCache(dead, fleet.keys).start(timeout=0.5)
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith(RoutingCache.name)] == []
+
+
 @pytest.fixture
 def private_etcd(tmp_path):
     server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log").start()
@@ -83,7 +104,7 @@ def test_cache_resyncs_when_its_revision_was_compacted(private_etcd, fleet):
     registry = Registry(client, keys, fleet.registry.store)
     registry.register("acme", "v1", fleet.model_file(1))
     cache = RoutingCache(private_etcd.endpoint, keys)
-    cache.load()
+    cache.sync()  # its first read, then etcd compacts past it before it watches
     try:
         # Changes the cache has not seen, then compaction past its revision: resuming is impossible.
         registry.register("acme", "v2", fleet.model_file(2))

@@ -6,6 +6,9 @@ its state when it cannot resume (`resync`: at start, and after a compaction) and
 the events (`apply`); this class owns the rest:
 - the channel: TLS, etcd auth (a token per channel, renewed when etcd says it expired), and
   several endpoints, tried in turn;
+- the first sync: the watch thread retries it (next endpoint, back-off) until etcd answers, and
+  `start` / `wait_synced` give it a deadline, Unavailable naming the endpoints after it (one way
+  for the router's cache and the worker's watch alike);
 - resuming: when the watch breaks (etcd restart, network) it reconnects after a back-off
   (BACKOFF_MIN_S doubling to BACKOFF_MAX_S) and resumes from the revision after the last one
   applied, so no event is lost; when etcd has compacted that revision away it resyncs;
@@ -26,6 +29,7 @@ import grpc
 from pyetcd import etcdrpc
 
 from modelfleet.config import etcd_endpoints
+from modelfleet.errors import Unavailable
 from modelfleet.log import event
 from modelfleet.rpc import RECONNECT_OPTIONS
 
@@ -72,6 +76,7 @@ class PrefixWatch:
         self._endpoint_index = 0
         self._channel: grpc.Channel | None = None
         self._down_reported = False
+        self._last_error = ""  # why the last try failed, for `wait_synced`'s message
         self._needs_sync = True  # before the first watch, and after a compaction
         self._synced = threading.Event()  # the first sync is done
         self._stop = threading.Event()
@@ -100,15 +105,30 @@ class PrefixWatch:
         self._needs_sync = False
         self._synced.set()
 
+    def start(self, timeout: float = 10.0) -> None:
+        """Follows changes (`watch`) and returns once the first sync is done; Unavailable, the watch
+        stopped, when etcd does not answer within `timeout` seconds (nothing is left running)."""
+        self.watch()
+        try:
+            self.wait_synced(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
     def watch(self) -> None:
         """Follows changes in a background thread: from `revision` on, after a `sync` first
-        unless one was done (the thread retries it until etcd answers)."""
+        unless one was done (the thread retries it, on the next endpoint, until etcd answers).
+        Returns at once: `wait_synced` waits for the first sync (`start` does both)."""
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-watch", daemon=True)
         self._thread.start()
 
-    def wait_synced(self, timeout: float) -> bool:
-        """Whether the first sync is done, waiting up to `timeout` seconds for it."""
-        return self._synced.wait(timeout)
+    def wait_synced(self, timeout: float) -> None:
+        """Returns once the first sync is done, waiting up to `timeout` seconds for it; Unavailable,
+        naming the endpoints and etcd's last answer, if it is not (the watch goes on trying)."""
+        if not self._synced.wait(timeout):
+            why = self._last_error or f"no answer within {timeout:g} s"
+            raise Unavailable(f"etcd at {','.join(self._endpoints)} unavailable: {why} "
+                              f"({self.name} starting, waited {timeout:g} s)")
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,8 +230,9 @@ class PrefixWatch:
                     return
                 if isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     self._metadata = ()  # an expired token: authenticate again
+                code = exc.code().name if isinstance(exc, grpc.Call) else str(exc)
+                self._last_error = code
                 if not self._down_reported:
-                    code = exc.code().name if isinstance(exc, grpc.Call) else str(exc)
                     event(log, f"{self.name}.disconnected", level=logging.WARNING, revision=self.revision,
                           error=code, retrying_every_s=BACKOFF_MAX_S)
                     self._down_reported = True

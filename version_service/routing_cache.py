@@ -1,10 +1,10 @@
 """The router's in-memory copy of routes/, workers/, drains/ and apikeys/, fed by one etcd watch.
 
-Every Predict reads this cache; none talks to etcd. It starts with one ranged read per prefix
-(all at the same revision), then watches from the next revision (version_service.etcd_watch:
-when the watch breaks it reconnects and resumes from the last revision it applied, so no event
-is lost; when etcd has compacted that revision away it re-reads everything). While etcd is away
-the cache keeps serving what it has.
+Every Predict reads this cache; none talks to etcd. It starts (`start`: Unavailable when etcd does
+not answer in time) with one ranged read per prefix (all at the same revision), then watches from
+the next revision (version_service.etcd_watch: when the watch breaks it reconnects and resumes
+from the last revision it applied, so no event is lost; when etcd has compacted that revision
+away it re-reads everything). While etcd is away the cache keeps serving what it has.
 
 Invariant: `revision` is the etcd revision of the newest change applied; every change up to it
 is in the maps.
@@ -18,7 +18,6 @@ from typing import Callable
 import grpc
 from pyetcd.etcdrpc import kv_pb2
 
-from modelfleet.errors import Unavailable
 from modelfleet.log import event
 from version_service.etcd_watch import PrefixWatch
 from version_service.schema import ApiKeyRecord, DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
@@ -52,25 +51,6 @@ class RoutingCache(PrefixWatch):
 
     def add_listener(self, listener: ChangeListener) -> None:
         self._listeners.append(listener)
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> None:
-        """Loads everything (Unavailable if etcd does not answer within timeout), then watches."""
-        self.load(timeout)
-        self.watch()
-
-    def load(self, timeout: float = 10.0) -> None:
-        """The initial ranged read of every watched prefix at one revision."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sync()
-                break
-            except grpc.RpcError as exc:
-                self._next_endpoint()
-                if time.monotonic() >= deadline:
-                    raise Unavailable(f"etcd at {','.join(self._endpoints)} unavailable: {exc.code().name}") from None
-                time.sleep(0.2)
 
     # -- the watch's hooks -----------------------------------------------------------------
     def _prefixes(self):

@@ -26,7 +26,6 @@ from typing import Callable
 import grpc
 from pyetcd.etcdrpc import kv_pb2
 
-from modelfleet.errors import Unavailable
 from modelfleet.log import event
 from version_service.etcd_client import etcd_access
 from version_service.etcd_watch import PrefixWatch
@@ -91,12 +90,6 @@ def follow_retirements(args, keys: Keys, forget: OnRetired, retire: OnRetired) -
             pass
 
     watch = RetirementWatch(args.etcd, keys, on_retired, **etcd_access(args))
-    watch.watch()
+    watch.watch()  # the worker waits for its first sync (`wait_synced`) before it registers
     return watch
 
-
-def wait_started(watch: RetirementWatch, timeout: float = 1.0) -> None:
-    """Returns once the watch has its start revision, Unavailable after `timeout` (a worker must
-    not take requests before it: a version it loaded then could be removed unseen)."""
-    if not watch.wait_synced(timeout):
-        raise Unavailable(f"etcd unavailable while starting the watch on {watch.keys.retired}")

@@ -35,7 +35,7 @@ from worker import memory, predictor
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.predict_stream import PredictStreams
-from worker.retirements import follow_retirements, wait_started
+from worker.retirements import follow_retirements
 from worker.servicer import WorkerServicer
 
 log = logging.getLogger("modelfleet.worker")
@@ -84,7 +84,8 @@ async def serve(args: argparse.Namespace) -> None:
                           joining=args.warm_on_join,
                           started=started_stamp())
     membership = LeasedRegistration(client, keys.worker(worker_id), record, ttl=args.lease_ttl)
-    await _joining_step("follow_retirements", lambda: wait_started(retirements))
+    # No request before the watch has its start revision: a version loaded then could be removed unseen.
+    await _joining_step("follow_retirements", lambda: retirements.wait_synced(1.0))
     await _joining_step("register", membership.start)
     if args.warm_on_join:
         loop = asyncio.get_running_loop()
