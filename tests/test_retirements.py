@@ -145,7 +145,8 @@ def test_the_watch_resumes_after_an_etcd_restart_and_lists_the_tombstones_after_
     finally:
         watch.stop()
 
-    # A watch that was away while etcd compacted the revision it would resume from lists them all.
+    # A watch that was away while etcd compacted the revision it would resume from lists what it
+    # missed: the tombstones written since (v3, v4), not those of v1 and v2 from before its revision.
     seen.clear()
     late = RetirementWatch(fleet.etcd_endpoint, fleet.keys, seen.extend)
     try:
@@ -154,6 +155,11 @@ def test_the_watch_resumes_after_an_etcd_restart_and_lists_the_tombstones_after_
         fleet.client.compact(fleet.client.get_prefix_response(fleet.keys.routes).header.revision)
         late.watch()
         processes.wait_for(lambda: late.resyncs == 2, 10, what="the list after the compaction")
-        assert sorted(seen) == [("acme", f"v{n}") for n in range(1, 5)]
+        assert sorted(seen) == [("acme", "v3"), ("acme", "v4")] and late.retired == 2
+        fleet.register("acme", "v6", seed=6)
+        apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1, tenant="acme"))  # followed again: v5 only
+        processes.wait_for(lambda: late.retired == 3, 5, what="a tombstone after the list")
+        assert sorted(seen) == [("acme", f"v{n}") for n in (3, 4, 5)]
     finally:
         late.stop()
+

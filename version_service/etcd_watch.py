@@ -140,15 +140,18 @@ class PrefixWatch:
             self._channel.close()
 
     # -- reads for resync ------------------------------------------------------------------
-    def ranged(self, prefix: str, revision: int = 0, keys_only: bool = False) -> Iterator[tuple[Sequence, int]]:
+    def ranged(self, prefix: str, revision: int = 0, keys_only: bool = False,
+               min_mod_revision: int = 0) -> Iterator[tuple[Sequence, int]]:
         """Every key under `prefix` at `revision` (0: now), in pages of RANGE_PAGE:
         (the page's key-values, the revision read at). One response for 100k routes held ~30 MB
-        at once, kept as RSS; pages do not."""
+        at once, kept as RSS; pages do not. `min_mod_revision` (0: all): only the keys written at
+        or after it, filtered by etcd (what changed since a revision, without the rest)."""
         kv = etcdrpc.KVStub(self._chan())
         start, end = prefix.encode(), range_end(prefix)
         while True:
             resp = kv.Range(etcdrpc.RangeRequest(key=start, range_end=end, revision=revision, limit=RANGE_PAGE,
-                                                 keys_only=keys_only), timeout=self.timeout, metadata=self._metadata)
+                                                 keys_only=keys_only, min_mod_revision=min_mod_revision),
+                            timeout=self.timeout, metadata=self._metadata)
             revision = revision or resp.header.revision  # later pages at the first page's revision
             yield resp.kvs, revision
             if not resp.more or not resp.kvs:

@@ -14,8 +14,9 @@ every tombstone gc writes, ~100 bytes each, and drops only what it holds.
 
 Through etcd outages it is version_service.etcd_watch's: the worker keeps serving, the watch
 retries with a back-off (one warning when it goes, one line when it is back), resumes from the
-last revision it saw; if etcd compacted that away meanwhile, it lists `retired/` (keys only, in
-pages) and drops every version listed that it holds.
+last revision it saw; if etcd compacted that away meanwhile, it lists the tombstones written after
+that revision (keys only, in pages; etcd filters on each key's mod_revision) and drops every
+version listed that it holds: none is missed, and none delivered before is delivered again.
 """
 from __future__ import annotations
 
@@ -56,11 +57,16 @@ class RetirementWatch(PrefixWatch):
             self.revision = self.current_revision()
             event(log, "retirement_watch.started", revision=self.revision)
             return
-        revision = 0
-        for page, revision in self.ranged(self.keys.retired, keys_only=True):
+        # Compacted away (or etcd lost our revision): what the watch missed is exactly the tombstones
+        # written after the last revision applied. Older ones were delivered already; tombstones
+        # are never removed, so listing them all would hand the worker every gc ever done again.
+        since, revision, listed = self.revision + 1, 0, 0
+        for page, revision in self.ranged(self.keys.retired, keys_only=True, min_mod_revision=since):
+            listed += len(page)
             self._deliver([kv.key.decode() for kv in page])
         self.revision = revision
-        event(log, "retirement_watch.synced", revision=revision, retired=self.retired)
+        event(log, "retirement_watch.synced", revision=revision, since_revision=since, listed=listed,
+              retired=self.retired)
 
     def apply(self, events) -> None:
         self._deliver([ev.kv.key.decode() for ev in events if ev.type == kv_pb2.Event.PUT])
