@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 
 import pytest
 
 from modelfleet import processes
+from modelfleet.cli.main import build_parser
 from modelfleet.demo_models import sample_features, train_model_text
-from modelfleet.errors import NotFound
+from modelfleet.errors import FailedPrecondition, NotFound
 from modelfleet.store import LocalStore
 from version_service.retention import apply_gc, plan_gc
 from worker import predictor
@@ -19,6 +21,7 @@ from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.predictor import LoadedModel
 from worker.retirements import RetirementWatch
+from worker.server import serve
 
 
 
@@ -163,3 +166,20 @@ def test_the_watch_resumes_after_an_etcd_restart_and_lists_the_tombstones_after_
     finally:
         late.stop()
 
+
+def test_a_worker_whose_start_fails_leaves_no_retirement_watch_running(fleet):
+    """The watch starts first (its read overlaps the server's start); a start that fails after it,
+    here on a port in use, stops it rather than leaving its thread to run until the process exits."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    args = build_parser().parse_args(["worker", "--etcd", fleet.etcd_endpoint, "--prefix", fleet.prefix,
+                                      "--store", str(fleet.store_dir), "--host", "127.0.0.1",
+                                      "--port", str(taken.getsockname()[1])])
+    before = set(threading.enumerate())
+    try:
+        with pytest.raises(FailedPrecondition, match="cannot listen"):
+            asyncio.run(serve(args))
+    finally:
+        taken.close()
+    assert [t.name for t in set(threading.enumerate()) - before if t.name.startswith(RetirementWatch.name)] == []

@@ -23,7 +23,7 @@ from modelfleet.log import event
 from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
-from version_service.etcd_client import connect_args
+from version_service.etcd_client import EtcdClient, connect_args
 from modelfleet.rebalance import active_models, run_warmups, warmups_for
 from version_service.membership import LeasedRegistration, published_shard_sizes, read_fleet
 from version_service.registry import Registry
@@ -35,7 +35,7 @@ from worker import memory, predictor
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.predict_stream import PredictStreams
-from worker.retirements import follow_retirements
+from worker.retirements import RetirementWatch, follow_retirements
 from worker.servicer import WorkerServicer
 
 log = logging.getLogger("modelfleet.worker")
@@ -63,7 +63,17 @@ async def serve(args: argparse.Namespace) -> None:
                        record_digest=loader.record_sha256)
     # Started first: its read of etcd's revision overlaps the server's start (worker.retirements).
     retirements = follow_retirements(args, keys, loader.forget, cache.retire)
+    try:
+        await _listen_join_serve(args, client, keys, cache, retirements)
+    except BaseException:  # a start that failed leaves no watch thread behind (in-process users: tests)
+        retirements.stop()
+        raise
 
+
+async def _listen_join_serve(args: argparse.Namespace, client: EtcdClient, keys: Keys, cache: ModelCache,
+                             retirements: RetirementWatch) -> None:
+    """The rest of `serve`, from listening to stopping (the module's docstring): `serve` stops the
+    retirement watch, started before this, when this fails."""
     registry = CollectorRegistry()
     rpc_metrics = metrics.RpcMetrics(registry, "worker")
     server, health = build_server([SERVICE_NAME], HOT_METHODS)
