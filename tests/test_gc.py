@@ -12,10 +12,11 @@ import pytest
 from modelfleet import processes
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import NotFound
-from modelfleet.store import LocalStore
+from modelfleet.store import LocalStore, artifact_for
 from tests.fleet import predict, predictor, register_many, stats, worker_stub
 from tests.test_metrics import scrape, value
 from tests.test_cli import cli
+from version_service.etcd_client import MAX_TXN_OPS
 from version_service.retention import apply_gc, plan_gc
 from worker.loading import ModelLoader
 
@@ -114,6 +115,33 @@ def test_gc_removes_more_versions_than_one_transaction_holds_and_counts_a_partia
     gc.join(60)
     removed, _, skipped = outcome["result"]
     assert (removed, skipped) == (60, ["some"]) and len(fleet.registry.versions("some")) == 11
+
+
+def _revision(fleet) -> int:
+    return fleet.client.get_response(fleet.keys.gc_guard).header.revision
+
+
+def test_gc_crosses_off_collected_artifacts_in_transactions_not_one_by_one(fleet):
+    """Crossing off gc-pending takes a transaction per MAX_TXN_OPS artifacts, not an etcd round trip
+    each (100k removed versions were 100k deletes). Each write is one etcd revision, so the
+    revisions a collection takes count its writes."""
+    for n in (1, 2):
+        fleet.register("acme", f"v{n}", seed=n)  # --keep 1 removes v1 and its artifact
+    removed = fleet.registry.version("acme", "v1").artifact
+    # Left written down by a collection that stopped after deleting them (the store has none).
+    left = [artifact_for(f"{n:064x}") for n in range(MAX_TXN_OPS + 22)]
+    txn = fleet.client.transactions
+    for batch in (left[:100], left[100:]):
+        fleet.client.transaction(compare=[], failure=[],
+                                 success=[txn.put(fleet.keys.gc_pending_artifact(a), "then") for a in batch])
+    plan = plan_gc(fleet.registry, keep=1)
+    assert plan.artifacts == {removed, *left}
+    before = _revision(fleet)
+    assert apply_gc(fleet.registry, plan) == (1, 1, [])
+    # Writing down v1's artifact, removing v1, the guard on and off, crossing off 151 in 2 (was 151).
+    assert _revision(fleet) - before == 6
+    assert fleet.client.get_prefix_response(fleet.keys.gc_pending).count == 0
+    assert not (fleet.store_dir / removed).exists()
 
 
 def test_a_worker_that_read_a_removed_version_answers_not_found_not_a_missing_artifact(fleet):

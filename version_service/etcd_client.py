@@ -19,6 +19,10 @@ from modelfleet.rpc import RECONNECT_OPTIONS
 
 EtcdClient = pyetcd.MultiEndpointEtcd3Client
 
+# etcd's --max-txn-ops default: a transaction holds at most this many operations (and, apart,
+# this many compares); more is refused INVALID_ARGUMENT.
+MAX_TXN_OPS = 128
+
 # A ranged read of every route at 100k+ tenants is tens of MB: gRPC's 4 MB default is too small.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 512 << 20), ("grpc.max_send_message_length", 64 << 20),
                     *RECONNECT_OPTIONS]
