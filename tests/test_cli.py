@@ -147,6 +147,8 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("import", "m.csv", "--actor", "a" * 129), {}, "at most 128 characters, got 129"),
     (("workers", "undrain", "w1", "--warm-timeout", "0"), {}, "> 0"),
     (("shards", "apply", "--undrain", "w1"), {"MODELFLEET_WARM_TIMEOUT": "soon"}, "MODELFLEET_WARM_TIMEOUT"),
+    (("gc", "--keep", "1", "--tombstone-days", "0"), {}, "expected a number > 0, got '0'"),
+    (("gc", "--keep", "1"), {"MODELFLEET_GC_TOMBSTONE_DAYS": "a week"}, "MODELFLEET_GC_TOMBSTONE_DAYS"),
 ])
 def test_bad_settings_are_usage_errors_that_name_the_flag(monkeypatch, capsys, argv, env, needle):
     """Refused by the command line's parser (exit 2), before anything starts, whether the value came

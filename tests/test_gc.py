@@ -1,6 +1,7 @@
 """`modelfleet gc`: keeps newest K, serving, pinned and rollouts; deletes unshared artifacts; dry run."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -11,13 +12,14 @@ import pytest
 
 from modelfleet import processes
 from modelfleet.demo_models import sample_features
-from modelfleet.errors import NotFound
+from modelfleet.errors import InvalidArgument, NotFound
 from modelfleet.store import LocalStore, artifact_for
 from tests.fleet import predict, predictor, register_many, stats, worker_stub
 from tests.test_metrics import scrape, value
 from tests.test_cli import cli
 from version_service.etcd_client import MAX_TXN_OPS
-from version_service.retention import apply_gc, plan_gc
+from version_service.retention import apply_gc, plan_gc, remove_tombstones
+from version_service.schema import RetiredRecord
 from worker.loading import ModelLoader
 
 
@@ -28,13 +30,16 @@ def test_gc_keeps_what_matters_and_deletes_only_unshared_artifacts(fleet):
     fleet.registry.pin("acme", "v1")
     fleet.registry.start_rollout("acme", "v3", shadow=True)
     artifacts = {v.version: v.artifact for v in fleet.registry.versions("acme")}
+    _retire(fleet, "acme", "v0", days_ago=7.1)  # older than --tombstone-days' default
+    _retire(fleet, "acme", "old", days_ago=6.9)
 
     dry = json.loads(cli(fleet, "gc", "--keep", "2", "--json").stdout)
-    assert dry["applied"] is False and dry["removals"] == {"acme": ["v2", "v4"]}
-    assert len(fleet.registry.versions("acme")) == 6  # nothing happened
+    assert dry["applied"] is False and dry["removals"] == {"acme": ["v2", "v4"]} and dry["remove_tombstones"] == 1
+    assert len(fleet.registry.versions("acme")) == 6 and _tombstones(fleet, "acme") == ["old", "v0"]  # nothing happened
 
     done = json.loads(cli(fleet, "gc", "--keep", "2", "--yes", "--json").stdout)
-    assert done["removed_versions"] == 2 and done["deleted_artifacts"] == 1
+    assert done["removed_versions"] == 2 and done["deleted_artifacts"] == 1 and done["removed_tombstones"] == 1
+    assert _tombstones(fleet, "acme") == ["old", "v2", "v4"]
     assert [v.version for v in fleet.registry.versions("acme")] == ["v1", "v3", "v5", "v6"]
     assert (fleet.store_dir / artifacts["v2"]).exists()  # still used by tenant other
     assert not (fleet.store_dir / artifacts["v4"]).exists()
@@ -142,6 +147,44 @@ def test_gc_crosses_off_collected_artifacts_in_transactions_not_one_by_one(fleet
     assert _revision(fleet) - before == 6
     assert fleet.client.get_prefix_response(fleet.keys.gc_pending).count == 0
     assert not (fleet.store_dir / removed).exists()
+
+
+def test_gc_removes_tombstones_older_than_tombstone_days_and_keeps_the_others(fleet):
+    """A tombstone goes once older than --tombstone-days: its name is free again. One that changed
+    since the plan read it (the version was removed again) stays. (The CLI's default of 7 days:
+    test_gc_keeps_what_matters_and_deletes_only_unshared_artifacts.)"""
+    register_many(fleet, [("acme", f"v{n}") for n in range(1, 5)], fleet.model_file(1))
+    apply_gc(fleet.registry, plan_gc(fleet.registry, keep=1))  # tombstones of acme v1, v2, v3: fresh
+    now = dt.datetime.now(dt.timezone.utc)
+    _retire(fleet, "acme", "v1", days_ago=10)
+    _retire(fleet, "acme", "v2", days_ago=2)
+    with pytest.raises(InvalidArgument, match="--tombstone-days must be above 0, got 0"):
+        plan_gc(fleet.registry, keep=1, tombstone_days=0)
+    assert remove_tombstones(fleet.registry, plan_gc(fleet.registry, keep=1)) == 1  # 7 days
+    assert _tombstones(fleet, "acme") == ["v2", "v3"]
+
+    plan = plan_gc(fleet.registry, keep=1, tombstone_days=1)
+    assert plan.to_json()["remove_tombstones"] == 1
+    assert list(plan.tombstones) == [fleet.keys.retired_version("acme", "v2")]
+    _retire(fleet, "acme", "v2", days_ago=0)  # removed again meanwhile (registered with its artifact, collected)
+    assert remove_tombstones(fleet.registry, plan) == 0 and _tombstones(fleet, "acme") == ["v2", "v3"]
+    plan = plan_gc(fleet.registry, keep=1, tombstone_days=1, now=now + dt.timedelta(days=1.5))
+    assert sorted(plan.tombstones) == [fleet.keys.retired_version("acme", v) for v in ("v2", "v3")]
+    assert remove_tombstones(fleet.registry, plan) == 2 and _tombstones(fleet, "acme") == []
+
+    record, created = fleet.registry.register("acme", "v1", fleet.model_file(2))  # the name is free again
+    assert created and record.sha256 != fleet.registry.version("acme", "v4").sha256
+
+
+def _retire(fleet, tenant: str, version: str, days_ago: float) -> None:
+    """A tombstone as a gc `days_ago` days ago wrote it."""
+    stamp = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago)).isoformat(timespec="milliseconds")
+    fleet.client.put(fleet.keys.retired_version(tenant, version), RetiredRecord("0" * 64, stamp).to_json())
+
+
+def _tombstones(fleet, tenant: str) -> list[str]:
+    return sorted(fleet.keys.retired_of_key(kv.key.decode())[1]
+                  for kv in fleet.client.get_prefix_response(fleet.keys.retired_of_tenant(tenant)).kvs)
 
 
 def test_a_worker_that_read_a_removed_version_answers_not_found_not_a_missing_artifact(fleet):

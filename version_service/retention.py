@@ -12,9 +12,21 @@ Both happen MAX_TXN_OPS keys to an etcd transaction (for 100k artifacts, ~780 ro
 each, not 100k); a batch is crossed off only once each of its artifacts is deleted, so a
 stop leaves at most that batch deleted but not crossed off, for the next collection to delete
 again (a no-op) and cross off.
+
+Tombstones (Keys.retired_version) go once older than `tombstone_days` (default 7). What reads
+them: register and import refuse a removed name with another artifact (after the tombstone goes
+the name is free again, as if never registered: no version record names it, no route can, and
+every worker dropped the old model when the tombstone was written); workers' retirement watch,
+which acts on a tombstone's write, never on its removal, and lists them only after falling
+behind an etcd compaction: a worker whose watch is behind by more than `tombstone_days`
+(far beyond etcd's compaction retention, 1 h in deploy/) would keep a removed model until
+evicted. Removing a tombstone never brings back a version: versions/ is not touched. Each is
+deleted only if unchanged since the plan read it (a version gc removed again since has a fresh
+one); a batch with one that changed is left whole to the next collection.
 """
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, TypeVar
@@ -23,8 +35,9 @@ from modelfleet.errors import Conflict, InvalidArgument, NotFound
 from version_service.collection_guard import collecting
 from version_service.etcd_client import MAX_TXN_OPS, etcd_errors
 from version_service.registry import Registry
-from version_service.schema import RouteRecord, VersionRecord, utc_stamp, validate_id
+from version_service.schema import RetiredRecord, RouteRecord, VersionRecord, utc_stamp, validate_id
 
+DEFAULT_TOMBSTONE_DAYS = 7.0
 T = TypeVar("T")
 
 
@@ -36,6 +49,7 @@ class GcPlan:
     artifacts: set[str] = field(default_factory=set)  # no longer used by any kept version
     pending: set[str] = field(default_factory=set)  # written down by a collection that did not finish
     kept_versions: int = 0
+    tombstones: dict[str, int] = field(default_factory=dict)  # key -> mod revision: older than tombstone_days
 
     @property
     def versions(self) -> int:
@@ -43,13 +57,17 @@ class GcPlan:
 
     def to_json(self) -> dict:
         return {"keep": self.keep, "remove_versions": self.versions, "kept_versions": self.kept_versions,
-                "remove_artifacts": len(self.artifacts),
+                "remove_artifacts": len(self.artifacts), "remove_tombstones": len(self.tombstones),
                 "removals": {t: [v.version for v in vs] for t, vs in sorted(self.removals.items())}}
 
 
-def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
+def plan_gc(registry: Registry, keep: int, tenant: str | None = None,
+            tombstone_days: float = DEFAULT_TOMBSTONE_DAYS, now: dt.datetime | None = None) -> GcPlan:
+    """What a collection would remove; `now` (aware UTC) dates the tombstones, the clock's by default."""
     if keep < 1:
         raise InvalidArgument(f"--keep must be at least 1, got {keep}")
+    if not tombstone_days > 0:
+        raise InvalidArgument(f"--tombstone-days must be above 0, got {tombstone_days}")
     keys, client = registry.keys, registry.client
     prefix = keys.versions(validate_id("tenant id", tenant)) if tenant else keys.all_versions
     with etcd_errors(client, "reading versions for garbage collection"):
@@ -57,6 +75,8 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
         revision = versions_resp.header.revision
         routes_resp = client.get_prefix_response(keys.routes, revision=revision)
         pending_resp = client.get_prefix_response(keys.gc_pending, revision=revision)
+        retired_resp = client.get_prefix_response(keys.retired_of_tenant(tenant) if tenant else keys.retired,
+                                                  revision=revision)
     routes = {keys.tenant_of_route(kv.key.decode()): (RouteRecord.from_json(kv.value), kv.mod_revision)
               for kv in routes_resp.kvs}
     by_tenant: dict[str, list[tuple[int, VersionRecord]]] = defaultdict(list)
@@ -84,7 +104,18 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None) -> GcPlan:
     pending = {kv.key.decode()[len(keys.gc_pending):] for kv in pending_resp.kvs}  # a past collection's
     plan.artifacts = ({r.artifact for rs in plan.removals.values() for r in rs} | pending) - used
     plan.pending = pending
+    cutoff = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=tombstone_days)
+    plan.tombstones = {kv.key.decode(): kv.mod_revision for kv in retired_resp.kvs if _retired_before(kv.value, cutoff)}
     return plan
+
+
+def _retired_before(raw: bytes, cutoff: dt.datetime) -> bool:
+    """Whether a tombstone was written before `cutoff` (its `retired` stamp). One that is not a
+    RetiredRecord with a stamp counts as old: modelfleet never wrote it, and it dates nothing."""
+    try:
+        return dt.datetime.fromisoformat(RetiredRecord.from_json(raw).retired) < cutoff
+    except (TypeError, ValueError):
+        return True
 
 
 def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
@@ -109,6 +140,17 @@ def apply_gc(registry: Registry, plan: GcPlan) -> tuple[int, int, list[str]]:
                 _transact(registry, "crossing off collected artifacts",  # only once really deleted
                           [txn.delete(registry.keys.gc_pending_artifact(a)) for a in batch])
     return removed, deleted, skipped
+
+
+def remove_tombstones(registry: Registry, plan: GcPlan) -> int:
+    """Deletes the tombstones the plan found old (see the module's docstring); returns how many
+    went. Each only if unchanged since the plan read it."""
+    txn, removed = registry.client.transactions, 0
+    for batch in _batches(sorted(plan.tombstones.items())):
+        if _transact(registry, "removing old tombstones", [txn.delete(key) for key, _ in batch],
+                     compare=[txn.mod(key) == revision for key, revision in batch]):
+            removed += len(batch)
+    return removed
 
 
 def _write_down(registry: Registry, artifacts: list[str]) -> None:

@@ -83,9 +83,13 @@ class Keys:
         """Versions gc removed; workers watch it to drop what they hold of them (worker.retirements)."""
         return f"{self.prefix}/retired/"
 
+    def retired_of_tenant(self, tenant: str) -> str:
+        return f"{self.retired}{tenant}/"
+
     def retired_version(self, tenant: str, version: str) -> str:
-        """A version gc removed (RetiredRecord): its name stays taken by its artifact."""
-        return f"{self.retired}{tenant}/{version}"
+        """A version gc removed (RetiredRecord): its name stays taken by its artifact, until a
+        later gc removes the tombstone (older than --tombstone-days)."""
+        return f"{self.retired_of_tenant(tenant)}{version}"
 
     def retired_of_key(self, key: str) -> tuple[str, str] | None:
         """(tenant, version) of a retired_version key; None for a key not of that shape."""
@@ -282,7 +286,12 @@ class VersionRecord(_Record):
 class RetiredRecord(_Record):
     """What is left of a version gc removed (Keys.retired_version): its artifact's digest. A version
     name always means one model, so every cache keyed by (tenant, version) (workers, routers'
-    OIP records) stays right: registering the name again is refused unless it is the same artifact."""
+    OIP records) stays right: registering the name again is refused unless it is the same artifact.
+
+    `retired` (utc_stamp, in every tombstone ever written) dates it: a gc removes tombstones older
+    than its --tombstone-days (version_service.retention says why that is safe), and the name is
+    free again. Workers drop what they hold of a version when its tombstone is written
+    (worker.retirements), not when it goes."""
 
     sha256: str
     retired: str

@@ -192,14 +192,15 @@ def workers(args: argparse.Namespace) -> int:
 
 def gc(args: argparse.Namespace) -> int:
     """Dry run unless --yes: prints what would go."""
-    from version_service.retention import apply_gc, plan_gc
+    from version_service.retention import apply_gc, plan_gc, remove_tombstones
 
     registry = open_registry(args)
-    plan = plan_gc(registry, args.keep, args.tenant)
+    plan = plan_gc(registry, args.keep, args.tenant, args.tombstone_days)
     doc = plan.to_json()
     if args.yes:
         removed, deleted, skipped = apply_gc(registry, plan)
-        doc.update(applied=True, removed_versions=removed, deleted_artifacts=deleted, skipped_tenants=skipped)
+        doc.update(applied=True, removed_versions=removed, deleted_artifacts=deleted, skipped_tenants=skipped,
+                   removed_tombstones=remove_tombstones(registry, plan))
     else:
         doc["applied"] = False
     if args.json:
@@ -208,7 +209,9 @@ def gc(args: argparse.Namespace) -> int:
     for tenant, versions in doc["removals"].items():
         console.print(f"  {tenant}: {' '.join(versions)}")
     verb = "removed" if args.yes else "would remove"
-    console.print(f"{verb} {plan.versions} versions and {len(plan.artifacts)} artifacts; kept {plan.kept_versions}"
+    tombstones = doc.get("removed_tombstones", len(plan.tombstones))
+    console.print(f"{verb} {plan.versions} versions, {len(plan.artifacts)} artifacts and {tombstones} tombstones "
+                  f"over {args.tombstone_days:g} days old; kept {plan.kept_versions}"
                   + ("" if args.yes else " (dry run: add --yes to delete)"))
     if args.yes and doc["skipped_tenants"]:
         console.print(f"[yellow]skipped (changed meanwhile): {', '.join(doc['skipped_tenants'])}[/yellow]")

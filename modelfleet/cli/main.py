@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--status", action="store_true", help="what every router has seen of the rollout")
     sub.add_argument("--json", action="store_true", help="print JSON (with --status)")
     sub = command("gc", admin.gc, "remove old versions (not newest K, serving, pinned or in a rollout); dry run "
-                  "unless --yes", config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT)
+                  "unless --yes", config.ETCD, config.PREFIX, config.STORE, config.S3_ENDPOINT,
+                  config.GC_TOMBSTONE_DAYS)
     sub.add_argument("--keep", type=config.whole(1), default=3, help="newest versions to keep per tenant")
     sub.add_argument("--tenant", help="only this tenant's versions")
     sub.add_argument("--yes", action="store_true", help="really delete")
