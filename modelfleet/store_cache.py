@@ -93,10 +93,12 @@ class DiskCache:
             self._touch(path)
         return data
 
-    def put(self, sha256: str, data: bytes) -> bool:
-        """Caches `data` under its digest and evicts down to the budget; False if too big to cache."""
+    def put(self, sha256: str, data: bytes, *, verified: bool = False) -> bool:
+        """Caches `data` under its digest and evicts down to the budget; False if too big to cache.
+        `verified`: the caller hashed `data` to `sha256` just now (a download it checked), so it
+        is not hashed again; otherwise bytes that do not hash to `sha256` are refused."""
         path = self.path_for(sha256)
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if not verified and hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError(f"data does not hash to {sha256[:12]}...: refusing to cache it")
         if len(data) > self.max_bytes:
             return False

@@ -8,9 +8,11 @@ Keys are built only from a validated artifact path (`validate_artifact`), never 
   with the sha256 in the object's metadata and Content-MD5 so the server rejects a body damaged
   in transit.
 - read_verified serves from the local DiskCache when it holds a verified copy, else downloads,
-  verifies the sha256 and caches. A wrong digest or a missing object is FailedPrecondition
-  naming `what`; a store that cannot be reached (connection refused, timeouts, 5xx after
-  retries) is Unavailable; wrong credentials or permissions are FailedPrecondition.
+  verifies the sha256 and caches. Loads of one artifact at once share its download and its hash
+  (`_download_once`): each compares the one digest with the one it expects before it uses the
+  bytes. A wrong digest or a missing object is FailedPrecondition naming `what`; a store that
+  cannot be reached (connection refused, timeouts, 5xx after retries) is Unavailable; wrong
+  credentials or permissions are FailedPrecondition.
 
 Request checksums are sent only when an operation requires them ("when_required"): several
 S3-compatible servers reject the CRC headers newer botocore sends by default, and integrity is
@@ -130,7 +132,7 @@ class S3Store:
             if data is not None:
                 return data
         try:
-            data, downloaded = self._download_once(key)
+            data, got, downloaded = self._download_once(key)
         except ClientError as exc:
             if _code(exc) in _MISSING_CODES:
                 raise FailedPrecondition(
@@ -138,13 +140,12 @@ class S3Store:
             raise self._translate(exc, f"reading artifact {artifact}", what) from None
         except BotoCoreError as exc:
             raise self._translate(exc, f"reading artifact {artifact}", what) from None
-        got = hashlib.sha256(data).hexdigest()
         if got != sha256:
             raise FailedPrecondition(
                 f"{what}: artifact is corrupt (sha256 {got[:12]}..., expected {sha256[:12]}...)")
         if cacheable and downloaded:
             try:
-                self.cache.put(sha256, data)
+                self.cache.put(sha256, data, verified=True)  # just hashed: not hashed again
             except OSError:
                 pass  # a full or read-only cache disk must not fail a load; the next read refetches
         return data
@@ -167,12 +168,12 @@ class S3Store:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _download_once(self, key: str) -> tuple[bytes, bool]:
-        """(the object's bytes, whether this call downloaded them): one GET per key at a time, its
-        outcome shared by every thread that asks meanwhile. Tenants often share an artifact (one
-        model for many, fleets from templates), and their cold loads come together: without this,
-        one GET per load thread for the same bytes. Raises what the GET raised; each caller
-        words it for its own tenant."""
+    def _download_once(self, key: str) -> tuple[bytes, str, bool]:
+        """(the object's bytes, their sha256, whether this call downloaded them): one GET per key
+        at a time, its outcome shared by every thread that asks meanwhile. Tenants often share an
+        artifact (one model for many, fleets from templates), and their cold loads come together:
+        without this, one GET per load thread for the same bytes. The download hashes the bytes
+        once for all of them (each caller compares the digest with the one it expects). Raises what the GET raised; each caller words it for its own tenant."""
         with self._lock:
             pending = self._downloading.get(key)
             if pending is None:
@@ -181,17 +182,18 @@ class S3Store:
             else:
                 owner = False
         if not owner:
-            return pending.result(), False
+            return *pending.result(), False
         try:
             data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            digest = hashlib.sha256(data).hexdigest()
         except BaseException as exc:
             pending.set_exception(exc)
             raise
         else:
-            pending.set_result(data)
+            pending.set_result((data, digest))
             with self._lock:
                 self.downloads += 1
-            return data, True
+            return data, digest, True
         finally:
             with self._lock:
                 del self._downloading[key]

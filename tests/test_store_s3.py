@@ -81,6 +81,20 @@ def count_gets(store: S3Store) -> list[str]:
     return keys
 
 
+def count_hashes(monkeypatch: pytest.MonkeyPatch, data: bytes) -> list[int]:
+    """Records every sha256 taken of `data` (hashlib.sha256 wrapped, still the real hash)."""
+    real = hashlib.sha256
+    hashes: list[int] = []
+
+    def sha256(value=b"", **kwargs):
+        if value == data:
+            hashes.append(len(value))
+        return real(value, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", sha256)
+    return hashes
+
+
 @pytest.fixture
 def dead_endpoint(s3_endpoint):
     """An endpoint on loopback where nothing listens: a bound, non-listening socket refuses
@@ -428,12 +442,15 @@ def test_an_unusable_disk_cache_directory_is_named_with_its_flag(tmp_path, s3_en
     assert str(blocker / "cache") in str(refused.value) and "Not a directory" in str(refused.value)
 
 
-def test_tenants_sharing_an_artifact_cold_at_once_download_it_once(s3_endpoint, model_file, raw_s3):
+def test_tenants_sharing_an_artifact_cold_at_once_download_it_once(s3_endpoint, model_file, raw_s3, monkeypatch):
     """Loads run on a worker's load threads: 16 tenants of one artifact, cold together, would
-    otherwise GET it once per thread. A failed GET is every waiter's error, each in its own words."""
+    otherwise GET it once per thread, and hash it once per thread: a download is hashed once, by
+    the download, and each waiter checks that digest. A failed GET is every waiter's error, each
+    in its own words."""
     store = new_store(s3_endpoint)
     stored = store.put_file(model_file)
     gets = count_gets(store)
+    hashes = count_hashes(monkeypatch, model_file.read_bytes())
     started = threading.Barrier(8)
 
     def read(n: int) -> bytes:
@@ -443,6 +460,7 @@ def test_tenants_sharing_an_artifact_cold_at_once_download_it_once(s3_endpoint, 
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(read, range(8))) == {model_file.read_bytes()}
     assert 1 <= len(gets) < 8  # at most the threads that came after the first GET ended
+    assert len(hashes) == len(gets)  # each download hashed once, not once per thread that shared it
     raw_s3.delete_object(Bucket=BUCKET, Key=store.key_for(stored.artifact))
     with ThreadPoolExecutor(8) as pool:
         errors = [f.exception() for f in [pool.submit(lambda n=n: read(n)) for n in range(8)]]
