@@ -7,7 +7,8 @@ Keys are built only from a validated artifact path (`validate_artifact`), never 
   already there (immutable, content-addressed: re-putting is idempotent); otherwise it uploads
   with the sha256 in the object's metadata and Content-MD5 so the server rejects a body damaged
   in transit.
-- read_verified serves from the local DiskCache when it holds a verified copy, else downloads,
+- read_local serves from the local DiskCache when it holds a verified copy (no network: a worker
+  reads this way on threads a hung store never holds); read_verified does too, else downloads,
   verifies the sha256 and caches. Loads of one artifact at once share its download and its hash
   (`_download_once`): each compares the one digest with the one it expects before it uses the
   bytes. A wrong digest or a missing object is FailedPrecondition naming `what`; a store that
@@ -123,16 +124,20 @@ class S3Store:
             raise self._translate(exc, f"storing artifact {artifact}") from None
         return StoredArtifact(artifact=artifact, sha256=sha, size=len(data))
 
+    def read_local(self, artifact: str, sha256: str, what: str) -> bytes | None:
+        """The artifact's verified bytes from the disk cache, or None: they must be downloaded."""
+        self.key_for(artifact)  # validated as if it were read
+        if self.cache is None or not _is_hex_sha(sha256):
+            return None
+        return self.cache.get(sha256)
+
     def read_verified(self, artifact: str, sha256: str, what: str) -> bytes:
         """The artifact's verified bytes (from the disk cache when it has them)."""
-        key = self.key_for(artifact)
-        cacheable = self.cache is not None and _is_hex_sha(sha256)
-        if cacheable:
-            data = self.cache.get(sha256)
-            if data is not None:
-                return data
+        data = self.read_local(artifact, sha256, what)
+        if data is not None:
+            return data
         try:
-            data, got, downloaded = self._download_once(key)
+            data, got, downloaded = self._download_once(self.key_for(artifact))
         except ClientError as exc:
             if _code(exc) in _MISSING_CODES:
                 raise FailedPrecondition(
@@ -143,7 +148,7 @@ class S3Store:
         if got != sha256:
             raise FailedPrecondition(
                 f"{what}: artifact is corrupt (sha256 {got[:12]}..., expected {sha256[:12]}...)")
-        if cacheable and downloaded:
+        if downloaded and self.cache is not None and _is_hex_sha(sha256):
             try:
                 self.cache.put(sha256, data, verified=True)  # just hashed: not hashed again
             except OSError:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from modelfleet.demo_models import train_model_text
 from modelfleet.errors import FailedPrecondition, ModelfleetError, NotFound, ResourceExhausted, Unavailable
 from router.counters import RouterCounters
 from router.ejection import PROBE_TIMEOUT_S, OutlierEjector
@@ -13,9 +15,10 @@ from router.hedging import AUTO_MAX_S, AUTO_MIN_S, MIN_SAMPLES, RECOMPUTE_EVERY,
 from router.quotas import TenantQuotas
 from router.settings import ResilienceSettings
 from version_service.schema import RouteRecord
-from worker.model_cache import ModelCache
+from worker.model_cache import Fetch, ModelCache
 from worker.negative_cache import NegativeCache
 from worker.overload import RetryLater
+from worker.predictor import LoadedModel
 
 
 class Clock:
@@ -272,6 +275,45 @@ def test_model_cache_loads_a_failing_model_once_per_backoff_and_bounds_waiters()
         gate.set()
         await asyncio.gather(*waiting, return_exceptions=True)
         assert cache.waiting == 0
+        cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_downloads_wait_on_fetch_threads_of_their_own_and_a_local_load_passes_them():
+    """A loader's Fetch downloads on the fetch threads, at most fetch_threads at once (each holds
+    its slot until its bytes are parsed); the load thread stays free for a model already on disk."""
+    text = train_model_text(1).encode()
+    gate, started = threading.Event(), threading.Semaphore(0)
+    fetching, most = [0], [0]
+    lock = threading.Lock()
+
+    def fetch() -> bytes:
+        with lock:
+            fetching[0] += 1
+            most[0] = max(most[0], fetching[0])
+        started.release()
+        gate.wait(10)  # a hung store
+        with lock:
+            fetching[0] -= 1
+        return text
+
+    def loader(tenant, version):
+        if tenant == "local":
+            return LoadedModel.from_model_text(text)
+        return Fetch(fetch, LoadedModel.from_model_text)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        cache = ModelCache(loader, 64 << 20, load_threads=1, fetch_threads=2)
+        remote = [asyncio.ensure_future(cache.get(f"remote-{i}", "v1")) for i in range(4)]
+        for _ in range(2):
+            assert await loop.run_in_executor(None, started.acquire, True, 5)
+        model, loaded = await asyncio.wait_for(cache.get("local", "v1"), 2)
+        assert loaded and model.num_features == 8 and not any(f.done() for f in remote)
+        gate.set()
+        assert all(loaded for _, loaded in await asyncio.wait_for(asyncio.gather(*remote), 10))
+        assert most[0] == 2 and cache.counters.loads == 5
         cache.close()
 
     asyncio.run(scenario())

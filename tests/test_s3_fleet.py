@@ -1,14 +1,17 @@
 """A fleet whose model store is S3-compatible object storage (moto over real HTTP on loopback)."""
 from __future__ import annotations
 
+import grpc
 import lightgbm
 import numpy as np
 
 from modelfleet.demo_models import sample_features
-from modelfleet.store import open_store
+from modelfleet.store import open_store, sha256_file
+from modelfleet.store_cache import DiskCache
+from modelfleet.v1 import worker_pb2
 from version_service.registry import Registry
-from tests.fleet import predict, predictor, stats
-from tests.test_store_s3 import BUCKET, s3_endpoint  # noqa: F401 - the fixture
+from tests.fleet import predict, predictor, stats, worker_stub
+from tests.test_store_s3 import BUCKET, hung_endpoint, s3_endpoint  # noqa: F401 - the fixtures
 
 
 def test_workers_load_from_s3_through_a_bounded_disk_cache(fleet, s3_endpoint):  # noqa: F811
@@ -28,3 +31,24 @@ def test_workers_load_from_s3_through_a_bounded_disk_cache(fleet, s3_endpoint): 
         np.testing.assert_allclose(answer.predictions, expected, atol=1e-9)
     assert stats(worker.address).loads_total == 3
     assert len(list(cache_dir.rglob("*.lgbm"))) == 3  # downloaded once, kept on local disk
+
+
+def test_a_model_on_local_disk_loads_at_once_while_the_store_hangs(fleet, hung_endpoint):  # noqa: F811
+    """Downloads wait on their own threads: with the store hung and the one load thread's worth
+    of loads stuck on it, a tenant whose artifact is in the worker's disk cache still answers
+    well within its deadline (before, it queued behind the hung GETs for up to ~14 s)."""
+    for i in range(3):
+        fleet.register(f"t{i}", "v1", seed=i)
+    cache_dir = fleet.root / "s3-cache"
+    cached = fleet.model_file(0)
+    DiskCache(cache_dir, 10 << 20).put(sha256_file(cached), cached.read_bytes())  # t0's artifact only
+    worker = fleet.start_worker("w1", extra=("--store", f"s3://{BUCKET}/hung", "--s3-endpoint", hung_endpoint,
+                                             "--store-cache-dir", str(cache_dir), "--load-threads", "1"))
+    stub = worker_stub(worker.address)
+    hung = [stub.Warm.future(worker_pb2.WarmRequest(tenant_id=t, version="v1"), timeout=30) for t in ("t1", "t2")]
+    fleet.wait_for(lambda: stats(worker.address).misses_total >= 2, worker, "both loads to wait on the store")
+    x = sample_features(1, 1)[0]
+    answer = predict(stub, "t0", x, version="v1", timeout=3)
+    expected = lightgbm.Booster(model_file=str(cached)).predict(x.reshape(1, -1))
+    np.testing.assert_allclose(answer.predictions, expected, atol=1e-9)
+    assert not any(f.done() for f in hung)  # still hung on the store (until the fixture's teardown resets them)

@@ -106,6 +106,19 @@ def dead_endpoint(s3_endpoint):
     sock.close()
 
 
+@pytest.fixture
+def hung_endpoint(s3_endpoint):
+    """An S3 endpoint that hangs: connections are accepted (the kernel's backlog completes them)
+    and nothing is ever answered, so every request waits out the client's read timeout. The
+    socket is closed at teardown, which resets those connections: the hung requests then fail at
+    once instead of holding their processes' exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
 def artifact_bytes(n: int, seed: int = 0) -> tuple[str, bytes]:
     data = f"model {seed}-{n}\n".encode() * n
     data = data[:n]

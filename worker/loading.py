@@ -1,14 +1,18 @@
 """Turns (tenant, version) into a LoadedModel: etcd record (or a router's artifact hint) ->
 verified artifact -> booster.
 
-Runs in the worker's load thread pool, never on the event loop. Every failure names tenant,
-version and cause: NotFound for an unregistered version, FailedPrecondition for a missing,
-corrupt or unparseable artifact, Unavailable when etcd cannot be reached.
+Runs in the worker's load thread pool, never on the event loop; an artifact that is not on this
+machine is downloaded on the cache's fetch threads instead (`Fetch`, worker.model_cache). Every
+failure names tenant, version and cause: NotFound for an unregistered version,
+FailedPrecondition for a missing, corrupt or unparseable artifact, Unavailable when etcd (or a
+remote model store) cannot be reached.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from typing import Callable
 
 from cachetools import LRUCache
 
@@ -17,6 +21,7 @@ from modelfleet.errors import FailedPrecondition, NotFound, Unavailable
 from modelfleet.store import Store, artifact_for
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import Keys, VersionRecord
+from worker.model_cache import Fetch
 from worker.predictor import LoadedModel
 
 
@@ -69,24 +74,42 @@ class ModelLoader:
         """The artifact digest the version record names; `fresh` reads etcd even if cached."""
         return (self._read_record(tenant, version) if fresh else self.record(tenant, version)).sha256
 
-    def load(self, tenant: str, version: str, artifact: str | None = None) -> LoadedModel:
+    def load(self, tenant: str, version: str, artifact: str | None = None) -> LoadedModel | Fetch:
         """The model from the version record's artifact, or from `artifact` (a router's hint:
-        the digest of the serving version's artifact) without reading the record."""
+        the digest of the serving version's artifact) without reading the record. When the
+        artifact is not on this machine (a remote store's disk cache misses), a `Fetch` instead:
+        the cache downloads it on threads that may wait on the network, then makes the model."""
         what = f"tenant {tenant!r} version {version!r}"
         if artifact is None:
             record = self.record(tenant, version)
             path, sha256, num_features = record.artifact, record.sha256, record.num_features
         else:
             path, sha256, num_features = artifact_for(artifact), artifact, None
+        checked = artifact is None
+        data = self._read(self.store.read_local, tenant, version, path, sha256, what, checked)
+        make = functools.partial(self._model, what, sha256, num_features, checked)
+        if data is None:
+            return Fetch(functools.partial(self._read, self.store.read_verified, tenant, version, path, sha256,
+                                           what, checked), make)
+        return make(data)
+
+    def _read(self, read: Callable[[str, str, str], bytes | None], tenant: str, version: str, path: str,
+              sha256: str, what: str, checked: bool) -> bytes | None:
+        """`read(path, sha256, what)`; a missing or corrupt artifact of a record read before
+        (`checked`) is NotFound if gc removed the version meanwhile."""
         try:
-            data = self.store.read_verified(path, sha256, what)
+            return read(path, sha256, what)
         except FailedPrecondition:
-            if artifact is None:  # the record read before may be of a version gc removed since
+            if checked:  # the record read before may be of a version gc removed since
                 try:
                     self._read_record(tenant, version)  # NotFound then, not the artifact's error
                 except Unavailable:
                     pass  # etcd cannot say: the artifact's error stands, the record kept stays
             raise
+
+    @staticmethod
+    def _model(what: str, sha256: str, num_features: int | None, checked: bool, data: bytes) -> LoadedModel:
+        """The model parsed from verified `data`, its feature count checked against the record's."""
         parse_started = time.perf_counter()
         try:
             model = LoadedModel.from_model_text(data)  # bytes: no decode and encode round trip
@@ -99,5 +122,5 @@ class ModelLoader:
             model.close()
             raise FailedPrecondition(f"{what}: artifact has {model.num_features} features, "
                                      f"its record says {num_features}")
-        model.artifact_sha256, model.record_checked = sha256, artifact is None
+        model.artifact_sha256, model.record_checked = sha256, checked
         return model

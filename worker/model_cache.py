@@ -20,6 +20,12 @@ Invariants:
   waiters get NOT_FOUND, and later requests load it anew, which is NOT_FOUND too;
 - a failed load is remembered for a back-off (worker.negative_cache): requests within it get
   the same error without a load;
+- a model whose artifact is on this machine (a local store, a remote store's disk cache) never
+  waits behind the network: loads run on `load_threads` threads (which bound the parses, and so
+  LightGBM's memory, at once), and a loader that finds its artifact remote returns a `Fetch`,
+  whose download runs on `fetch_threads` threads of their own. A hung store holds fetch threads
+  only; the load threads stay free for local loads. At most `fetch_threads` loads hold fetched
+  bytes at once (a download, then its parse on a load thread);
 - at most `max_queued_loads` requests wait for loads at once; a miss beyond that gets
   RESOURCE_EXHAUSTED with a retry hint at once (bounded memory and latency under a cold-load
   storm). Hits never wait and are never shed: a warm tenant's request does not queue behind
@@ -65,8 +71,21 @@ from worker.tinylfu_cache import TinyLfuCache
 log = logging.getLogger("modelfleet.model_cache")
 
 ModelKey = tuple[str, str]  # (tenant, version)
-# (tenant, version) -> model, and (tenant, version, artifact digest) -> model for a hinted load.
-Loader = Callable[..., LoadedModel]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """A load whose artifact is not on this machine: `fetch()` downloads its verified bytes (on a
+    fetch thread: it may wait on the network for seconds), then `make(data)` the model (on a load
+    thread). What a loader returns instead of a model, so that a hung store never holds a load
+    thread."""
+    fetch: Callable[[], bytes]
+    make: Callable[[bytes], LoadedModel]
+
+
+# (tenant, version) -> model, and (tenant, version, artifact digest) -> model for a hinted load;
+# or a Fetch when the artifact must be downloaded first.
+Loader = Callable[..., LoadedModel | Fetch]
 # (tenant, version, fresh) -> the digest the version record names (fresh: re-read from etcd).
 RecordDigest = Callable[[str, str, bool], str]
 
@@ -88,14 +107,19 @@ _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been mea
 
 
 LOAD_COUNTS_KEPT = 20_000
+# Artifacts downloaded at once: as many as an S3Store's connection pool holds (16), so a fetch
+# never waits for a connection, and enough that a store hung on a handful of artifacts does not
+# hold up the downloads of the others.
+FETCH_THREADS = 16
 
 
 class ModelCache:
     def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4,
                  max_queued_loads: int | None = None, failures: NegativeCache | None = None,
-                 record_digest: RecordDigest | None = None) -> None:
+                 record_digest: RecordDigest | None = None, fetch_threads: int = FETCH_THREADS) -> None:
         """max_queued_loads None: MODELFLEET_MAX_QUEUED_LOADS, else 256; 0 = no bound.
-        record_digest None: nothing to check hints against (every model counts as checked)."""
+        record_digest None: nothing to check hints against (every model counts as checked).
+        fetch_threads: downloads at once (a loader's Fetch), apart from the load threads."""
         if max_queued_loads is None:
             max_queued_loads = MAX_QUEUED_LOADS.resolve_default()
         self.budget = budget_bytes
@@ -117,6 +141,10 @@ class ModelCache:
         # bounded ~4 MB of bookkeeping beside the budget, not ~200 bytes for every tenant ever seen.
         self._load_counts: LRUCache = LRUCache(maxsize=LOAD_COUNTS_KEPT)
         self._pool = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
+        # Downloads (a Fetch), apart from the load threads; a slot is held from the download to
+        # the end of its parse, so fetched bytes waiting for a load thread stay bounded too.
+        self._fetcher = ThreadPoolExecutor(max_workers=max(1, fetch_threads), thread_name_prefix="model-fetch")
+        self._fetch_slots = asyncio.Semaphore(max(1, fetch_threads))
         # Evicted models are freed here, off the event loop: LightGBM's free of a large model
         # takes milliseconds (~0.8 ms for 1000 trees x 63 leaves), which every request would wait.
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-free")
@@ -217,11 +245,31 @@ class ModelCache:
         """About when the queue ahead will have drained: waiting loads x load time / threads."""
         return int(min(5000.0, max(10.0, self.waiting * self._load_ms / self._load_threads)))
 
-    def _timed_load(self, key: ModelKey, artifact: str | None) -> tuple[LoadedModel, float]:
-        """In a load thread: the model and the milliseconds its load took (queueing excluded)."""
+    @staticmethod
+    def _timed(call: Callable, *args) -> tuple[object, float]:
+        """In a pool's thread: call's result and the milliseconds it took (queueing excluded)."""
         started = time.perf_counter()
-        model = self._loader(*key) if artifact is None else self._loader(*key, artifact)
-        return model, (time.perf_counter() - started) * 1000
+        result = call(*args)
+        return result, (time.perf_counter() - started) * 1000
+
+    async def _run_load(self, key: ModelKey, artifact: str | None, traced: bool) -> tuple[LoadedModel, float]:
+        """The model and the milliseconds its load took in threads (queueing excluded): the
+        loader on a load thread, and if it answers with a Fetch, the download on a fetch thread
+        and the parse on a load thread again. `traced`: the load span's context goes along."""
+        loop = asyncio.get_running_loop()
+
+        def run(pool: ThreadPoolExecutor, *call):
+            if traced:
+                return loop.run_in_executor(pool, contextvars.copy_context().run, self._timed, *call)
+            return loop.run_in_executor(pool, self._timed, *call)
+
+        loaded, ms = await run(self._pool, self._loader, *key, *([artifact] if artifact is not None else []))
+        if not isinstance(loaded, Fetch):
+            return loaded, ms
+        async with self._fetch_slots:
+            data, fetch_ms = await run(self._fetcher, loaded.fetch)
+            model, make_ms = await run(self._pool, loaded.make, data)
+        return model, ms + fetch_ms + make_ms
 
     async def _load(self, key: ModelKey, artifact: str | None, load_key: tuple, warm: bool) -> LoadedModel:
         tracer = tracing.tracer()
@@ -239,12 +287,7 @@ class ModelCache:
         task = asyncio.current_task()
         try:
             try:
-                loop = asyncio.get_running_loop()
-                if span is None:
-                    model, ms = await loop.run_in_executor(self._pool, self._timed_load, key, artifact)
-                else:
-                    model, ms = await loop.run_in_executor(self._pool, contextvars.copy_context().run,
-                                                           self._timed_load, key, artifact)
+                model, ms = await self._run_load(key, artifact, span is not None)
             finally:
                 self._inflight.pop(load_key, None)
                 retired = task in self._retired_loads
@@ -317,6 +360,7 @@ class ModelCache:
 
     def close(self) -> None:
         """Frees every cached model (worker shutdown)."""
+        self._fetcher.shutdown(wait=False, cancel_futures=True)  # downloads hold no model; a hung one must not hold us
         self._pool.shutdown(wait=True, cancel_futures=True)
         while self._models:
             _, model = self._models.popitem()
