@@ -47,11 +47,14 @@ class RouterAdminServicer(router_admin_pb2_grpc.RouterAdminServicer):
 
     @translate_errors
     async def Rollout(self, request: router_admin_pb2.RolloutStatusRequest, context: grpc.aio.ServicerContext):
+        # The revision before the route: the route is then at least as new as the revision says,
+        # so a tool comparing it with etcd never takes a lagging view for a current one.
+        revision = self.routes.revision
         tenant, route = self._route(request.tenant_id)
         response = router_admin_pb2.RolloutStatusResponse(
             tenant_id=tenant, router_id=self.router_id, serving_version=route.serving,
             canary_version=route.canary or "", canary_percent=route.canary_percent or 0.0,
-            shadow_version=route.shadow or "")
+            shadow_version=route.shadow or "", rollout_id=route.rollout_id or "", revision=revision)
         stats = self.rollouts.stats.get(tenant)
         if stats is not None and stats.rollout == rollout_of(route):
             response.serving_requests = stats.serving_requests

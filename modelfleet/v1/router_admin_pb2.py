@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n modelfleet/v1/router_admin.proto\x12\rmodelfleet.v1\")\n\x14RolloutStatusRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\x9e\x03\n\x15RolloutStatusResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\trouter_id\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\x01\x12\x16\n\x0eshadow_version\x18\x06 \x01(\t\x12\x18\n\x10serving_requests\x18\x07 \x01(\x03\x12\x17\n\x0f\x63\x61nary_requests\x18\x08 \x01(\x03\x12\x17\n\x0fshadow_requests\x18\t \x01(\x03\x12\x15\n\rshadow_errors\x18\n \x01(\x03\x12\x16\n\x0eshadow_dropped\x18\x0b \x01(\x03\x12\x1b\n\x13shadow_max_abs_diff\x18\x0c \x01(\x01\x12\x1c\n\x14shadow_mean_abs_diff\x18\r \x01(\x01\x12\x19\n\x11shadow_latency_ms\x18\x0e \x03(\x01\x12\x16\n\x0eserving_errors\x18\x0f \x01(\x03\x12\x15\n\rcanary_errors\x18\x10 \x01(\x03\"!\n\x0cShardRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"r\n\rShardResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x12\n\nshard_size\x18\x03 \x01(\x05\x12\x17\n\x0fserving_version\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x15\n\x13RouterStatusRequest\"\xba\x01\n\x14RouterStatusResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0f\n\x07tenants\x18\x02 \x01(\x03\x12\x0f\n\x07workers\x18\x03 \x01(\x03\x12\x14\n\x0clive_workers\x18\x04 \x01(\x03\x12\x16\n\x0e\x65tcd_connected\x18\x05 \x01(\x08\x12\x1c\n\x14seconds_since_change\x18\x06 \x01(\x01\x12\x0f\n\x07resyncs\x18\x07 \x01(\x03\x12\x11\n\trouter_id\x18\x08 \x01(\t2\xfa\x01\n\x0bRouterAdmin\x12\x42\n\x05Shard\x12\x1b.modelfleet.v1.ShardRequest\x1a\x1c.modelfleet.v1.ShardResponse\x12Q\n\x06Status\x12\".modelfleet.v1.RouterStatusRequest\x1a#.modelfleet.v1.RouterStatusResponse\x12T\n\x07Rollout\x12#.modelfleet.v1.RolloutStatusRequest\x1a$.modelfleet.v1.RolloutStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n modelfleet/v1/router_admin.proto\x12\rmodelfleet.v1\")\n\x14RolloutStatusRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xc4\x03\n\x15RolloutStatusResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\trouter_id\x18\x02 \x01(\t\x12\x17\n\x0fserving_version\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\x01\x12\x16\n\x0eshadow_version\x18\x06 \x01(\t\x12\x18\n\x10serving_requests\x18\x07 \x01(\x03\x12\x17\n\x0f\x63\x61nary_requests\x18\x08 \x01(\x03\x12\x17\n\x0fshadow_requests\x18\t \x01(\x03\x12\x15\n\rshadow_errors\x18\n \x01(\x03\x12\x16\n\x0eshadow_dropped\x18\x0b \x01(\x03\x12\x1b\n\x13shadow_max_abs_diff\x18\x0c \x01(\x01\x12\x1c\n\x14shadow_mean_abs_diff\x18\r \x01(\x01\x12\x19\n\x11shadow_latency_ms\x18\x0e \x03(\x01\x12\x16\n\x0eserving_errors\x18\x0f \x01(\x03\x12\x15\n\rcanary_errors\x18\x10 \x01(\x03\x12\x12\n\nrollout_id\x18\x11 \x01(\t\x12\x10\n\x08revision\x18\x12 \x01(\x03\"!\n\x0cShardRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"r\n\rShardResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x12\n\nshard_size\x18\x03 \x01(\x05\x12\x17\n\x0fserving_version\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x15\n\x13RouterStatusRequest\"\xba\x01\n\x14RouterStatusResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0f\n\x07tenants\x18\x02 \x01(\x03\x12\x0f\n\x07workers\x18\x03 \x01(\x03\x12\x14\n\x0clive_workers\x18\x04 \x01(\x03\x12\x16\n\x0e\x65tcd_connected\x18\x05 \x01(\x08\x12\x1c\n\x14seconds_since_change\x18\x06 \x01(\x01\x12\x0f\n\x07resyncs\x18\x07 \x01(\x03\x12\x11\n\trouter_id\x18\x08 \x01(\t2\xfa\x01\n\x0bRouterAdmin\x12\x42\n\x05Shard\x12\x1b.modelfleet.v1.ShardRequest\x1a\x1c.modelfleet.v1.ShardResponse\x12Q\n\x06Status\x12\".modelfleet.v1.RouterStatusRequest\x1a#.modelfleet.v1.RouterStatusResponse\x12T\n\x07Rollout\x12#.modelfleet.v1.RolloutStatusRequest\x1a$.modelfleet.v1.RolloutStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=51
   _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=92
   _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=95
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=509
-  _globals['_SHARDREQUEST']._serialized_start=511
-  _globals['_SHARDREQUEST']._serialized_end=544
-  _globals['_SHARDRESPONSE']._serialized_start=546
-  _globals['_SHARDRESPONSE']._serialized_end=660
-  _globals['_ROUTERSTATUSREQUEST']._serialized_start=662
-  _globals['_ROUTERSTATUSREQUEST']._serialized_end=683
-  _globals['_ROUTERSTATUSRESPONSE']._serialized_start=686
-  _globals['_ROUTERSTATUSRESPONSE']._serialized_end=872
-  _globals['_ROUTERADMIN']._serialized_start=875
-  _globals['_ROUTERADMIN']._serialized_end=1125
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=547
+  _globals['_SHARDREQUEST']._serialized_start=549
+  _globals['_SHARDREQUEST']._serialized_end=582
+  _globals['_SHARDRESPONSE']._serialized_start=584
+  _globals['_SHARDRESPONSE']._serialized_end=698
+  _globals['_ROUTERSTATUSREQUEST']._serialized_start=700
+  _globals['_ROUTERSTATUSREQUEST']._serialized_end=721
+  _globals['_ROUTERSTATUSRESPONSE']._serialized_start=724
+  _globals['_ROUTERSTATUSRESPONSE']._serialized_end=910
+  _globals['_ROUTERADMIN']._serialized_start=913
+  _globals['_ROUTERADMIN']._serialized_end=1163
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ class RolloutStatusRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
 
 class RolloutStatusResponse(_message.Message):
-    __slots__ = ("tenant_id", "router_id", "serving_version", "canary_version", "canary_percent", "shadow_version", "serving_requests", "canary_requests", "shadow_requests", "shadow_errors", "shadow_dropped", "shadow_max_abs_diff", "shadow_mean_abs_diff", "shadow_latency_ms", "serving_errors", "canary_errors")
+    __slots__ = ("tenant_id", "router_id", "serving_version", "canary_version", "canary_percent", "shadow_version", "serving_requests", "canary_requests", "shadow_requests", "shadow_errors", "shadow_dropped", "shadow_max_abs_diff", "shadow_mean_abs_diff", "shadow_latency_ms", "serving_errors", "canary_errors", "rollout_id", "revision")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class RolloutStatusResponse(_message.Message):
     SHADOW_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     SERVING_ERRORS_FIELD_NUMBER: _ClassVar[int]
     CANARY_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     router_id: str
     serving_version: str
@@ -46,7 +48,9 @@ class RolloutStatusResponse(_message.Message):
     shadow_latency_ms: _containers.RepeatedScalarFieldContainer[float]
     serving_errors: int
     canary_errors: int
-    def __init__(self, tenant_id: _Optional[str] = ..., router_id: _Optional[str] = ..., serving_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadow_version: _Optional[str] = ..., serving_requests: _Optional[int] = ..., canary_requests: _Optional[int] = ..., shadow_requests: _Optional[int] = ..., shadow_errors: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., shadow_max_abs_diff: _Optional[float] = ..., shadow_mean_abs_diff: _Optional[float] = ..., shadow_latency_ms: _Optional[_Iterable[float]] = ..., serving_errors: _Optional[int] = ..., canary_errors: _Optional[int] = ...) -> None: ...
+    rollout_id: str
+    revision: int
+    def __init__(self, tenant_id: _Optional[str] = ..., router_id: _Optional[str] = ..., serving_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadow_version: _Optional[str] = ..., serving_requests: _Optional[int] = ..., canary_requests: _Optional[int] = ..., shadow_requests: _Optional[int] = ..., shadow_errors: _Optional[int] = ..., shadow_dropped: _Optional[int] = ..., shadow_max_abs_diff: _Optional[float] = ..., shadow_mean_abs_diff: _Optional[float] = ..., shadow_latency_ms: _Optional[_Iterable[float]] = ..., serving_errors: _Optional[int] = ..., canary_errors: _Optional[int] = ..., rollout_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
     __slots__ = ("tenant_id",)
