@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -119,13 +119,16 @@ class LocalFleet:
                                   health_credentials=health_credentials)[0]
 
     def start_routers(self, count: int, *, port: int = 0, shard_size: int = 2, extra: tuple[str, ...] = (),
-                      health_credentials: grpc.ChannelCredentials | None = None) -> list[Proc]:
-        """Starts `count` routers side by side (on free ports, or `port` for one); returns once each serves."""
+                      health_credentials: grpc.ChannelCredentials | None = None,
+                      each: Sequence[tuple[str, ...]] = ()) -> list[Proc]:
+        """Starts `count` routers side by side (on free ports, or `port` for one); returns once each serves.
+        `each[i]`, where given, are the i-th router's own flags (after `extra`)."""
         ports = [port] if port and count == 1 else [processes.free_port() for _ in range(count)]
         procs = []
-        for port in ports:
+        for i, port in enumerate(ports):
+            own = each[i] if i < len(each) else ()
             proc = self.spawn(f"router-{port}", ["router", "--port", str(port), "--shard-size", str(shard_size),
-                                                 *extra])
+                                                 *extra, *own])
             proc.address = f"127.0.0.1:{port}"
             procs.append(proc)
         for proc in procs:

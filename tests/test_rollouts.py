@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,13 +16,17 @@ import numpy as np
 import pytest
 import xxhash
 
+from modelfleet.cli.main import build_parser
+from modelfleet.cli.rollout_status import lag
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
 from router.rollout import LATENCY_SAMPLE, Rollouts, in_canary
 from version_service.schema import RouteRecord
 from tests.fleet import predict, predictor, stats
+from tests.tcp_proxy import PausableProxy
 from tests.test_cli import cli
+from version_service.membership import list_routers
 from version_service.registry import default_actor
 
 X = sample_features(1, 1)[0]
@@ -242,6 +247,67 @@ def test_a_rollout_started_again_counts_from_zero(two_version_fleet):
         for i in range(5):
             predict(stub, "acme", X, metadata=(("x-modelfleet-key", f"k{i}"),))
         assert counted(seen()) == 5
+
+
+def test_rollout_status_asks_routers_at_once_and_sums_none_that_lags_etcd(fleet, capsys, monkeypatch):
+    """`rollout --status` asked routers one after another, 5 s each: two hung (SIGSTOP) routers cost
+    10 s. And it summed every router's counts, a router whose view lagged etcd included (here its
+    link to etcd is cut: it still holds the aborted rollout), so an earlier rollout's counts went
+    into the current one's. No workers: a request no worker takes is counted all the same (its
+    routing). Routers on the current rollout are summed as before (the canary and shadow tests)."""
+    fleet.register("acme", "v1", seed=1)
+    fleet.register("acme", "v2", seed=2)
+    fleet.registry.start_rollout("acme", "v1", percent=100)
+    with PausableProxy(fleet.etcd_endpoint) as etcd_link:
+        lagging, *hung = fleet.start_routers(3, each=[("--etcd", etcd_link.address)])
+        router_id = {r.address: r.router_id for r in list_routers(fleet.client, fleet.registry.keys)}
+        stub = predictor(lagging.address)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError, match="no live workers"):
+                predict(stub, "acme", X)
+        etcd_link.pause()
+        fleet.registry.abort("acme")
+        new_id = fleet.registry.start_rollout("acme", "v1", percent=100).rollout_id
+        for router in hung:
+            router.signal(signal.SIGSTOP)
+
+        def status(*argv: str) -> tuple[int, str, str, float]:
+            """In this process: its time is the command's own, without an interpreter's start."""
+            args = build_parser().parse_args(["rollout", "acme", "--status", "--etcd", fleet.etcd_endpoint,
+                                              "--prefix", fleet.prefix, *argv])
+            started = time.monotonic()
+            code = args.handler(args)
+            return code, *capsys.readouterr(), time.monotonic() - started
+
+        code, out, err, took = status("--json", "--routers-timeout", "0.6")
+        assert took < 1.1, took  # one deadline for all; one after another took 1.2 s and more
+        summary = json.loads(out)
+        assert code == 1 and summary["rollout_id"] == new_id
+        assert (summary["routers"], summary["canary_requests"]) == (0, 0)  # nothing of the aborted rollout
+        assert summary["routers_unanswered"] == sorted(router_id[r.address] for r in hung)
+        assert all(f"router {router_id[r.address]} did not answer: DEADLINE_EXCEEDED" in err for r in hung), err
+        [apart] = summary["routers_lagging"]
+        assert (apart["router_id"], apart["canary_requests"]) == (router_id[lagging.address], 3)
+        assert apart["why"] == f"on rollout {apart['rollout_id']}, etcd's is {new_id}"
+
+        monkeypatch.setenv("MODELFLEET_ROUTERS_TIMEOUT", "0.2")  # the variable, as the flag
+        monkeypatch.setenv("COLUMNS", "400")  # the tables unwrapped
+        code, out, _, _ = status()
+        assert code == 1 and "routers that lag etcd" in out and apart["why"] in out, out
+        assert all(f"{router_id[r.address]} (DEADLINE_EXCEEDED)" in out for r in hung), out
+
+
+def test_a_router_on_the_current_rollout_but_an_older_route_lags_too():
+    """Same rollout, but the router has not applied the route's newest revision (a pin of another
+    serving version, say): its serving counts are of the old route, so it lags. Pure."""
+    route = RouteRecord(serving="v3", newest="v3", canary="v1", canary_percent=5.0, rollout_id="r1")
+    seen = router_admin_pb2.RolloutStatusResponse(serving_version="v2", canary_version="v1", canary_percent=5.0,
+                                                  rollout_id="r1", revision=41)
+    assert lag(seen, route, 42) == "routing revision 41 is older than the route's 42"
+    seen.revision = 42
+    assert lag(seen, route, 42) is None
+    seen.canary_percent = 10.0  # another canary than etcd's, whatever id it carries
+    assert lag(seen, route, 42).startswith("on rollout r1")
 
 
 def test_a_slow_shadow_gets_no_worker_ejected_and_stays_on_one_member(two_version_fleet):

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = audited(command("rollout", rollouts.rollout, "canary or shadow a version; promote, abort, status",
-                          config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY))
+                          config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY,
+                          config.ROUTERS_TIMEOUT))
     sub.add_argument("tenant")
     sub.add_argument("version", nargs="?", help="the version to roll out (to start a rollout)")
     mode = sub.add_mutually_exclusive_group()
