@@ -60,6 +60,10 @@ def test_router_serves_through_an_etcd_outage_and_follows_changes_after(own_etcd
         outage_started = time.monotonic()
         done = cli(fleet, "pin", "a", "v1", timeout=60)  # an admin write while etcd is down
         assert done.returncode == 1 and "unavailable" in done.stderr, done.stderr
+        # No router list and no current rollout to judge the routers by: one line, no traceback.
+        done = cli(fleet, "rollout", "d", "--status", timeout=60)
+        assert done.returncode == 1 and done.stderr.startswith("error: etcd at ") and done.stderr.count("\n") == 1
+        assert "unavailable while listing routers" in done.stderr, done.stderr
         # The Open Inference Protocol serves too: ModelInfer reads nothing from etcd (b never
         # went through it before), metadata read before the outage is answered from the router.
         request = pb.ModelInferRequest(model_name="b")
