@@ -304,7 +304,9 @@ def test_a_router_on_the_current_rollout_but_an_older_route_lags_too():
     seen = router_admin_pb2.RolloutStatusResponse(serving_version="v2", canary_version="v1", canary_percent=5.0,
                                                   rollout_id="r1", revision=41)
     assert lag(seen, route, 42) == "routing revision 41 is older than the route's 42"
-    seen.revision = 42
+    seen.revision = 42  # (an answer that says it has the revision but not its serving version)
+    assert lag(seen, route, 42) == "serves v2, etcd's route serves v3"  # its counts compare other versions
+    seen.serving_version = "v3"
     assert lag(seen, route, 42) is None
     seen.canary_percent = 10.0  # another canary than etcd's, whatever id it carries
     assert lag(seen, route, 42).startswith("on rollout r1")

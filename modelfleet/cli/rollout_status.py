@@ -62,11 +62,13 @@ def lag(answer: Answer, route: RouteRecord, route_revision: int) -> str | None:
     """Why `answer`'s counts are not the current rollout's (etcd's `route`, written at
     `route_revision`), None when they are."""
     seen = (answer.canary_version or None, answer.canary_percent or None, answer.shadow_version or None,
-            answer.rollout_id or None)
-    if seen != rollout_of(route):
+            answer.rollout_id or None, answer.serving_version)  # router.rollout.rollout_of's fields
+    if seen[:4] != rollout_of(route)[:4]:
         return f"on rollout {answer.rollout_id or 'none'}, etcd's is {route.rollout_id or 'none'}"
     if answer.revision < route_revision:
         return f"routing revision {answer.revision} is older than the route's {route_revision}"
+    if seen != rollout_of(route):  # its counts compare the canary with another serving version
+        return f"serves {answer.serving_version}, etcd's route serves {route.serving}"
     return None
 
 
