@@ -102,6 +102,20 @@ class ArtifactChecker:
                                              f"LightGBM ({name})")
             raise FailedPrecondition(f"{path} could not be checked: the checking process exited with {returncode}")
 
+    def check_each(self, paths: list[Path],
+                   on_done: "Callable[[int], None] | None" = None) -> dict[Path, ModelInfo | FailedPrecondition]:
+        """Checks each path in turn, as `check_many` does in a pool: a usable model's facts, an
+        unusable one's FailedPrecondition."""
+        results: dict[Path, ModelInfo | FailedPrecondition] = {}
+        for path in paths:
+            try:
+                results[path] = self.check(path)
+            except FailedPrecondition as exc:
+                results[path] = exc
+            if on_done is not None:
+                on_done(1)
+        return results
+
     @property
     def child_pid(self) -> int | None:
         """The checking child's pid while it runs."""
@@ -193,14 +207,7 @@ def check_many(paths: list[Path], processes: int | None = None,
     except BrokenProcessPool:
         checker = ArtifactChecker()  # one child at a time: a crash costs its own artifact only
         try:
-            for path in pending:
-                if path not in results:
-                    try:
-                        results[path] = checker.check(path)
-                    except FailedPrecondition as exc:
-                        results[path] = exc
-                    if on_done is not None:
-                        on_done(1)
+            results.update(checker.check_each([path for path in pending if path not in results], on_done))
         finally:
             checker.close()
     return results

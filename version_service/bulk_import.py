@@ -2,7 +2,8 @@
 
 Two phases, timed separately:
 1. artifacts: every distinct file is hashed; new ones are checked (child-process pool) and
-   copied into the content-addressed store. Idempotent: a stored artifact is not re-checked.
+   copied into the content-addressed store, as `register` does (version_service.artifact_intake).
+   Idempotent: a stored artifact is not re-checked.
 2. registration: rows go to etcd in batches, one transaction each (versions, routes, history),
    comparing every key it read. Rows already registered with the same sha256 are skipped, so
    re-running a killed import resumes where it stopped; the same version with a different
@@ -14,22 +15,19 @@ is a path (relative to the manifest's directory) or a file:// URI.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import unquote, urlparse
 
-from modelfleet import failpoints
-from modelfleet.artifact_check import ModelInfo, check_many, read_header
+from modelfleet.artifact_check import check_many
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
-from modelfleet.store import StoredArtifact, artifact_for
+from version_service.artifact_intake import Progress, TakenIn, take_in
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import etcd_errors
 from version_service.registry import Registry, next_route_on_register
-from version_service.schema import RetiredRecord, RouteRecord, VersionRecord, retired_conflict, utc_stamp, validate_id
+from version_service.schema import RetiredRecord, RouteRecord, VersionRecord, retired_conflict, validate_id
 
 # 3 puts and up to 2 compares each, or 3 reads each (route, version, tombstone): within etcd's 128
 # operations per transaction
@@ -55,9 +53,6 @@ class ImportResult:
     artifact_seconds: float = 0.0
     registration_seconds: float = 0.0
     rejected: list[str] = field(default_factory=list)
-
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:
@@ -131,62 +126,22 @@ CHANGED = "{}: changed while it was being imported; import it again"  # a reject
 
 
 def _store_artifacts(registry: Registry, rows: list[ManifestRow], result: ImportResult,
-                     progress: Progress) -> dict[Path, tuple[str, str, int, ModelInfo]]:
-    """source -> (artifact, sha256, size, info) for every usable source; the others are rejected."""
+                     progress: Progress) -> dict[Path, TakenIn]:
+    """Every usable source, taken into the store (version_service.artifact_intake); the others are
+    rejected."""
     if registry.store is None:
         raise FailedPrecondition("importing needs a model store (--store / MODELFLEET_STORE)")
     sources = list(dict.fromkeys(r.source for r in rows))
     result.artifacts = len(sources)
-    hashed: dict[Path, str] = {}  # source -> the digest of the bytes read
-    new: list[Path] = []
-    stored: dict[Path, tuple[str, str, int, ModelInfo]] = {}
-    for n, source in enumerate(sources, 1):
-        try:
-            data = source.read_bytes()  # one read for the digest and, if already stored, the header
-        except OSError as exc:
-            result.rejected.append(f"{source}: {exc.strerror}")
-            continue
-        sha = hashlib.sha256(data).hexdigest()
-        hashed[source] = sha
-        if registry.store.exists(artifact_for(sha)):  # checked when stored; put_file repairs a damaged copy
-            if _stored(registry, source, sha, result) is not None:
-                stored[source] = (artifact_for(sha), sha, len(data),
-                                  read_header(data.decode(errors="replace"), str(source)))
+    stored: dict[Path, TakenIn] = {}
+    for source, outcome in take_in(registry.store, sources, check_many, before_store="before_import_store",
+                                   on_progress=progress).items():
+        if isinstance(outcome, TakenIn):
+            stored[source] = outcome
+            result.artifacts_new += outcome.new
         else:
-            new.append(source)
-        progress("hashing", n, len(sources))
-    checked = 0
-
-    def one_checked(_: int) -> None:
-        nonlocal checked
-        checked += 1
-        progress("checking", checked, len(new))
-
-    outcomes = check_many(new, on_done=one_checked)
-    failpoints.pause("before_import_store")  # checked, not yet stored: where a rewrite matters
-    for source, outcome in outcomes.items():
-        if isinstance(outcome, FailedPrecondition):
-            result.rejected.append(str(outcome))
-            continue
-        sha = hashed[source]
-        if outcome.sha256 != sha:  # rewritten between the hash and the check
-            result.rejected.append(CHANGED.format(source))
-            continue
-        put = _stored(registry, source, sha, result)
-        if put is not None:
-            stored[source] = (put.artifact, put.sha256, put.size, outcome)
-            result.artifacts_new += 1
+            result.rejected.append(CHANGED.format(source) if isinstance(outcome, Conflict) else str(outcome))
     return stored
-
-
-def _stored(registry: Registry, source: Path, sha256: str, result: ImportResult) -> StoredArtifact | None:
-    """Stores `source` if it still holds the bytes hashed (and checked) as `sha256`; else the
-    row is rejected and nothing enters the store, where being stored means being checked."""
-    try:
-        return registry.store.put_file(source, sha256=sha256)
-    except Conflict:
-        result.rejected.append(CHANGED.format(source))
-        return None
 
 
 def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor: str, result: ImportResult,
@@ -212,7 +167,8 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
         compare, ops, registered, skipped = [], [], 0, 0
         current = {t: route for t, (route, _) in routes.items()}
         for row in batch:
-            artifact, sha, size, info = stored[row.source]
+            taken = stored[row.source]
+            sha = taken.sha256
             key = keys.version(row.tenant, row.version)
             if key in existing:
                 if existing[key].sha256 != sha:
@@ -223,9 +179,7 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
                 continue
             if key in retired and (why := retired_conflict(row.tenant, row.version, retired[key], sha)):
                 raise AlreadyExists(f"line {row.line}: {why}")
-            record = VersionRecord(version=row.version, artifact=artifact, sha256=sha, num_features=info.num_features,
-                                   num_classes=info.num_classes, bytes=size, objective=info.objective,
-                                   created=utc_stamp())
+            record = taken.record(row.version)
             existing[key] = record
             compare.append(txn.version(key) == 0)
             ops.append(txn.put(key, record.to_json()))
@@ -251,6 +205,6 @@ def _register_batch(registry: Registry, batch: list[ManifestRow], stored, actor:
             result.already_registered += skipped
             return guard
         guard = restored_after_collection(client, keys, registry.store, guard,
-                                          [(stored[row.source][1], row.source) for row in batch])
+                                          [stored[row.source] for row in batch])
     raise Conflict("the import kept racing other registry writes on the same tenants; re-run it to resume")
 

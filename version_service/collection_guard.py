@@ -20,11 +20,10 @@ import getpass
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from modelfleet.errors import Unavailable
-from modelfleet.store import artifact_for
+from version_service.artifact_intake import TakenIn
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import CollectionRecord, Keys, utc_stamp
 
@@ -47,15 +46,14 @@ def quiet_revision(client: EtcdClient, keys: Keys, wait_s: float = WAIT_S) -> in
 
 
 def restored_after_collection(client: EtcdClient, keys: Keys, store, guard: int,
-                               artifacts: Iterable[tuple[str, Path]]) -> int:
+                               taken: Iterable[TakenIn]) -> int:
     """After a write that compared `guard` and failed: the guard's revision now. If a collection
-    ran since `guard`, each (sha256, source file) it may have deleted is stored again first, and
-    only if the file still holds the bytes that were checked (else Conflict)."""
+    ran since `guard`, each model it may have deleted is stored again first, and only if its file
+    still holds the bytes that were checked (else Conflict)."""
     now = quiet_revision(client, keys)
     if now != guard:
-        for sha256, source in artifacts:
-            if not store.exists(artifact_for(sha256)):
-                store.put_file(source, sha256=sha256)
+        for model in taken:
+            model.restore(store)
     return now
 
 

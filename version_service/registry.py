@@ -16,7 +16,6 @@ Invariants kept here:
 from __future__ import annotations
 
 import getpass
-import hashlib
 import math
 import secrets
 import time
@@ -24,10 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 from modelfleet import failpoints
-from modelfleet.artifact_check import ArtifactChecker, ModelInfo, read_header
-from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, NotFound
-from modelfleet.store import Store, artifact_for, changed_meanwhile
+from modelfleet.artifact_check import ArtifactChecker
+from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument, ModelfleetError, NotFound
+from modelfleet.store import Store
 from sharding import MAX_SHARD_SIZE
+from version_service.artifact_intake import TakenIn, take_in
 from version_service.collection_guard import quiet_revision, restored_after_collection
 from version_service.etcd_client import EtcdClient, etcd_errors
 from version_service.schema import (HistoryRecord, Keys, RetiredRecord, RouteRecord, VersionRecord, canary_percent,
@@ -125,27 +125,19 @@ class Registry:
         return tenants, sizes
 
     # -- artifacts -------------------------------------------------------------------------
-    def store_artifact(self, path: Path) -> tuple[str, str, int, ModelInfo]:
-        """(artifact, sha256, size, info): new artifacts are checked in the checker's child first."""
+    def store_artifact(self, path: Path) -> TakenIn:
+        """The model file's hashed and checked bytes in the store (version_service.artifact_intake):
+        a new artifact is checked in the checker's child first; Conflict if the file changed meanwhile."""
         if self.store is None:
             raise FailedPrecondition("registering needs a model store (--store / MODELFLEET_STORE)")
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise InvalidArgument(f"model file {str(path)!r} {what}")
-        data = path.read_bytes()  # one read for the digest and, if already stored, the header
-        sha = hashlib.sha256(data).hexdigest()
-        if self.store.exists(artifact_for(sha)):  # stored => these bytes were checked; the header is enough
-            info = read_header(data.decode(errors="replace"), str(path))
-        else:
-            failpoints.pause("before_register_check")  # hashed, not yet checked
-            info = self.checker.check(path)
-            if info.sha256 != sha:  # rewritten between the hash and the check
-                raise changed_meanwhile(path)
-            failpoints.pause("before_register_store")  # checked, not yet stored: where a rewrite matters
-        # Only the bytes hashed (and checked) enter the store: a rewrite since is Conflict, nothing
-        # stored. A no-op when already stored, unless the stored copy was damaged since.
-        stored = self.store.put_file(path, sha256=sha)
-        return stored.artifact, stored.sha256, stored.size, info
+        outcome = take_in(self.store, [path], self.checker.check_each, before_check="before_register_check",
+                          before_store="before_register_store")[path]
+        if isinstance(outcome, ModelfleetError):
+            raise outcome
+        return outcome
 
     # -- writes ----------------------------------------------------------------------------
     def register(self, tenant: str, version: str, model_file: str | Path,
@@ -158,9 +150,8 @@ class Registry:
         validate_id("tenant id", tenant)
         validate_id("version", version)
         guard = quiet_revision(self.client, self.keys)  # before "already stored" (version_service.collection_guard)
-        artifact, sha, size, info = self.store_artifact(Path(model_file))
-        record = VersionRecord(version=version, artifact=artifact, sha256=sha, num_features=info.num_features,
-                               num_classes=info.num_classes, bytes=size, objective=info.objective, created=utc_stamp())
+        taken = self.store_artifact(Path(model_file))
+        record = taken.record(version)
         route_key, version_key = self.keys.route(tenant), self.keys.version(tenant, version)
         txn = self.client.transactions
         for _ in range(_REGISTER_ATTEMPTS):
@@ -194,8 +185,7 @@ class Registry:
                     success=ops, failure=[])
             if ok:
                 return record, True
-            guard = restored_after_collection(self.client, self.keys, self.store, guard,
-                                              [(sha, Path(model_file))])
+            guard = restored_after_collection(self.client, self.keys, self.store, guard, [taken])
         raise Conflict(f"could not register {tenant!r} version {version!r}: the route kept changing; retry")
 
     def pin(self, tenant: str, version: str, actor: str | None = None, reason: str = "") -> RouteRecord:
