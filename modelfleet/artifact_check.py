@@ -41,10 +41,17 @@ class ModelInfo:
     sha256: str = field(default="", compare=False)
 
 
-def read_header(text: str, what: str = "model") -> ModelInfo:
-    """num_features / num_classes / objective from a LightGBM text model's header lines."""
+def read_header(text: str | bytes, what: str = "model") -> ModelInfo:
+    """num_features / num_classes / objective from a LightGBM text model's header lines.
+
+    Only the text before the first tree is split into lines (and, given bytes, decoded): the
+    header of a 4 MB model is a few hundred bytes, and the whole text took ~6 ms."""
+    end = text.find(b"\nTree=" if isinstance(text, bytes) else "\nTree=")
+    head = text[:end] if end >= 0 else text
+    if isinstance(head, bytes):
+        head = head.decode(errors="replace")
     header: dict[str, str] = {}
-    for line in text.splitlines()[:64]:
+    for line in head.splitlines()[:64]:
         if line.startswith("Tree="):
             break
         key, sep, value = line.partition("=")

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.verified_files import VerifiedFiles
-from modelfleet.whole_file import read_whole_file_between_stats
+from modelfleet.whole_file import read_whole_file, read_whole_file_between_stats
 
 TEMP_PREFIX = ".incoming-"  # a file being written, renamed into place when whole
 STALE_TEMP_SECONDS = 3600.0  # older than this, no live writer still owns it
@@ -70,15 +70,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_expected(source: str | Path, sha256: str | None) -> tuple[bytes, str]:
-    """(bytes, digest) of a file about to be stored. With `sha256` (the digest it had when it was
-    hashed and checked), other bytes are Conflict and nothing is stored: a file rewritten after
+@dataclass(frozen=True)
+class HashedBytes:
+    """A file's bytes and their sha256, made by `of` (which computes it) or `read_expected`: what
+    `Store.put` takes, so bytes already read and hashed are stored without reading them again,
+    and always under their own digest."""
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> "HashedBytes":
+        return cls(data, hashlib.sha256(data).hexdigest())
+
+
+def read_expected(source: str | Path, sha256: str | None) -> HashedBytes:
+    """The bytes of a file about to be stored, hashed. With `sha256` (the digest it had when it
+    was hashed and checked), other bytes are Conflict and nothing is stored: a file rewritten after
     its check must not enter the store, where being stored means being checked."""
-    data = Path(source).read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and sha != sha256:
+    content = HashedBytes.of(Path(source).read_bytes())
+    if sha256 is not None and content.sha256 != sha256:
         raise changed_meanwhile(source)
-    return data, sha
+    return content
 
 
 def changed_meanwhile(source: str | Path) -> Conflict:
@@ -107,7 +119,9 @@ def validate_artifact(artifact: str) -> str:
 class Store(Protocol):
     """What every model store backend offers. Implementations are safe to share between threads.
 
-    - `put_file(source)` stores a file's bytes under their digest; idempotent.
+    - `put(content)` stores bytes already read and hashed (`HashedBytes`) under their digest;
+      idempotent: an intact stored copy is kept, a damaged one written again.
+    - `put_file(source, sha256=None)` is `put(read_expected(source, sha256))`.
     - `read_verified(artifact, sha256, what)` returns bytes whose sha256 is `sha256`, or raises
       FailedPrecondition naming `what` (missing or corrupt), InvalidArgument (bad artifact path)
       or Unavailable (the store cannot be reached right now: retrying may help).
@@ -122,6 +136,8 @@ class Store(Protocol):
 
     @property
     def uri(self) -> str: ...
+
+    def put(self, content: HashedBytes) -> StoredArtifact: ...
 
     def put_file(self, source: str | Path, sha256: str | None = None) -> StoredArtifact: ...
 
@@ -162,15 +178,19 @@ class LocalStore:
         return self.root / validate_artifact(artifact)
 
     def put_file(self, source: str | Path, sha256: str | None = None) -> StoredArtifact:
-        """Copies source into the store (idempotent: an intact artifact with the same digest is
-        kept; one damaged since it was stored is written again); `sha256`: see `read_expected`."""
-        data, sha = read_expected(source, sha256)
+        """Copies source into the store; `sha256`: see `read_expected`."""
+        return self.put(read_expected(source, sha256))
+
+    def put(self, content: HashedBytes) -> StoredArtifact:
+        """Writes the bytes under their digest (idempotent: an intact artifact with the same digest
+        is kept; one damaged since it was stored is written again)."""
+        data, sha = content.data, content.sha256
         artifact = self.artifact_for(sha)
         target = self._path(artifact)
         if not self._swept:
             remove_stale_temp_files(self.root)
             self._swept = True
-        if not self._intact(artifact, sha, len(data)):
+        if not self._intact(artifact, data):
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX)
             try:
@@ -184,14 +204,16 @@ class LocalStore:
                 raise
         return StoredArtifact(artifact=artifact, sha256=sha, size=len(data))
 
-    def _intact(self, artifact: str, sha256: str, size: int) -> bool:
+    def _intact(self, artifact: str, data: bytes) -> bool:
+        """Whether the artifact holds exactly `data`, whose digest names it: compared byte for
+        byte, not hashed again (the caller's bytes are hashed; a compare costs ~1/10 of a hash)."""
         try:
-            if self._path(artifact).stat().st_size != size:
+            if self._path(artifact).stat().st_size != len(data):
                 return False
-            self.read_verified(artifact, sha256, "")  # hashed, unless this unchanged file was already
-        except (OSError, FailedPrecondition):
+            stored, _ = read_whole_file(self._path(artifact))
+        except OSError:
             return False
-        return True
+        return stored == data
 
     def read_verified(self, artifact: str, sha256: str, what: str) -> bytes:
         """The artifact's bytes, or FailedPrecondition naming `what` when missing or corrupt.

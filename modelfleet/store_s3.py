@@ -40,7 +40,7 @@ from botocore.exceptions import (
 )
 
 from modelfleet.errors import FailedPrecondition, ModelfleetError, Unavailable
-from modelfleet.store import StoredArtifact, artifact_for, read_expected, validate_artifact
+from modelfleet.store import HashedBytes, StoredArtifact, artifact_for, read_expected, validate_artifact
 from modelfleet.store_cache import DiskCache
 
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -105,10 +105,14 @@ class S3Store:
     # -- the Store interface ------------------------------------------------------------------
 
     def put_file(self, source: str | Path, sha256: str | None = None) -> StoredArtifact:
-        """Uploads source under its digest; a no-op when the object is already stored intact (its
-        size and the sha256 in its metadata, which only this code writes: an object put there by
-        anything else is written again); `sha256`: see modelfleet.store.read_expected."""
-        data, sha = read_expected(source, sha256)
+        """Uploads source; `sha256`: see modelfleet.store.read_expected."""
+        return self.put(read_expected(source, sha256))
+
+    def put(self, content: HashedBytes) -> StoredArtifact:
+        """Uploads the bytes under their digest; a no-op when the object is already stored intact
+        (its size and the sha256 in its metadata, which only this code writes: an object put there
+        by anything else is written again)."""
+        data, sha = content.data, content.sha256
         artifact = artifact_for(sha)
         key = self.key_for(artifact)
         head = self._head(key, f"storing {artifact}", tolerate_denied=True)

@@ -51,6 +51,34 @@ def test_registering_a_stored_artifact_again_repairs_a_damaged_copy(fleet):
     assert stored.read_bytes() == path.read_bytes()
 
 
+def test_register_and_import_read_a_stored_model_once(fleet):
+    """A file whose artifact is stored is read once (version_service.artifact_intake): its digest,
+    its header and any repair of the stored copy come from that one read. Each command read it
+    twice before, and hashed it twice and the stored copy once (~3 ms a hash of a 4 MB model);
+    the stored copy is now read once and compared, not hashed."""
+    import os
+
+    from version_service.bulk_import import ManifestRow, import_manifest
+
+    path = fleet.register("a", "v1", seed=1)
+    stored = fleet.store_dir / fleet.registry.version("a", "v1").artifact
+    opened: list[str] | None = []
+
+    def count_opens(event: str, args: tuple) -> None:
+        if opened is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+
+    sys.addaudithook(count_opens)  # for the rest of the process: inert once `opened` is None
+    try:
+        fleet.registry.register("b", "v1", path)
+        import_manifest(fleet.registry, [ManifestRow(2, "c", "v1", path)], "test")
+        reads = list(opened)
+    finally:
+        opened = None
+    assert (reads.count(str(path)), reads.count(str(stored))) == (2, 2), reads  # one each for each command
+    assert [fleet.registry.version(t, "v1").sha256 for t in "abc"] == [stored.stem] * 3
+
+
 def test_pin_holds_through_new_versions_and_unpin_returns_to_newest(fleet):
     fleet.register("acme", "v1", seed=1)
     fleet.register("acme", "v2", seed=2)

@@ -4,16 +4,18 @@ Being stored means being checked: a later register or import of the same bytes s
 and workers load what the store holds. So the store must get only bytes that were hashed and
 checked, whichever command brings them. For each file:
 
-1. hash: it is read and hashed; the digest names its artifact. If that artifact is stored, these
-   bytes were checked when it was: their facts come from their header, and the store keeps its
-   copy, or repairs a damaged one (`put_file(source, sha256=)`, as in step 3).
+1. hash: it is read once and hashed; the digest names its artifact. If that artifact is stored,
+   these bytes were checked when it was: their facts come from their header, and the store keeps
+   its copy, or repairs a damaged one from these same bytes (not read again).
 2. check: a new file is loaded and made to predict in a child process (`Check`), which reports
    the digest of the bytes it loaded: another digest means the file was rewritten after step 1.
 3. store: `put_file(source, sha256=)` reads the file again and stores it only if it still holds
    those bytes, so a rewrite after the check is refused too.
 
-A rewrite at any point is `store.changed_meanwhile` (Conflict) for that file, and nothing of it
-is stored.
+A rewrite at either point is `store.changed_meanwhile` (Conflict) for that file, and nothing of it
+is stored. The three reads of a new file are each needed: the first to know whether it is stored
+(which skips the child), the child's to check what it hashes, the last to see the file after the
+check. A stored file is read once.
 """
 from __future__ import annotations
 
@@ -111,15 +113,15 @@ def _hashed(store: Store, source: Path) -> TakenIn | ModelfleetError | str:
     """Step 1 for one file: taken in if its artifact is stored, else the digest of the bytes read,
     to check. Its bytes are let go on return: an import holds thousands of files."""
     try:
-        data, sha256 = read_expected(source, None)
+        content = read_expected(source, None)
     except OSError as exc:
         return InvalidArgument(f"{source}: {exc.strerror}")
-    artifact = artifact_for(sha256)
+    artifact = artifact_for(content.sha256)
     if not store.exists(artifact):
-        return sha256
+        return content.sha256
     try:
-        info = read_header(data.decode(errors="replace"), str(source))
-        store.put_file(source, sha256=sha256)  # a no-op unless the stored copy was damaged since
-    except (FailedPrecondition, Conflict) as exc:
+        info = read_header(content.data, str(source))
+    except FailedPrecondition as exc:
         return exc
-    return TakenIn(source, artifact, sha256, len(data), info, new=False)
+    store.put(content)  # a no-op unless the stored copy was damaged since
+    return TakenIn(source, artifact, content.sha256, len(content.data), info, new=False)
