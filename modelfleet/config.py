@@ -347,9 +347,10 @@ ROUTER_ADDRESS = Option("--router", "MODELFLEET_ROUTER", "127.0.0.1:50051", str,
 GC_TOMBSTONE_DAYS = Option("--tombstone-days", "MODELFLEET_GC_TOMBSTONE_DAYS", 7.0, number(0.0, above=True),
                            "gc removes the tombstones of versions it removed longer ago than this many days (the "
                            "names are then free again); keep it far above etcd's compaction retention")
-ROUTERS_TIMEOUT = Option("--routers-timeout", "MODELFLEET_ROUTERS_TIMEOUT", 5.0, positive_seconds,
-                         "seconds `rollout --status` waits for the routers, all asked at once; those that have not "
-                         "answered by then are named as unanswered")
+# 2 s: what `status` gave each member when it asked them one by one; an answer is a few counters.
+MEMBERS_TIMEOUT = Option("--members-timeout", "MODELFLEET_MEMBERS_TIMEOUT", 2.0, positive_seconds,
+                         "seconds `status` and `rollout --status` wait for the workers and routers they ask, all "
+                         "asked at once; those that have not answered by then are named as unanswered")
 
 # What `modelfleet router` and `modelfleet worker` read. Here, not beside the servers, so the
 # command line can declare them without importing a server (and LightGBM with the worker's).
@@ -367,7 +368,7 @@ ALL_OPTIONS: tuple[Option, ...] = (
     SHADOW_BUDGET, DEFAULT_DEADLINE, DRAIN_SECONDS, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
     ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_TIMEOUT, UP_WORKERS, UP_DEMO_TENANTS,
-    ROUTER_ADDRESS, GC_TOMBSTONE_DAYS, ROUTERS_TIMEOUT,
+    ROUTER_ADDRESS, GC_TOMBSTONE_DAYS, MEMBERS_TIMEOUT,
     *ROUTER_RESILIENCE_OPTIONS, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS,
 )
 

@@ -279,7 +279,7 @@ def test_rollout_status_asks_routers_at_once_and_sums_none_that_lags_etcd(fleet,
             code = args.handler(args)
             return code, *capsys.readouterr(), time.monotonic() - started
 
-        code, out, err, took = status("--json", "--routers-timeout", "0.6")
+        code, out, err, took = status("--json", "--members-timeout", "0.6")
         assert took < 1.1, took  # one deadline for all; one after another took 1.2 s and more
         summary = json.loads(out)
         assert code == 1 and summary["rollout_id"] == new_id
@@ -290,7 +290,7 @@ def test_rollout_status_asks_routers_at_once_and_sums_none_that_lags_etcd(fleet,
         assert (apart["router_id"], apart["canary_requests"]) == (router_id[lagging.address], 3)
         assert apart["why"] == f"on rollout {apart['rollout_id']}, etcd's is {new_id}"
 
-        monkeypatch.setenv("MODELFLEET_ROUTERS_TIMEOUT", "0.2")  # the variable, as the flag
+        monkeypatch.setenv("MODELFLEET_MEMBERS_TIMEOUT", "0.2")  # the variable, as the flag
         monkeypatch.setenv("COLUMNS", "400")  # the tables unwrapped
         code, out, _, _ = status()
         assert code == 1 and "routers that lag etcd" in out and apart["why"] in out, out

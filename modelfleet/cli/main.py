@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = audited(command("rollout", rollouts.rollout, "canary or shadow a version; promote, abort, status",
                           config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY,
-                          config.ROUTERS_TIMEOUT))
+                          config.MEMBERS_TIMEOUT))
     sub.add_argument("tenant")
     sub.add_argument("version", nargs="?", help="the version to roll out (to start a rollout)")
     mode = sub.add_mutually_exclusive_group()
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = command("status", status.run, "the fleet at a glance: workers, models, bytes, req/s, hit rate, revisions",
-                  config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY)
+                  config.ETCD, config.PREFIX, config.API_KEY, config.TLS_CA, config.TLS_CERT, config.TLS_KEY,
+                  config.MEMBERS_TIMEOUT)
     sub.add_argument("--once", action="store_true", help="print one snapshot and exit")
     sub.add_argument("--json", action="store_true", help="with --once: print JSON")
     sub.add_argument("--interval", type=config.positive_seconds, default=1.0, help="seconds between refreshes")

@@ -1,6 +1,6 @@
 """`modelfleet rollout T --status`: what the routers that see the tenant's current rollout counted.
 
-Every router etcd lists is asked at once, under one deadline (--routers-timeout): routers that
+Every router etcd lists is asked at once, under one deadline (--members-timeout): routers that
 are down or hung cost that deadline once, not a timeout each, and are named as unanswered.
 
 The route is read from etcd after the last answer, so no router can be ahead of it. A router
@@ -16,7 +16,6 @@ current rollout to judge the routers by: the command fails with etcd's one-line 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from typing import Sequence
@@ -26,7 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from modelfleet.cli.client import call_metadata, router_channel
+from modelfleet.cli.client import ask_all, call_metadata
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
 from router.rollout import rollout_of
 from version_service.membership import list_routers
@@ -43,19 +42,15 @@ def ask_routers(args: argparse.Namespace, routers: Sequence[RouterRecord], tenan
     """Every router's Rollout answer, all asked at once with the same deadline: (answers,
     {router_id: why it did not answer} for the others)."""
     request = router_admin_pb2.RolloutStatusRequest(tenant_id=tenant)
-    with contextlib.ExitStack() as channels:
-        calls = {}
-        for router in routers:
-            channel = channels.enter_context(router_channel(args, router.address))  # TLS, API key as `predict`
-            calls[router.router_id] = router_admin_pb2_grpc.RouterAdminStub(channel).Rollout.future(
-                request, timeout=timeout, metadata=call_metadata(args))
-        answers, unanswered = [], {}
-        for router_id, call in calls.items():
-            try:
-                answers.append(call.result())
-            except grpc.RpcError as exc:
-                unanswered[router_id] = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-    return answers, unanswered
+    metadata = call_metadata(args)  # TLS and API key as `predict`
+
+    def rollout(channel: grpc.Channel, deadline: float) -> grpc.Future:
+        return router_admin_pb2_grpc.RouterAdminStub(channel).Rollout.future(request, timeout=deadline,
+                                                                              metadata=metadata)
+
+    answers, errors = ask_all(args, {router.router_id: (router.address, rollout) for router in routers}, timeout)
+    return list(answers.values()), {router_id: f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+                                    for router_id, exc in errors.items()}
 
 
 def lag(answer: Answer, route: RouteRecord, route_revision: int) -> str | None:
@@ -98,7 +93,7 @@ def lagging_row(answer: Answer, why: str) -> dict:
 def status(args: argparse.Namespace, registry) -> int:
     tenant = validate_id("tenant id", args.tenant)
     answers, unanswered = ask_routers(args, list_routers(registry.client, registry.keys), tenant,
-                                      args.routers_timeout)
+                                      args.members_timeout)
     route, route_revision = registry.route(tenant)  # after the answers: no router is ahead of it
     current, lagging = [], []
     for answer in sorted(answers, key=lambda a: a.router_id):

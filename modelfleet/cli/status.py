@@ -1,8 +1,10 @@
 """`modelfleet status`: the fleet at a glance, refreshing until Ctrl-C; `--once --json` for scripts.
 
 Workers and routers are found in etcd (both register under leases) and asked directly
-(Worker.Stats, RouterAdmin.Status). Rates come from the difference of two snapshots, so the
-first screen shows totals and the next ones requests per second and hit rates.
+(Worker.Stats, RouterAdmin.Status), all at once under one deadline (--members-timeout), so a few
+hung members stall a refresh by that deadline once, not by a timeout each. Rates come from the
+difference of two snapshots, so the first screen shows totals and the next ones requests per
+second and hit rates.
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from modelfleet import tls
 from modelfleet.cli.admin import open_registry
-from modelfleet.cli.client import call_metadata
+from modelfleet.cli.client import ask_all, call_metadata
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from version_service.membership import list_routers, read_fleet
 
@@ -30,27 +31,32 @@ class Snapshot:
     routers: dict[str, dict] = field(default_factory=dict)
 
 
-def _ask(address: str, credentials, call, timeout: float = 2.0):
-    try:
-        with tls.channel(address, credentials, aio=False) as channel:
-            return call(channel, timeout)
-    except grpc.RpcError as exc:
-        return exc.code().name  # type: ignore[attr-defined]
-
-
 def snapshot(args: argparse.Namespace, registry) -> Snapshot:
-    credentials = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    metadata = call_metadata(args)
+    """Every worker (Stats) and router (Status) etcd lists, all asked at once under one deadline
+    (--members-timeout): hung members cost it once per refresh, not once each, and show the
+    reason they did not answer (DEADLINE_EXCEEDED, UNAVAILABLE, UNAUTHENTICATED...)."""
+    metadata = call_metadata(args)  # the API key goes to routers only, as `predict` sends it
+
+    def worker_stats(channel: grpc.Channel, deadline: float) -> grpc.Future:
+        return worker_pb2_grpc.WorkerStub(channel).Stats.future(worker_pb2.StatsRequest(), timeout=deadline)
+
+    def router_status(channel: grpc.Channel, deadline: float) -> grpc.Future:
+        return router_admin_pb2_grpc.RouterAdminStub(channel).Status.future(
+            router_admin_pb2.RouterStatusRequest(), timeout=deadline, metadata=metadata)
+
     workers, drains = read_fleet(registry.client, registry.keys)
+    routers = list_routers(registry.client, registry.keys)
     snap = Snapshot(at=time.monotonic())
+    answers, errors = ask_all(args, {**{("worker", w): (record.address, worker_stats) for w, record in workers.items()},
+                                     **{("router", r.router_id): (r.address, router_status) for r in routers}},
+                              args.members_timeout)
     for worker_id, record in sorted(workers.items()):
-        stats = _ask(record.address, credentials, lambda ch, t: worker_pb2_grpc.WorkerStub(ch).Stats(
-            worker_pb2.StatsRequest(), timeout=t))
         row = {"worker_id": worker_id, "address": record.address, "zone": record.zone,
                "state": "drained" if worker_id in drains else "joining" if record.joining else "live"}
-        if isinstance(stats, str):
-            row["error"] = stats
+        if (exc := errors.get(("worker", worker_id))) is not None:
+            row["error"] = exc.code().name  # type: ignore[attr-defined]
         else:
+            stats = answers[("worker", worker_id)]
             row.update(models=stats.models_loaded, bytes_used=stats.bytes_used, bytes_budget=stats.bytes_budget,
                        requests=stats.requests_total, predictions=stats.predictions_total, hits=stats.hits_total,
                        misses=stats.misses_total,
@@ -60,13 +66,12 @@ def snapshot(args: argparse.Namespace, registry) -> Snapshot:
                        admission_rejections=stats.admission_rejections_total,
                        artifact_mismatches=stats.artifact_mismatches_total)
         snap.workers[worker_id] = row
-    for router in list_routers(registry.client, registry.keys):
-        status = _ask(router.address, credentials, lambda ch, t: router_admin_pb2_grpc.RouterAdminStub(ch).Status(
-            router_admin_pb2.RouterStatusRequest(), timeout=t, metadata=metadata))
+    for router in routers:
         row = {"router_id": router.router_id, "address": router.address}
-        if isinstance(status, str):
-            row["error"] = status
+        if (exc := errors.get(("router", router.router_id))) is not None:
+            row["error"] = exc.code().name  # type: ignore[attr-defined]
         else:
+            status = answers[("router", router.router_id)]
             row.update(revision=status.revision, tenants=status.tenants, live_workers=status.live_workers,
                        etcd_connected=status.etcd_connected, seconds_since_change=round(status.seconds_since_change, 1))
         snap.routers[router.router_id] = row
