@@ -25,13 +25,15 @@ from modelfleet.artifact_check import check_many
 from modelfleet.errors import AlreadyExists, Conflict, FailedPrecondition, InvalidArgument
 from version_service.artifact_intake import Progress, TakenIn, take_in
 from version_service.collection_guard import quiet_revision, restored_after_collection
-from version_service.etcd_client import etcd_errors
+from version_service.etcd_client import MAX_TXN_OPS, etcd_errors
 from version_service.registry import Registry, next_route_on_register
 from version_service.schema import RetiredRecord, RouteRecord, VersionRecord, retired_conflict, validate_id
 
-# 3 puts and up to 2 compares each, or 3 reads each (route, version, tombstone): within etcd's 128
-# operations per transaction
-RECORDS_PER_TXN = 40
+# A record takes 3 reads (route, version, tombstone), then up to 3 puts (version, history, route)
+# and 2 compares (version absent, route unchanged) besides the batch's collection guard: compares
+# count apart, 2 * 42 + 1 is well within MAX_TXN_OPS. 42 a transaction, where it was 40 for no
+# reason but a round number: etcd takes a transaction of exactly MAX_TXN_OPS operations.
+RECORDS_PER_TXN = MAX_TXN_OPS // 3
 BATCH_ATTEMPTS = 5
 
 
