@@ -22,10 +22,8 @@ from rich.table import Table
 
 from modelfleet import processes
 from modelfleet.etcd_server import EtcdServer
-from version_service.etcd_client import connect
+from version_service.etcd_client import MAX_TXN_OPS, connect
 from version_service.schema import Keys, RouteRecord, WorkerRecord
-
-ETCD_MAX_TXN_OPS = 128
 
 
 def populate(endpoint: str, keys: Keys, tenants: int, workers: int, zones: int) -> None:
@@ -36,8 +34,8 @@ def populate(endpoint: str, keys: Keys, tenants: int, workers: int, zones: int) 
     ops += [txn.put(keys.worker(f"worker-{i:02d}"),
                     WorkerRecord(f"worker-{i:02d}", f"127.0.0.1:{20000 + i}", zone=f"zone-{'abcdefgh'[i % zones]}")
                     .to_json()) for i in range(workers)]
-    for start in range(0, len(ops), ETCD_MAX_TXN_OPS):
-        client.transaction(compare=[], success=ops[start:start + ETCD_MAX_TXN_OPS], failure=[])
+    for start in range(0, len(ops), MAX_TXN_OPS):
+        client.transaction(compare=[], success=ops[start:start + MAX_TXN_OPS], failure=[])
     client.close()
 
 
