@@ -323,6 +323,12 @@ CACHE_BYTES = Option("--cache-bytes", "MODELFLEET_CACHE_BYTES", 1 << 30, positiv
                      "byte budget of the worker's model cache (e.g. 512MiB, 2GiB)")
 LOAD_THREADS = Option("--load-threads", "MODELFLEET_LOAD_THREADS", default_load_threads, whole(1),
                       "threads that load models (default: one per usable core, 4 to 16)")
+# Downloads at once: as many fetch threads as the S3 client has connections (worker.server sizes
+# both from this), so a download never waits for a connection, and enough that a store hung on a
+# handful of artifacts does not hold up the downloads of the others.
+FETCH_THREADS = Option("--fetch-threads", "MODELFLEET_FETCH_THREADS", 16, whole(1),
+                       "threads that download models from a remote store, apart from the load threads; also the "
+                       "S3 client's connection pool")
 LEASE_TTL = Option("--lease-ttl", "MODELFLEET_LEASE_TTL", 10, whole(2),
                    "seconds a dead worker stays in membership before its etcd lease expires")
 MAX_QUEUED_LOADS = Option("--max-queued-loads", "MODELFLEET_MAX_QUEUED_LOADS", 256, whole(0),
@@ -358,17 +364,17 @@ ROUTER_OPTIONS = (ETCD, PREFIX, HOST, EVENT_LOOP, ALLOCATOR, ROUTER_PORT, ROUTER
                   SPILL_INFLIGHT, WORKER_TRANSPORT, DEFAULT_DEADLINE, DRAIN_SECONDS, SHADOW_BUDGET, LEASE_TTL, AUTH, TLS_CERT, TLS_KEY,
                   TLS_CLIENT_CA, TLS_CA, METRICS_PORT, *ROUTER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
 WORKER_OPTIONS = (ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, HOST, EVENT_LOOP, ALLOCATOR,
-                  WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS, LEASE_TTL, SHARD_SIZE,
-                  WARM_ON_JOIN, WARM_ACTIVE_MINUTES, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, METRICS_PORT,
-                  *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
+                  WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS, FETCH_THREADS, LEASE_TTL,
+                  SHARD_SIZE, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, TLS_CERT, TLS_KEY, TLS_CLIENT_CA,
+                  TLS_CA, METRICS_PORT, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
 
 ALL_OPTIONS: tuple[Option, ...] = (
     ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, LOG_FORMAT, LOG_LEVEL, HOST, EVENT_LOOP,
     ALLOCATOR, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, DRAIN_SECONDS, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
-    LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD, ETCD_CA,
-    ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_TIMEOUT, UP_WORKERS, UP_DEMO_TENANTS,
-    ROUTER_ADDRESS, GC_TOMBSTONE_DAYS, MEMBERS_TIMEOUT,
+    FETCH_THREADS, LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD,
+    ETCD_CA, ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_TIMEOUT,
+    UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS, GC_TOMBSTONE_DAYS, MEMBERS_TIMEOUT,
     *ROUTER_RESILIENCE_OPTIONS, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS,
 )
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
+from modelfleet.config import FETCH_THREADS
 from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument
 from modelfleet.verified_files import VerifiedFiles
 from modelfleet.whole_file import read_whole_file, read_whole_file_between_stats
@@ -267,7 +268,7 @@ _PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9!_.*'()=-]+")
 
 def open_store(spec: str, cache_dir: str | Path | None = None,
                cache_bytes: int = DEFAULT_STORE_CACHE_BYTES, *,
-               endpoint_url: str | None = None) -> Store:
+               endpoint_url: str | None = None, connections: int = FETCH_THREADS.default) -> Store:
     """Opens the model store that `spec` names.
 
     - `/path/to/dir`, `relative/dir` or `file:///path/to/dir` -> LocalStore (cache ignored).
@@ -276,7 +277,8 @@ def open_store(spec: str, cache_dir: str | Path | None = None,
       Credentials and region come from boto3's usual chain (AWS_ACCESS_KEY_ID,
       AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, profiles, instance roles).
       Downloads are cached in `cache_dir`, bounded to `cache_bytes` (no disk cache when
-      cache_dir is None or cache_bytes is 0).
+      cache_dir is None or cache_bytes is 0). `connections`: the S3 client's connection pool; a
+      worker passes its --fetch-threads, so each of its fetch threads has a connection.
 
     Anything else raises InvalidArgument saying what was expected.
     """
@@ -308,7 +310,7 @@ def open_store(spec: str, cache_dir: str | Path | None = None,
         except OSError as exc:
             raise FailedPrecondition(f"cannot use {cache_dir} as the store's disk cache (--store-cache-dir, "
                                      f"MODELFLEET_STORE_CACHE_DIR; '' for none): {exc.strerror}") from None
-        return S3Store(bucket, prefix, endpoint_url=endpoint, cache=cache)
+        return S3Store(bucket, prefix, endpoint_url=endpoint, cache=cache, max_pool_connections=connections)
     raise InvalidArgument(f"unsupported model store scheme {scheme + '://'!r} in {spec!r}: {_SPEC_HELP}")
 
 

@@ -39,6 +39,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from modelfleet.config import FETCH_THREADS
 from modelfleet.errors import FailedPrecondition, ModelfleetError, Unavailable
 from modelfleet.store import HashedBytes, StoredArtifact, artifact_for, read_expected, validate_artifact
 from modelfleet.store_cache import DiskCache
@@ -65,7 +66,9 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  cache: DiskCache | None = None, region_name: str | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, read_timeout: float = READ_TIMEOUT_S,
-                 max_attempts: int = MAX_ATTEMPTS, max_pool_connections: int = 16) -> None:
+                 max_attempts: int = MAX_ATTEMPTS, max_pool_connections: int = FETCH_THREADS.default) -> None:
+        """max_pool_connections: downloads at once without waiting for a connection; a worker makes
+        it its --fetch-threads."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url

@@ -123,6 +123,8 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("worker", "--cache-bytes", "99999999999999999999"), {}, "at most 9223372036854775807"),  # int64 in Stats
     (("worker", "--max-queued-loads", "-1"), {}, ">= 0"),
     (("worker", "--load-threads", "0"), {}, ">= 1"),
+    (("worker", "--fetch-threads", "0"), {}, "argument --fetch-threads: expected a whole number >= 1, got '0'"),
+    (("worker",), {"MODELFLEET_FETCH_THREADS": "many"}, "MODELFLEET_FETCH_THREADS"),
     (("router", "--default-deadline", "nan"), {}, "finite"),
     (("router", "--lease-ttl", "1"), {}, ">= 2"),
     (("router", "--spill-inflight", "0"), {}, ">= 1"),

@@ -360,6 +360,9 @@ def test_open_store_parses_paths_and_uris(tmp_path, monkeypatch, s3_endpoint):
     assert "s3://modelfleet-test/fleet/prod" in repr(s3)
     bare = open_store(f"s3://{BUCKET}")
     assert (bare.prefix, bare.cache, bare.uri) == ("", None, f"s3://{BUCKET}")
+    # a connection for each of a worker's fetch threads (--fetch-threads), 16 unless told
+    assert (s3.client.meta.config.max_pool_connections, bare.client.meta.config.max_pool_connections) == (16, 16)
+    assert open_store(f"s3://{BUCKET}", connections=3).client.meta.config.max_pool_connections == 3
     assert open_store(f"s3://{BUCKET}/x", cache_dir=tmp_path / "c2", cache_bytes=0).cache is None
 
 

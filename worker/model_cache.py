@@ -60,7 +60,7 @@ from typing import Callable
 from cachetools import LRUCache
 
 from modelfleet import tracing
-from modelfleet.config import MAX_QUEUED_LOADS
+from modelfleet.config import FETCH_THREADS as FETCH_THREADS_OPTION, MAX_QUEUED_LOADS
 from modelfleet.errors import NotFound, ResourceExhausted
 from modelfleet.log import event
 from worker.negative_cache import NegativeCache
@@ -107,10 +107,7 @@ _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been mea
 
 
 LOAD_COUNTS_KEPT = 20_000
-# Artifacts downloaded at once: as many as an S3Store's connection pool holds (16), so a fetch
-# never waits for a connection, and enough that a store hung on a handful of artifacts does not
-# hold up the downloads of the others.
-FETCH_THREADS = 16
+FETCH_THREADS = FETCH_THREADS_OPTION.default  # downloads at once (--fetch-threads, modelfleet.config)
 
 
 class ModelCache:

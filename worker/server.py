@@ -48,19 +48,22 @@ REGISTER_TIMEOUT_S = 30.0
 
 
 async def serve(args: argparse.Namespace) -> None:
-    if args.load_threads < 1:
-        raise InvalidArgument(f"--load-threads must be at least 1, got {args.load_threads}")
+    for flag, threads in (("--load-threads", args.load_threads), ("--fetch-threads", args.fetch_threads)):
+        if threads < 1:
+            raise InvalidArgument(f"{flag} must be at least 1, got {threads}")
     memory.limit_arenas(memory.arenas_for(args.load_threads))
     client = connect_args(args)
     keys = Keys(args.prefix)
     if args.worker_id:
         validate_id("worker id", args.worker_id)
     validate_id("zone", args.zone)
+    # One --fetch-threads for both: each download holds a fetch thread and one of the S3 client's
+    # connections, so a pool smaller than the threads would make downloads wait for a connection.
     store = open_store(args.store, args.store_cache_dir or None, args.store_cache_bytes,
-                       endpoint_url=args.s3_endpoint or None)
+                       endpoint_url=args.s3_endpoint or None, connections=args.fetch_threads)
     loader = ModelLoader(client, keys, store)
     cache = ModelCache(loader.load, args.cache_bytes, args.load_threads, max_queued_loads=args.max_queued_loads,
-                       record_digest=loader.record_sha256)
+                       record_digest=loader.record_sha256, fetch_threads=args.fetch_threads)
     # Started first: its read of etcd's revision overlaps the server's start (worker.retirements).
     retirements = follow_retirements(args, keys, loader.forget, cache.retire)
     try:
@@ -105,8 +108,9 @@ async def _listen_join_serve(args: argparse.Namespace, client: EtcdClient, keys:
         await _joining_step("go_live", lambda: membership.update(live))
     await set_serving(health, [SERVICE_NAME], True)
     event(log, "worker.serving", worker=worker_id, address=record.address, zone=args.zone, metrics_port=metrics_port,
-          cache_bytes=args.cache_bytes, load_threads=args.load_threads, frozen_objects=frozen,
-          event_loop=event_loop.running_loop_name(), allocator=allocator.active(), row_predict=predictor.ROW_PREDICT)
+          cache_bytes=args.cache_bytes, load_threads=args.load_threads, fetch_threads=args.fetch_threads,
+          frozen_objects=frozen, event_loop=event_loop.running_loop_name(), allocator=allocator.active(),
+          row_predict=predictor.ROW_PREDICT)
 
     trimmer = asyncio.get_running_loop().create_task(_trim_after_evictions(cache))
     await wait_for_signal()
