@@ -340,6 +340,9 @@ WARM_ON_JOIN = Option("--warm-on-join", "MODELFLEET_WARM_ON_JOIN", True, boolean
                       "a joining worker loads the active tenants it is about to own before it takes traffic (1/0)")
 WARM_ACTIVE_MINUTES = Option("--warm-active-minutes", "MODELFLEET_WARM_ACTIVE_MINUTES", 10.0, number(0.0),
                              "make-before-break warms tenants active within this many minutes")
+WARM_JOIN_BUDGET = Option("--warm-join-budget", "MODELFLEET_WARM_JOIN_BUDGET", 60.0, number(0.0),
+                          "seconds a joining worker may spend warming before it goes live regardless (the rest load "
+                          "on demand); it also stops once 3 warm-ups in a row could not reach the model store")
 WARM_TIMEOUT = Option("--warm-timeout", "MODELFLEET_WARM_TIMEOUT", 30.0, positive_seconds,
                       "seconds one make-before-break warm-up (a model load on one worker) may take; a worker that "
                       "does not answer in time counts as unreachable, and the change is not committed")
@@ -365,7 +368,7 @@ ROUTER_OPTIONS = (ETCD, PREFIX, HOST, EVENT_LOOP, ALLOCATOR, ROUTER_PORT, ROUTER
                   TLS_CLIENT_CA, TLS_CA, METRICS_PORT, *ROUTER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
 WORKER_OPTIONS = (ETCD, PREFIX, STORE, STORE_CACHE_DIR, STORE_CACHE_BYTES, S3_ENDPOINT, HOST, EVENT_LOOP, ALLOCATOR,
                   WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS, FETCH_THREADS, LEASE_TTL,
-                  SHARD_SIZE, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, TLS_CERT, TLS_KEY, TLS_CLIENT_CA,
+                  SHARD_SIZE, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_JOIN_BUDGET, TLS_CERT, TLS_KEY, TLS_CLIENT_CA,
                   TLS_CA, METRICS_PORT, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS)
 
 ALL_OPTIONS: tuple[Option, ...] = (
@@ -373,7 +376,7 @@ ALL_OPTIONS: tuple[Option, ...] = (
     ALLOCATOR, ROUTER_PORT, ROUTER_ID, SHARD_SIZE, SPILL_INFLIGHT, WORKER_TRANSPORT,
     SHADOW_BUDGET, DEFAULT_DEADLINE, DRAIN_SECONDS, WORKER_PORT, WORKER_ID, ZONE, ADVERTISE_HOST, CACHE_BYTES, LOAD_THREADS,
     FETCH_THREADS, LEASE_TTL, TLS_CERT, TLS_KEY, TLS_CLIENT_CA, TLS_CA, AUTH, API_KEY, ETCD_USER, ETCD_PASSWORD,
-    ETCD_CA, ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_TIMEOUT,
+    ETCD_CA, ETCD_CERT, ETCD_KEY, METRICS_PORT, WARM_ON_JOIN, WARM_ACTIVE_MINUTES, WARM_JOIN_BUDGET, WARM_TIMEOUT,
     UP_WORKERS, UP_DEMO_TENANTS, ROUTER_ADDRESS, GC_TOMBSTONE_DAYS, MEMBERS_TIMEOUT,
     *ROUTER_RESILIENCE_OPTIONS, *WORKER_RESILIENCE_OPTIONS, *TRACING_OPTIONS,
 )

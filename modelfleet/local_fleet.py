@@ -96,15 +96,17 @@ class LocalFleet:
         return self.start_workers([(worker_id, zone)], cache_bytes=cache_bytes, extra=extra)[0]
 
     def start_workers(self, specs: list[tuple[str, str]], *, cache_bytes: int = 256 << 20,
-                      extra: tuple[str, ...] = ()) -> list[Proc]:
+                      extra: tuple[str, ...] = (), each: Sequence[tuple[str, ...]] = ()) -> list[Proc]:
         """Starts (worker_id, zone) workers side by side; returns once each is live in membership.
+        `each[i]`, where given, are the i-th worker's own flags (after `extra`).
 
         A worker restarted under an id whose dead process's record is still leased is live once a
         record other than that one is: the old record would otherwise pass at once."""
         before = {w.worker_id: w.started for w in list_workers(self.client, self.keys)}
         procs = [self.spawn(worker_id, ["worker", "--worker-id", worker_id, "--zone", zone, "--cache-bytes",
-                                        str(cache_bytes), "--lease-ttl", str(self.lease_ttl), *extra])
-                 for worker_id, zone in specs]
+                                        str(cache_bytes), "--lease-ttl", str(self.lease_ttl), *extra,
+                                        *(each[i] if i < len(each) else ())])
+                 for i, (worker_id, zone) in enumerate(specs)]
         for proc in procs:
             record = self.wait_for(lambda: next((w for w in list_workers(self.client, self.keys)
                                                  if w.worker_id == proc.name and not w.joining

@@ -9,7 +9,8 @@ Used by a joining worker (before it leaves `joining`), `workers drain` and `shar
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
@@ -42,12 +43,18 @@ class WarmupResult:
     """What a change's warm-ups did. `unreachable` counts, per worker, the failed warm-ups that
     say the worker itself could not be reached: make-before-break must not shift traffic onto it.
     The other failures (NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, a store the worker
-    cannot reach) are the model's: they would fail on any worker, so they do not stop a change."""
+    cannot reach) are the model's: they would fail on any worker, so they do not stop a change.
+    `store_unreachable` counts those of them that were UNAVAILABLE (what the worker's loads need,
+    the model store or etcd, could not be reached). `skipped`: warm-ups not waited for because
+    run_warmups stopped early, and `stopped` why ("deadline", or what `stop_when` said)."""
 
     loaded: int = 0
     already_warm: int = 0
     failed: list[tuple[Warmup, str]] = field(default_factory=list)
     unreachable: dict[str, int] = field(default_factory=dict)
+    store_unreachable: int = 0
+    skipped: list[Warmup] = field(default_factory=list)
+    stopped: str = ""
 
     @property
     def done(self) -> int:
@@ -109,9 +116,16 @@ def warmups_for(active: Mapping[str, set[str]], tenants: Collection[str], sizes:
 
 def run_warmups(warmups: Sequence[Warmup], addresses: Mapping[str, str], concurrency: int = 8,
                 timeout: float = 30.0, on_progress: Callable[[WarmupResult, int], None] | None = None,
-                credentials: grpc.ChannelCredentials | None = None) -> WarmupResult:
+                credentials: grpc.ChannelCredentials | None = None, deadline: float | None = None,
+                stop_when: Callable[[WarmupResult], str | None] | None = None) -> WarmupResult:
     """Calls Worker.Warm for each placement, `concurrency` at a time, each within `timeout`
-    seconds (a hung worker fails as DEADLINE_EXCEEDED, i.e. unreachable); never raises for one failure."""
+    seconds (a hung worker fails as DEADLINE_EXCEEDED, i.e. unreachable); never raises for one failure.
+
+    Without `deadline` and `stop_when` it waits for every warm-up (make-before-break commits only
+    then). A joining worker bounds its wait: at `deadline` (a time.monotonic() value), or once
+    `stop_when(result)`, checked after each finished warm-up, gives a reason, the warm-ups not yet
+    finished are skipped: those not started never start, those in flight are cancelled (a
+    worker's load that a cancelled Warm started goes on, as a request's load would)."""
     result = WarmupResult()
     if not warmups:
         return result
@@ -125,26 +139,45 @@ def run_warmups(warmups: Sequence[Warmup], addresses: Mapping[str, str], concurr
             raise LookupError(f"worker {wu.worker_id} is not registered")
         return stub.Warm(worker_pb2.WarmRequest(tenant_id=wu.tenant, version=wu.version), timeout=timeout).loaded
 
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    futures = {pool.submit(warm, wu): wu for wu in warmups}
+    finished = set()
+    wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            futures = {pool.submit(warm, wu): wu for wu in warmups}
-            for future in as_completed(futures):
-                try:
-                    if future.result():
-                        result.loaded += 1
-                    else:
-                        result.already_warm += 1
-                except (grpc.RpcError, LookupError) as exc:
-                    detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                    wu = futures[future]
-                    result.failed.append((wu, detail or "failed"))
-                    if worker_unreachable(exc):
-                        result.unreachable[wu.worker_id] = result.unreachable.get(wu.worker_id, 0) + 1
-                if on_progress is not None:
-                    on_progress(result, len(warmups))
+        for future in as_completed(futures, timeout=wait_s):
+            finished.add(future)
+            _record(result, futures[future], future)
+            if on_progress is not None:
+                on_progress(result, len(warmups))
+            reason = stop_when(result) if stop_when is not None else None
+            if reason:
+                result.stopped = reason
+                break
+    except TimeoutError:  # as_completed's, at the deadline
+        result.stopped = "deadline"
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a stop: what has not started never starts
         for channel in channels.values():
-            channel.close()
+            channel.close()  # ends the calls still in flight (after a stop) at once, CANCELLED
+        pool.shutdown(wait=True)
+    result.skipped = [wu for future, wu in futures.items() if future not in finished]
     event(log, "rebalance.warmed", placements=len(warmups), loaded=result.loaded, already_warm=result.already_warm,
-          failed=len(result.failed), unreachable=",".join(sorted(result.unreachable)))
+          failed=len(result.failed), unreachable=",".join(sorted(result.unreachable)), skipped=len(result.skipped),
+          stopped=result.stopped)
     return result
+
+
+def _record(result: WarmupResult, wu: Warmup, future: Future) -> None:
+    """Adds one finished warm-up's outcome to `result`."""
+    try:
+        if future.result():
+            result.loaded += 1
+        else:
+            result.already_warm += 1
+    except (grpc.RpcError, LookupError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        result.failed.append((wu, detail or "failed"))
+        if worker_unreachable(exc):
+            result.unreachable[wu.worker_id] = result.unreachable.get(wu.worker_id, 0) + 1
+        elif isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            result.store_unreachable += 1  # the model-failure mark: the worker's store (or etcd) is away

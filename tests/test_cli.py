@@ -125,6 +125,8 @@ def test_two_cli_pins_racing_one_wins_the_other_gets_a_conflict(fleet):
     (("worker", "--load-threads", "0"), {}, ">= 1"),
     (("worker", "--fetch-threads", "0"), {}, "argument --fetch-threads: expected a whole number >= 1, got '0'"),
     (("worker",), {"MODELFLEET_FETCH_THREADS": "many"}, "MODELFLEET_FETCH_THREADS"),
+    (("worker", "--warm-join-budget", "-1"), {}, "argument --warm-join-budget: expected a number >= 0"),
+    (("worker",), {"MODELFLEET_WARM_JOIN_BUDGET": "inf"}, "MODELFLEET_WARM_JOIN_BUDGET"),
     (("router", "--default-deadline", "nan"), {}, "finite"),
     (("router", "--lease-ttl", "1"), {}, ">= 2"),
     (("router", "--spill-inflight", "0"), {}, ">= 1"),

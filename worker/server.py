@@ -2,7 +2,7 @@
 
 Start: follow gc's tombstones (worker.retirements), listen (port 0 picks a free one), join the
 fleet under an etcd lease as `joining`, load the active tenants this worker is about to own
-(make-before-break), go live, report SERVING.
+(make-before-break, within --warm-join-budget: worker.join_warmup), go live, report SERVING.
 SIGTERM: report NOT_SERVING and leave the fleet first (routers stop sending new requests),
 answer what still arrives on a router's stream UNAVAILABLE (it fails over), finish in-flight
 requests, free every model, exit 0.
@@ -24,14 +24,13 @@ from modelfleet.rpc import build_server, set_serving, wait_for_signal
 from modelfleet.store import open_store
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from version_service.etcd_client import EtcdClient, connect_args
-from modelfleet.rebalance import active_models, run_warmups, warmups_for
-from version_service.membership import LeasedRegistration, published_shard_sizes, read_fleet
-from version_service.registry import Registry
-from version_service.schema import Keys, WorkerRecord, live_members, started_stamp, validate_id
+from version_service.membership import LeasedRegistration
+from version_service.schema import Keys, WorkerRecord, started_stamp, validate_id
 from prometheus_client import CollectorRegistry
 
 from modelfleet import metrics, tls, tracing
 from worker import memory, predictor
+from worker.join_warmup import warm_before_going_live
 from worker.loading import ModelLoader
 from worker.model_cache import ModelCache
 from worker.predict_stream import PredictStreams
@@ -163,35 +162,6 @@ async def _trim_after_evictions(cache: ModelCache, every_s: float = 1.0) -> None
         if cache.counters.evictions != seen:
             seen = cache.counters.evictions
             await loop.run_in_executor(None, memory.trim)
-
-
-def warm_before_going_live(client, keys: Keys, me: WorkerRecord, args: argparse.Namespace) -> None:
-    """Make-before-break for a join: load the active tenants this worker is about to own.
-
-    Active = used within --warm-active-minutes on some other worker. Failures are logged and do
-    not block the join: a cold load later is better than a worker that never goes live.
-    """
-    try:
-        workers, drains = read_fleet(client, keys)
-        if me.worker_id in drains:
-            return
-        others = {w: r for w, r in workers.items() if w != me.worker_id}
-        before = live_members(others, drains)
-        after = live_members({**others, me.worker_id: dataclasses.replace(me, joining=False)}, drains)
-        credentials = tls.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-        active = active_models(others.values(), args.warm_active_minutes * 60, credentials=credentials)
-        if not active:
-            return
-        tenants, sizes = Registry(client, keys).shard_sizes()
-        routed = set(published_shard_sizes(client, keys).values())  # what the routers will route with
-        default_k = routed.pop() if len(routed) == 1 else args.shard_size
-        mine = [w for w in warmups_for(active, set(tenants), sizes, before, after, default_k)
-                if w.worker_id == me.worker_id]
-        result = run_warmups(mine, {me.worker_id: me.address}, credentials=credentials)
-        event(log, "worker.warmed_before_join", worker=me.worker_id, active_tenants=len(active),
-              placements=len(mine), loaded=result.loaded, failed=len(result.failed))
-    except Exception as exc:  # noqa: BLE001 - never block a join on warm-up
-        event(log, "worker.warm_before_join_failed", level=logging.WARNING, worker=me.worker_id, error=str(exc))
 
 
 async def _joining_step(step: str, call: Callable[[], None]) -> None:
