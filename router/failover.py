@@ -274,12 +274,16 @@ class Failover:
             return None
         request.artifact_sha256 = artifact or ""
         pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
+        call = None
         try:
-            return await predictor.Predict(request, timeout=budget_s)
+            call = predictor.Predict(request, timeout=budget_s)
+            return await call
         except grpc.aio.AioRpcError as exc:
             raise _passthrough(exc) from None
         except asyncio.CancelledError:
             if (task := asyncio.current_task()) is not None and task.cancelling():
+                if call is not None:  # a streamed frame's canceller tells the worker (router.worker_stream)
+                    call.cancel()
                 raise  # the router is closing
             raise Unavailable(f"{worker_id}: channel closed") from None  # it left the fleet meanwhile
         finally:

@@ -213,6 +213,22 @@ def test_shadow_copies_stay_outside_the_shards_books(run):
     run(go)
 
 
+def test_a_shadow_copy_cancelled_with_the_router_is_cancelled_at_the_worker(run):
+    """Rollouts.close (the router stopping) cancels the copies in flight. On a stream the frame's
+    canceller must say so (router.worker_stream): the worker went on with the copy until its
+    deadline, and the frame stayed pending on the stream."""
+    async def go(setup, fleet):
+        failover, pool, workers, _ = await setup({"a": [HANG]})
+        copy = asyncio.ensure_future(failover.send_shadow(REQUEST, "a", 5.0))
+        await fleet.until(lambda: len(workers["a"].calls) == 1, "the copy to reach a")
+        copy.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await copy
+        await fleet.until(lambda: cancelled(workers["a"]), "a to hear the copy was cancelled")
+        assert balanced(pool)
+    run(go)
+
+
 def test_requests_answered_elsewhere_while_a_probe_is_out_send_no_second_probe(run):
     """One probe per ejected worker at a time: requests that put the ejected worker last and are
     answered by another member must not free the probe they never held."""
