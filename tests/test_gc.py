@@ -161,6 +161,8 @@ def test_gc_removes_tombstones_older_than_tombstone_days_and_keeps_the_others(fl
     _retire(fleet, "acme", "v2", days_ago=2)
     with pytest.raises(InvalidArgument, match="--tombstone-days must be above 0, got 0"):
         plan_gc(fleet.registry, keep=1, tombstone_days=0)
+    for forever in (1e6, 1e12):  # "keep them all": past datetime's range, none is old (was OverflowError)
+        assert plan_gc(fleet.registry, keep=1, tombstone_days=forever).tombstones == {}
     assert remove_tombstones(fleet.registry, plan_gc(fleet.registry, keep=1)) == 1  # 7 days
     assert _tombstones(fleet, "acme") == ["v2", "v3"]
 

@@ -104,7 +104,10 @@ def plan_gc(registry: Registry, keep: int, tenant: str | None = None,
     pending = {kv.key.decode()[len(keys.gc_pending):] for kv in pending_resp.kvs}  # a past collection's
     plan.artifacts = ({r.artifact for rs in plan.removals.values() for r in rs} | pending) - used
     plan.pending = pending
-    cutoff = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=tombstone_days)
+    try:
+        cutoff = (now or dt.datetime.now(dt.timezone.utc)) - dt.timedelta(days=tombstone_days)
+    except OverflowError:  # before year 1 ("keep them all", --tombstone-days 1e6): none is that old
+        cutoff = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     plan.tombstones = {kv.key.decode(): kv.mod_revision for kv in retired_resp.kvs if _retired_before(kv.value, cutoff)}
     return plan
 
