@@ -10,8 +10,8 @@ input's row width travels with the request (`features_per_row`) and the worker t
 model refuses a width its model does not take; the output's shape follows from the answer
 (values / rows). Only ModelMetadata and ModelReady for a version the route does not name read a
 version record: from etcd each time (control-plane calls, so a version gc removed is NOT_FOUND at
-once), and while etcd is unreachable the last one read (a version name always means the same
-artifact: the registry never reuses one).
+once), and while etcd is unreachable the last one read (a version name means the same artifact
+while gc's tombstone of it lasts, --tombstone-days: the registry reuses a name only after that).
 
 The tensor contract:
 - exactly one input, FP64 (or FP32), shape [rows, num_features] (or [num_features]: one row), as

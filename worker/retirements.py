@@ -58,8 +58,8 @@ class RetirementWatch(PrefixWatch):
             event(log, "retirement_watch.started", revision=self.revision)
             return
         # Compacted away (or etcd lost our revision): what the watch missed is exactly the tombstones
-        # written after the last revision applied. Older ones were delivered already; tombstones
-        # are never removed, so listing them all would hand the worker every gc ever done again.
+        # written after the last revision applied. Older ones were delivered already; listing every
+        # tombstone kept (gc keeps them --tombstone-days) would hand the worker those gcs again.
         since, revision, listed = self.revision + 1, 0, 0
         for page, revision in self.ranged(self.keys.retired, keys_only=True, min_mod_revision=since):
             listed += len(page)
