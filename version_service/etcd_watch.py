@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Iterator, Sequence
 
 import grpc
@@ -77,6 +78,7 @@ class PrefixWatch:
         self._channel: grpc.Channel | None = None
         self._down_reported = False
         self._last_error = ""  # why the last try failed, for `wait_synced`'s message
+        self._answered_at: float | None = None  # monotonic time of etcd's last answer to a sync's read
         self._needs_sync = True  # before the first watch, and after a compaction
         self._synced = threading.Event()  # the first sync is done
         self._stop = threading.Event()
@@ -123,12 +125,18 @@ class PrefixWatch:
         self._thread.start()
 
     def wait_synced(self, timeout: float) -> None:
-        """Returns once the first sync is done, waiting up to `timeout` seconds for it; Unavailable,
-        naming the endpoints and etcd's last answer, if it is not (the watch goes on trying)."""
-        if not self._synced.wait(timeout):
-            why = self._last_error or f"no answer within {timeout:g} s"
-            raise Unavailable(f"etcd at {','.join(self._endpoints)} unavailable: {why} "
-                              f"({self.name} starting, waited {timeout:g} s)")
+        """Returns once the first sync is done; Unavailable, naming the endpoints and etcd's last
+        answer, once `timeout` seconds pass with no answer from etcd (the watch goes on trying). A
+        first read that etcd keeps answering, page after page, is waited for however long it takes:
+        a big fleet's routes, or a busy etcd, is not an etcd that is down."""
+        deadline = time.monotonic() + timeout
+        while not self._synced.wait(max(0.0, deadline - time.monotonic())):
+            answered = self._answered_at
+            if answered is None or answered + timeout <= time.monotonic():
+                why = self._last_error or f"no answer within {timeout:g} s"
+                raise Unavailable(f"etcd at {','.join(self._endpoints)} unavailable: {why} "
+                                  f"({self.name} starting, waited {timeout:g} s)")
+            deadline = answered + timeout
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,6 +160,7 @@ class PrefixWatch:
             resp = kv.Range(etcdrpc.RangeRequest(key=start, range_end=end, revision=revision, limit=RANGE_PAGE,
                                                  keys_only=keys_only, min_mod_revision=min_mod_revision),
                             timeout=self.timeout, metadata=self._metadata)
+            self._answered_at = time.monotonic()  # progress, for `wait_synced`
             revision = revision or resp.header.revision  # later pages at the first page's revision
             yield resp.kvs, revision
             if not resp.more or not resp.kvs:
