@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 
 import pytest
@@ -301,7 +302,7 @@ def test_downloads_wait_on_fetch_threads_of_their_own_and_a_local_load_passes_th
     def loader(tenant, version):
         if tenant == "local":
             return LoadedModel.from_model_text(text)
-        return Fetch(fetch, LoadedModel.from_model_text)
+        return Fetch(fetch, LoadedModel.from_model_text, f"artifact-of-{tenant}")
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -315,5 +316,45 @@ def test_downloads_wait_on_fetch_threads_of_their_own_and_a_local_load_passes_th
         assert all(loaded for _, loaded in await asyncio.wait_for(asyncio.gather(*remote), 10))
         assert most[0] == 2 and cache.counters.loads == 5
         cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_loads_of_one_artifact_share_one_fetch_and_leave_the_other_fetch_threads_free():
+    """Tenants often share an artifact (fleets from templates). Each of their cold loads took a fetch
+    thread to wait on the one download: six of them held both fetch threads of this cache while the
+    store hung on that artifact, and another artifact's download waited behind them. Now one fetch
+    per artifact runs at once; the others wait for its bytes without a thread."""
+    text = train_model_text(1).encode()
+    hung, calls = threading.Event(), {"shared": 0, "other": 0}
+    lock = threading.Lock()
+
+    def fetch(artifact: str) -> bytes:
+        with lock:
+            calls[artifact] += 1
+        if artifact == "shared":
+            hung.wait(10)  # the store hangs on this one
+        return text
+
+    def loader(tenant, version):
+        artifact = "other" if tenant == "alone" else "shared"
+        return Fetch(functools.partial(fetch, artifact), LoadedModel.from_model_text, artifact)
+
+    async def scenario():
+        cache = ModelCache(loader, 64 << 20, load_threads=1, fetch_threads=2)
+        try:
+            sharing = [asyncio.ensure_future(cache.get(f"template-{i}", "v1")) for i in range(6)]
+            deadline = asyncio.get_running_loop().time() + 5
+            while calls["shared"] == 0:  # the six loads are under way (queued ahead of the next) first
+                assert asyncio.get_running_loop().time() < deadline, "the shared fetch never started"
+                await asyncio.sleep(0.005)
+            model, loaded = await asyncio.wait_for(cache.get("alone", "v1"), 5)
+            assert loaded and model.num_features == 8 and not any(f.done() for f in sharing)
+            hung.set()
+            assert all(loaded for _, loaded in await asyncio.wait_for(asyncio.gather(*sharing), 10))
+            assert calls == {"shared": 1, "other": 1} and cache.counters.loads == 7
+        finally:
+            hung.set()
+            cache.close()
 
     asyncio.run(scenario())

@@ -90,7 +90,7 @@ class ModelLoader:
         make = functools.partial(self._model, what, sha256, num_features, checked)
         if data is None:
             return Fetch(functools.partial(self._read, self.store.read_verified, tenant, version, path, sha256,
-                                           what, checked), make)
+                                           what, checked), make, sha256)
         return make(data)
 
     def _read(self, read: Callable[[str, str, str], bytes | None], tenant: str, version: str, path: str,

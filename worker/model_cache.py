@@ -24,7 +24,8 @@ Invariants:
   waits behind the network: loads run on `load_threads` threads (which bound the parses, and so
   LightGBM's memory, at once), and a loader that finds its artifact remote returns a `Fetch`,
   whose download runs on `fetch_threads` threads of their own. A hung store holds fetch threads
-  only; the load threads stay free for local loads. At most `fetch_threads` loads hold fetched
+  only; the load threads stay free for local loads. Loads of one artifact at once share one fetch
+  (the others wait for its bytes, on no thread), and at most `fetch_threads` fetches hold their
   bytes at once (a download, then its parse on a load thread);
 - at most `max_queued_loads` requests wait for loads at once; a miss beyond that gets
   RESOURCE_EXHAUSTED with a retry hint at once (bounded memory and latency under a cold-load
@@ -78,9 +79,11 @@ class Fetch:
     """A load whose artifact is not on this machine: `fetch()` downloads its verified bytes (on a
     fetch thread: it may wait on the network for seconds), then `make(data)` the model (on a load
     thread). What a loader returns instead of a model, so that a hung store never holds a load
-    thread."""
+    thread. `artifact`: the digest `fetch` verifies its bytes against; loads of one artifact at
+    once share one fetch (ModelCache._fetched)."""
     fetch: Callable[[], bytes]
     make: Callable[[bytes], LoadedModel]
+    artifact: str
 
 
 # (tenant, version) -> model, and (tenant, version, artifact digest) -> model for a hinted load;
@@ -109,6 +112,13 @@ _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been mea
 LOAD_COUNTS_KEPT = 20_000
 FETCH_THREADS = FETCH_THREADS_OPTION.default  # downloads at once (--fetch-threads, modelfleet.config)
 
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Marks a shared fetch's failure as seen: when no other load waited for it, asyncio would
+    otherwise log "exception was never retrieved" (the load that fetched raised it already)."""
+    if not future.cancelled():
+        future.exception()
 
 class ModelCache:
     def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4,
@@ -142,6 +152,10 @@ class ModelCache:
         # the end of its parse, so fetched bytes waiting for a load thread stay bounded too.
         self._fetcher = ThreadPoolExecutor(max_workers=max(1, fetch_threads), thread_name_prefix="model-fetch")
         self._fetch_slots = asyncio.Semaphore(max(1, fetch_threads))
+        # artifact digest -> the bytes of the fetch of it in flight: tenants often share an artifact
+        # (fleets from templates) and their cold loads come together; each waiting on its own
+        # fetch thread for one download would take every fetch thread, and stall other artifacts.
+        self._fetching: dict[str, asyncio.Future] = {}
         # Evicted models are freed here, off the event loop: LightGBM's free of a large model
         # takes milliseconds (~0.8 ms for 1000 trees x 63 leaves), which every request would wait.
         self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-free")
@@ -263,9 +277,29 @@ class ModelCache:
         loaded, ms = await run(self._pool, self._loader, *key, *([artifact] if artifact is not None else []))
         if not isinstance(loaded, Fetch):
             return loaded, ms
-        async with self._fetch_slots:
-            data, fetch_ms = await run(self._fetcher, loaded.fetch)
-            model, make_ms = await run(self._pool, loaded.make, data)
+        shared = self._fetching.get(loaded.artifact)
+        if shared is not None:  # another load fetches these bytes: wait for them, holding no fetch thread
+            try:
+                data = await asyncio.shield(shared)
+            except Exception:  # noqa: BLE001 - its failure is worded for its own tenant: fetch for this one
+                pass
+            else:
+                model, make_ms = await run(self._pool, loaded.make, data)  # verified against the same digest
+                return model, ms + make_ms
+        fetched = self._fetching[loaded.artifact] = loop.create_future()
+        fetched.add_done_callback(_retrieved)
+        try:
+            async with self._fetch_slots:
+                try:
+                    data, fetch_ms = await run(self._fetcher, loaded.fetch)
+                except BaseException as exc:
+                    fetched.set_exception(exc if isinstance(exc, Exception) else RuntimeError("fetch abandoned"))
+                    raise
+                fetched.set_result(data)
+                model, make_ms = await run(self._pool, loaded.make, data)
+        finally:
+            if self._fetching.get(loaded.artifact) is fetched:
+                del self._fetching[loaded.artifact]
         return model, ms + fetch_ms + make_ms
 
     async def _load(self, key: ModelKey, artifact: str | None, load_key: tuple, warm: bool) -> LoadedModel:
