@@ -19,7 +19,7 @@ from tests.test_metrics import scrape, value
 from tests.test_cli import cli
 from version_service.etcd_client import MAX_TXN_OPS
 from version_service.retention import apply_gc, plan_gc, remove_tombstones
-from version_service.schema import RetiredRecord
+from version_service.schema import CorruptRecord, RetiredRecord
 from worker.loading import ModelLoader
 
 
@@ -177,6 +177,24 @@ def test_gc_removes_tombstones_older_than_tombstone_days_and_keeps_the_others(fl
 
     record, created = fleet.registry.register("acme", "v1", fleet.model_file(2))  # the name is free again
     assert created and record.sha256 != fleet.registry.version("acme", "v4").sha256
+
+
+def test_a_tombstone_in_etcd_that_is_not_one_is_named_not_a_traceback(fleet):
+    """A value modelfleet never wrote (a hand edit). JSON of another shape raised AttributeError: a
+    traceback from gc and from register; bad JSON read inside etcd_errors passed for 'etcd
+    unavailable'. Now it is CorruptRecord (FAILED_PRECONDITION), and gc, which dates tombstones,
+    counts it as old and removes it, which frees the name."""
+    for raw in ("[]", '"x"', "{not json", "{}", b"\xff"):
+        with pytest.raises(CorruptRecord, match="a RetiredRecord in etcd is not valid"):
+            RetiredRecord.from_json(raw)
+    fleet.register("acme", "v2", seed=2)
+    fleet.client.put(fleet.keys.retired_version("acme", "v1"), "[]")
+    with pytest.raises(CorruptRecord, match="RetiredRecord in etcd is not valid: a JSON list, not an object"):
+        fleet.registry.register("acme", "v1", fleet.model_file(1))
+    plan = plan_gc(fleet.registry, keep=1)
+    assert list(plan.tombstones) == [fleet.keys.retired_version("acme", "v1")]
+    assert remove_tombstones(fleet.registry, plan) == 1
+    assert fleet.registry.register("acme", "v1", fleet.model_file(1))[1]
 
 
 def _retire(fleet, tenant: str, version: str, days_ago: float) -> None:

@@ -18,10 +18,13 @@ from tests.conftest import new_prefix
 
 def test_cache_loads_then_follows_changes(fleet):
     fleet.register("acme", "v1", seed=1)
+    fleet.client.put(fleet.keys.route("hand-edited"), "[]")  # JSON, not a record: raised AttributeError
+    fleet.client.put(fleet.keys.route("truncated"), '{"serving": "v1"')  # and its sync with it
     cache = RoutingCache(fleet.etcd_endpoint, fleet.keys)
     cache.start()
     try:
         assert cache.route("acme").serving == "v1"
+        assert cache.route("hand-edited") is None and cache.route("truncated") is None  # skipped, named in a warning
         fleet.register("acme", "v2", seed=2)
         processes.wait_for(lambda: cache.route("acme").serving == "v2", 1.0, what="new version in cache")
         fleet.register("globex", "v1", seed=3)

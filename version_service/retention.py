@@ -35,7 +35,7 @@ from modelfleet.errors import Conflict, InvalidArgument, NotFound
 from version_service.collection_guard import collecting
 from version_service.etcd_client import MAX_TXN_OPS, etcd_errors
 from version_service.registry import Registry
-from version_service.schema import RetiredRecord, RouteRecord, VersionRecord, utc_stamp, validate_id
+from version_service.schema import CorruptRecord, RetiredRecord, RouteRecord, VersionRecord, utc_stamp, validate_id
 
 DEFAULT_TOMBSTONE_DAYS = 7.0
 T = TypeVar("T")
@@ -117,7 +117,7 @@ def _retired_before(raw: bytes, cutoff: dt.datetime) -> bool:
     RetiredRecord with a stamp counts as old: modelfleet never wrote it, and it dates nothing."""
     try:
         return dt.datetime.fromisoformat(RetiredRecord.from_json(raw).retired) < cutoff
-    except (TypeError, ValueError):
+    except (CorruptRecord, TypeError, ValueError):
         return True
 
 

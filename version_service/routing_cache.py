@@ -20,7 +20,8 @@ from pyetcd.etcdrpc import kv_pb2
 
 from modelfleet.log import event
 from version_service.etcd_watch import PrefixWatch
-from version_service.schema import ApiKeyRecord, DrainRecord, Keys, RouteRecord, WorkerRecord, live_members
+from version_service.schema import (ApiKeyRecord, CorruptRecord, DrainRecord, Keys, RouteRecord, WorkerRecord,
+                                    live_members)
 
 log = logging.getLogger("modelfleet.routing_cache")
 
@@ -87,7 +88,7 @@ class RoutingCache(PrefixWatch):
     def _decode(cls, item):
         try:
             return cls.from_json(item.value)
-        except (ValueError, TypeError) as exc:
+        except CorruptRecord as exc:
             event(log, "routing_cache.bad_record", level=logging.WARNING, key=item.key.decode(errors="replace"),
                   error=str(exc))
             return None

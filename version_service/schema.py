@@ -28,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Collection, Mapping, TypeVar
 
-from modelfleet.errors import InvalidArgument
+from modelfleet.errors import FailedPrecondition, InvalidArgument
 from sharding import Member
 
 SCHEMA_VERSION = 1
@@ -160,6 +160,13 @@ class Keys:
 R = TypeVar("R", bound="_Record")
 
 
+class CorruptRecord(FailedPrecondition):
+    """A value in etcd that is not the record its key holds. modelfleet never writes one (a hand
+    edit, another program on the prefix): a reader that can skip it does (the routing cache, gc's
+    tombstone dating); any other says which record, never a traceback nor, inside
+    `etcd_errors`, a JSON error taken for an unreachable etcd."""
+
+
 class _Record:
     __slots__ = ()
 
@@ -169,9 +176,16 @@ class _Record:
 
     @classmethod
     def from_json(cls: type[R], raw: bytes | str) -> R:
-        doc: dict[str, Any] = json.loads(raw)
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        return cls(**{k: v for k, v in doc.items() if k in known})
+        """The record `raw` holds; CorruptRecord when it is not one (not JSON, not an object, a
+        field missing)."""
+        try:
+            doc: dict[str, Any] = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise TypeError(f"a JSON {type(doc).__name__}, not an object")
+            known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+            return cls(**{k: v for k, v in doc.items() if k in known})
+        except (ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CorruptRecord(f"a {cls.__name__} in etcd is not valid: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
