@@ -307,15 +307,18 @@ def test_downloads_wait_on_fetch_threads_of_their_own_and_a_local_load_passes_th
     async def scenario():
         loop = asyncio.get_running_loop()
         cache = ModelCache(loader, 64 << 20, load_threads=1, fetch_threads=2)
-        remote = [asyncio.ensure_future(cache.get(f"remote-{i}", "v1")) for i in range(4)]
-        for _ in range(2):
-            assert await loop.run_in_executor(None, started.acquire, True, 5)
-        model, loaded = await asyncio.wait_for(cache.get("local", "v1"), 2)
-        assert loaded and model.num_features == 8 and not any(f.done() for f in remote)
-        gate.set()
-        assert all(loaded for _, loaded in await asyncio.wait_for(asyncio.gather(*remote), 10))
-        assert most[0] == 2 and cache.counters.loads == 5
-        cache.close()
+        try:
+            remote = [asyncio.ensure_future(cache.get(f"remote-{i}", "v1")) for i in range(4)]
+            for _ in range(2):
+                assert await loop.run_in_executor(None, started.acquire, True, 5)
+            model, loaded = await asyncio.wait_for(cache.get("local", "v1"), 2)
+            assert loaded and model.num_features == 8 and not any(f.done() for f in remote)
+            gate.set()
+            assert all(loaded for _, loaded in await asyncio.wait_for(asyncio.gather(*remote), 10))
+            assert most[0] == 2 and cache.counters.loads == 5
+        finally:
+            gate.set()  # a failed check must not leave fetch threads waiting 10 s
+            cache.close()
 
     asyncio.run(scenario())
 

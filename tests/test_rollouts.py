@@ -279,8 +279,8 @@ def test_rollout_status_asks_routers_at_once_and_sums_none_that_lags_etcd(fleet,
             code = args.handler(args)
             return code, *capsys.readouterr(), time.monotonic() - started
 
-        code, out, err, took = status("--json", "--members-timeout", "0.6")
-        assert took < 1.1, took  # one deadline for all; one after another took 1.2 s and more
+        code, out, err, took = status("--json", "--members-timeout", "1.0")
+        assert took < 1.8, took  # one deadline for all; one after another takes 2 s and more
         summary = json.loads(out)
         assert code == 1 and summary["rollout_id"] == new_id
         assert (summary["routers"], summary["canary_requests"]) == (0, 0)  # nothing of the aborted rollout

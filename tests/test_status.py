@@ -57,7 +57,7 @@ def test_status_reports_workers_routers_models_and_revision(fleet, capsys):
         member.signal(signal.SIGSTOP)
     try:  # in this process: its time is the command's own, without an interpreter's start
         args = build_parser().parse_args(["status", "--once", "--json", "--etcd", fleet.etcd_endpoint,
-                                          "--prefix", fleet.prefix, "--members-timeout", "0.6"])
+                                          "--prefix", fleet.prefix, "--members-timeout", "1.0"])
         started = time.monotonic()
         code = args.handler(args)
         took = time.monotonic() - started
@@ -65,7 +65,7 @@ def test_status_reports_workers_routers_models_and_revision(fleet, capsys):
         for member in hung:
             member.signal(signal.SIGCONT)
     doc = json.loads(capsys.readouterr().out)
-    assert code == 1 and took < 1.1, took  # one deadline for all; one after another took 1.2 s and more
+    assert code == 1 and took < 1.8, took  # one deadline for all; one after another takes 2 s and more
     assert {w["worker_id"]: w.get("error") for w in doc["workers"]} == {"w1": "DEADLINE_EXCEEDED", "w2": None}
     assert {r["address"]: r.get("error") for r in doc["routers"]} == {router.address: "DEADLINE_EXCEEDED",
                                                                       locked.address: "UNAUTHENTICATED"}
