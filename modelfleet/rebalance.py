@@ -17,6 +17,7 @@ from typing import Callable, Collection, Iterable, Mapping, Sequence
 import grpc
 
 from modelfleet import tls
+from modelfleet.fanout import ask_all
 from modelfleet.log import event
 from modelfleet.v1 import worker_pb2, worker_pb2_grpc
 from sharding import Member, shard_for
@@ -74,18 +75,20 @@ def worker_unreachable(exc: grpc.RpcError | LookupError) -> bool:
 
 def active_models(workers: Iterable[WorkerRecord], within_s: float, timeout: float = 5.0,
                   credentials: grpc.ChannelCredentials | None = None) -> dict[str, set[str]]:
-    """tenant -> versions some worker served within `within_s` seconds. Unreachable workers are skipped."""
+    """tenant -> versions some worker served within `within_s` seconds, every worker asked at once
+    (a hung one costs `timeout` once, not once each). Unreachable workers are skipped."""
     active: dict[str, set[str]] = {}
     request = worker_pb2.StatsRequest(include_models=True, active_within_s=max(within_s, 1e-9))
-    for worker in workers:
-        try:
-            with tls.channel(worker.address, credentials, aio=False) as channel:
-                stats = worker_pb2_grpc.WorkerStub(channel).Stats(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            event(log, "rebalance.stats_failed", level=logging.WARNING, worker=worker.worker_id,
-                  error=exc.code().name)  # type: ignore[attr-defined]
-            continue
-        for model in stats.models:
+
+    def stats(channel: grpc.Channel, t: float) -> grpc.Future:
+        return worker_pb2_grpc.WorkerStub(channel).Stats.future(request, timeout=t)
+
+    answers, errors = ask_all({w.worker_id: (w.address, stats) for w in workers}, timeout, credentials)
+    for worker_id, exc in sorted(errors.items()):
+        event(log, "rebalance.stats_failed", level=logging.WARNING, worker=worker_id,
+              error=exc.code().name)  # type: ignore[attr-defined]
+    for answer in answers.values():
+        for model in answer.models:
             active.setdefault(model.tenant_id, set()).add(model.version)
     return active
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
+import time
 
 import grpc
 import pytest
@@ -11,12 +13,12 @@ import pytest
 from modelfleet.cli import shards
 from modelfleet.demo_models import sample_features
 from modelfleet.errors import Conflict
-from modelfleet.rebalance import Warmup, run_warmups
+from modelfleet.rebalance import Warmup, active_models, run_warmups
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc, worker_pb2
 from sharding import Member, shard_for
 from sharding.plan import FleetChange
 from tests.fleet import predict, predictor, stats, worker_stub
-from version_service.schema import DrainRecord
+from version_service.schema import DrainRecord, WorkerRecord
 from tests.test_cli import cli
 
 X = sample_features(1, 1)[0]
@@ -227,3 +229,20 @@ def test_only_a_worker_that_cannot_be_reached_counts_against_a_change(fleet):
     assert result.unreachable == {"gone": 1}
     assert {wu.version: why for wu, why in result.failed} == {"v404": "tenant 'acme' has no version 'v404'",
                                                               "v1": "worker gone is not registered"}
+
+
+def test_what_the_workers_serve_is_read_from_all_of_them_at_once():
+    """A joining worker (and `shards apply`) reads what every other worker serves. Asked one after
+    another, each hung worker cost the whole timeout: four took 2 s of a join's warm-up budget."""
+    hung = [socket.socket() for _ in range(4)]  # accept connections (the backlog), never answer
+    try:
+        for sock in hung:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(8)
+        workers = [WorkerRecord(f"w{i}", f"127.0.0.1:{sock.getsockname()[1]}") for i, sock in enumerate(hung)]
+        started = time.monotonic()
+        assert active_models(workers, 60, timeout=0.5) == {}
+        assert time.monotonic() - started < 1.4  # one deadline for all
+    finally:
+        for sock in hung:
+            sock.close()

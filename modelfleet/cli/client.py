@@ -1,11 +1,9 @@
 """`modelfleet predict`: one Predict through a router, for people and scripts; and how every
-command reaches routers and workers (their TLS, the caller's API key, many asked at once)."""
+command reaches routers and workers (their TLS, the caller's API key; many at once: modelfleet.fanout)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from typing import Any, Callable, Hashable, Mapping, TypeVar
 
 import grpc
 
@@ -34,29 +32,6 @@ def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | N
 def router_channel(args: argparse.Namespace, address: str):
     """A blocking channel to a router, with TLS when --tls-ca / --tls-cert are given."""
     return tls.channel(address, channel_credentials(args), aio=False)
-
-
-Key = TypeVar("Key", bound=Hashable)
-# Starts one call on a channel with a deadline in seconds: a stub method's `.future(request, timeout=...)`.
-StartCall = Callable[[grpc.Channel, float], grpc.Future]
-
-
-def ask_all(args: argparse.Namespace, asks: Mapping[Key, tuple[str, StartCall]],
-            timeout: float) -> tuple[dict[Key, Any], dict[Key, grpc.RpcError]]:
-    """Every {key: (address, call)} started at once with the same deadline, then all awaited:
-    (answers, errors) by key. Members that are down or hung cost `timeout` once, not once each,
-    so a fleet with a few hung ones is still read within one deadline (DEADLINE_EXCEEDED for them)."""
-    credentials = channel_credentials(args)  # read and checked once, not once per member
-    with contextlib.ExitStack() as channels:
-        calls = {key: start(channels.enter_context(tls.channel(address, credentials, aio=False)), timeout)
-                 for key, (address, start) in asks.items()}
-        answers, errors = {}, {}
-        for key, call in calls.items():
-            try:
-                answers[key] = call.result()
-            except grpc.RpcError as exc:
-                errors[key] = exc
-    return answers, errors
 
 
 def predict(args: argparse.Namespace) -> int:

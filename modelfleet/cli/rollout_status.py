@@ -25,7 +25,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from modelfleet.cli.client import ask_all, call_metadata
+from modelfleet.cli.client import call_metadata, channel_credentials
+from modelfleet.fanout import ask_all
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
 from router.rollout import rollout_of
 from version_service.membership import list_routers
@@ -48,7 +49,8 @@ def ask_routers(args: argparse.Namespace, routers: Sequence[RouterRecord], tenan
         return router_admin_pb2_grpc.RouterAdminStub(channel).Rollout.future(request, timeout=deadline,
                                                                               metadata=metadata)
 
-    answers, errors = ask_all(args, {router.router_id: (router.address, rollout) for router in routers}, timeout)
+    answers, errors = ask_all({router.router_id: (router.address, rollout) for router in routers}, timeout,
+                              channel_credentials(args))
     return list(answers.values()), {router_id: f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
                                     for router_id, exc in errors.items()}
 

@@ -19,7 +19,8 @@ from rich.live import Live
 from rich.table import Table
 
 from modelfleet.cli.admin import open_registry
-from modelfleet.cli.client import ask_all, call_metadata
+from modelfleet.cli.client import call_metadata, channel_credentials
+from modelfleet.fanout import ask_all
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from version_service.membership import list_routers, read_fleet
 
@@ -47,9 +48,9 @@ def snapshot(args: argparse.Namespace, registry) -> Snapshot:
     workers, drains = read_fleet(registry.client, registry.keys)
     routers = list_routers(registry.client, registry.keys)
     snap = Snapshot(at=time.monotonic())
-    answers, errors = ask_all(args, {**{("worker", w): (record.address, worker_stats) for w, record in workers.items()},
-                                     **{("router", r.router_id): (r.address, router_status) for r in routers}},
-                              args.members_timeout)
+    answers, errors = ask_all({**{("worker", w): (record.address, worker_stats) for w, record in workers.items()},
+                               **{("router", r.router_id): (r.address, router_status) for r in routers}},
+                              args.members_timeout, channel_credentials(args))
     for worker_id, record in sorted(workers.items()):
         row = {"worker_id": worker_id, "address": record.address, "zone": record.zone,
                "state": "drained" if worker_id in drains else "joining" if record.joining else "live"}
