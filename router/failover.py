@@ -267,27 +267,41 @@ class Failover:
         from every shard) nor the `auto` hedge delay; it never fails over or hedges (the shadow
         version would load on a second member too), never carries an ejected worker's probe, and
         is not sent to an ejected or departed member (None). It does count in the member's
-        in-flight requests, which spill reads: it is load on that worker all the same."""
+        in-flight requests, which spill reads: it is load on that worker all the same. With
+        tracing on it is a `forward` span marked `modelfleet.shadow`, in the request's trace."""
         pool = self.pool
         predictor = pool.predictors.get(worker_id)
         if predictor is None or pool.ejector.is_ejected(worker_id):
             return None
         request.artifact_sha256 = artifact or ""
         pool.inflight[worker_id] = pool.inflight.get(worker_id, 0) + 1
-        call = None
+        call = span = None
         try:
-            call = predictor.Predict(request, timeout=budget_s)
-            return await call
+            if self.tracer is None:
+                call = predictor.Predict(request, timeout=budget_s)
+            else:
+                span, metadata = tracing.start_forward(self.tracer, worker_id, 1, False)
+                tracing.set_attributes(span, {"shadow": True})
+                call = predictor.Predict(request, timeout=budget_s, metadata=metadata)
+            response = await call
         except grpc.aio.AioRpcError as exc:
+            if span is not None:
+                tracing.end_forward(span, exc.code().name)
             raise _passthrough(exc) from None
         except asyncio.CancelledError:
-            if (task := asyncio.current_task()) is not None and task.cancelling():
+            closing = (task := asyncio.current_task()) is not None and task.cancelling()
+            if span is not None:
+                tracing.end_forward(span, "CANCELLED", "lost" if closing else "channel closed")
+            if closing:
                 if call is not None:  # a streamed frame's canceller tells the worker (router.worker_stream)
                     call.cancel()
                 raise  # the router is closing
             raise Unavailable(f"{worker_id}: channel closed") from None  # it left the fleet meanwhile
         finally:
             pool.inflight[worker_id] -= 1
+        if span is not None:
+            tracing.end_forward(span, "OK")
+        return response
 
     def _may_retry(self, attempt: _Attempt, code: grpc.StatusCode, details: str, hint: int | None,
                    model_failure: bool, time_left: float, failures: list[str], overloaded_ms: list[int]) -> bool:

@@ -260,7 +260,9 @@ def test_rollout_status_asks_routers_at_once_and_sums_none_that_lags_etcd(fleet,
     fleet.registry.start_rollout("acme", "v1", percent=100)
     with PausableProxy(fleet.etcd_endpoint) as etcd_link:
         lagging, *hung = fleet.start_routers(3, each=[("--etcd", etcd_link.address)])
-        router_id = {r.address: r.router_id for r in list_routers(fleet.client, fleet.registry.keys)}
+        # A router registers itself after it serves (status finds it there): all three, first.
+        router_id = fleet.wait_for(lambda: len(listed := {r.address: r.router_id for r in list_routers(
+            fleet.client, fleet.registry.keys)}) == 3 and listed, what="the three routers to register")
         stub = predictor(lagging.address)
         for _ in range(3):
             with pytest.raises(grpc.RpcError, match="no live workers"):
@@ -310,6 +312,8 @@ def test_a_router_on_the_current_rollout_but_an_older_route_lags_too():
     assert lag(seen, route, 42) is None
     seen.canary_percent = 10.0  # another canary than etcd's, whatever id it carries
     assert lag(seen, route, 42).startswith("on rollout r1")
+    older = router_admin_pb2.RolloutStatusResponse(serving_version="v3", canary_version="v1", canary_percent=5.0)
+    assert lag(older, route, 42) == "a router older than rollout ids: its counts cannot be told apart (upgrade it)"
 
 
 def test_a_slow_shadow_gets_no_worker_ejected_and_stays_on_one_member(two_version_fleet):

@@ -187,6 +187,8 @@ def test_forward_spans_per_attempt_failover_and_a_losing_hedge(tmp_path):
                         == "b"
                 await fleet.until(lambda: len(workers["a"].calls) == 2 and workers["a"].calls[1].cancelled_early(),
                                   "the losing attempt to be cancelled at a")
+                with tracer.start_as_current_span("shadowed"):  # a shadow rollout's copy, in the request's trace
+                    assert (await Failover(pool, 32).send_shadow(REQUEST, "b", 1.0)).worker_id == "b"
                 return workers
 
         workers = asyncio.run(go())
@@ -196,7 +198,7 @@ def test_forward_spans_per_attempt_failover_and_a_losing_hedge(tmp_path):
     by_id = {s["span_id"]: s for s in spans}
     forwards = {(by_id[s["parent_span_id"]]["name"], s["attributes"]["modelfleet.worker"]): s
                 for s in spans if s["name"] == "forward"}
-    assert len(forwards) == 4
+    assert len(forwards) == 5
 
     failed, answered = forwards[("failover", "a")], forwards[("failover", "b")]
     assert failed["attributes"] == {"modelfleet.worker": "a", "modelfleet.attempt": 1, "modelfleet.hedge": False,
@@ -208,10 +210,13 @@ def test_forward_spans_per_attempt_failover_and_a_losing_hedge(tmp_path):
     assert loser["attributes"]["modelfleet.outcome"] == "lost" and loser["status"] != "ERROR"
     assert loser["attributes"]["rpc.grpc.status_code"] == "CANCELLED"
     assert hedge["attributes"]["modelfleet.hedge"] is True and hedge["attributes"]["rpc.grpc.status_code"] == "OK"
+    shadow = forwards[("shadowed", "b")]
+    assert shadow["attributes"]["modelfleet.shadow"] is True and shadow["attributes"]["rpc.grpc.status_code"] == "OK"
+    assert all("modelfleet.shadow" not in s["attributes"] for key, s in forwards.items() if key[0] != "shadowed")
 
     # Each attempt carried its own span as the worker's parent.
     sent = [call.metadata["traceparent"].split("-") for worker in workers.values() for call in worker.calls]
-    assert len(sent) == 4
+    assert len(sent) == 5
     assert all(version == "00" and int(flags, 16) & 1 for version, _, _, flags in sent)  # sampled
     assert sorted((trace_id, span_id) for _, trace_id, span_id, _ in sent) == \
         sorted((s["trace_id"], s["span_id"]) for s in forwards.values())

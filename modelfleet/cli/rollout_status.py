@@ -60,6 +60,8 @@ def lag(answer: Answer, route: RouteRecord, route_revision: int) -> str | None:
     `route_revision`), None when they are."""
     seen = (answer.canary_version or None, answer.canary_percent or None, answer.shadow_version or None,
             answer.rollout_id or None, answer.serving_version)  # router.rollout.rollout_of's fields
+    if not answer.revision and not answer.rollout_id and route.rollout_id:
+        return "a router older than rollout ids: its counts cannot be told apart (upgrade it)"
     if seen[:4] != rollout_of(route)[:4]:
         return f"on rollout {answer.rollout_id or 'none'}, etcd's is {route.rollout_id or 'none'}"
     if answer.revision < route_revision:
