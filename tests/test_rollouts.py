@@ -23,6 +23,7 @@ from modelfleet.errors import FailedPrecondition, InvalidArgument
 from modelfleet.v1 import predictor_pb2, router_admin_pb2, router_admin_pb2_grpc
 from router.rollout import LATENCY_SAMPLE, Rollouts, in_canary
 from version_service.schema import RouteRecord
+from tests import cli_fork_server
 from tests.fleet import predict, predictor, stats
 from tests.tcp_proxy import PausableProxy
 from tests.test_cli import cli
@@ -74,8 +75,7 @@ def test_the_history_table_shows_actors_and_reasons_as_text_not_markup(fleet):
     fleet.register("acme", "v1", seed=1)
     fleet.register("acme", "v2", seed=2)
     fleet.registry.pin("acme", "v1", actor="[bold]ops[/bold]", reason="[/] see [red]OPS-12[/red]")
-    done = subprocess.run([sys.executable, "-m", "modelfleet.cli", "versions", "acme", "--history"],
-                          env={**fleet.env(), "COLUMNS": "300"}, capture_output=True, text=True, timeout=60)
+    done = cli_fork_server.run(["versions", "acme", "--history"], {**fleet.env(), "COLUMNS": "300"})
     assert done.returncode == 0 and not done.stderr, done.stderr
     assert "[bold]ops[/bold]" in done.stdout and "[/] see [red]OPS-12[/red]" in done.stdout, done.stdout
 
