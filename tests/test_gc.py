@@ -80,10 +80,11 @@ def test_a_register_racing_gc_of_the_artifact_it_shares_keeps_it_stored(fleet):
     assert (fleet.store_dir / artifact).exists()  # stored again before its record was written
 
 
-def test_a_version_name_gc_removed_is_never_taken_by_another_model(fleet):
+def test_a_version_name_gc_removed_is_not_taken_by_another_model_while_its_tombstone_lasts(fleet):
     """Caches key models by (tenant, version) (workers, the routers' OIP records): a name gc freed
     must not come back meaning another artifact, or a worker still holding the old model would
-    answer for the new one. The same artifact may come back."""
+    answer for the new one. The same artifact may come back. After --tombstone-days the tombstone
+    goes and the name is free (test_gc_removes_tombstones_older_than_tombstone_days_...)."""
     for n in range(1, 4):
         fleet.register("acme", f"v{n}", seed=n)
     done = json.loads(cli(fleet, "gc", "--keep", "1", "--tenant", "acme", "--yes", "--json").stdout)
