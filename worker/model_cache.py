@@ -292,12 +292,14 @@ class ModelCache:
             async with self._fetch_slots:
                 try:
                     data, fetch_ms = await run(self._fetcher, loaded.fetch)
-                except BaseException as exc:
-                    fetched.set_exception(exc if isinstance(exc, Exception) else RuntimeError("fetch abandoned"))
+                except Exception as exc:
+                    fetched.set_exception(exc)
                     raise
                 fetched.set_result(data)
                 model, make_ms = await run(self._pool, loaded.make, data)
         finally:
+            if not fetched.done():  # cancelled before its bytes came (or while it waited for a slot)
+                fetched.set_exception(RuntimeError("fetch abandoned"))  # its waiters fetch for themselves
             if self._fetching.get(loaded.artifact) is fetched:
                 del self._fetching[loaded.artifact]
         return model, ms + fetch_ms + make_ms
