@@ -18,7 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from modelfleet import config, tls
+from modelfleet import config
+from modelfleet.cli.client import channel_credentials
 from modelfleet.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from modelfleet.rebalance import WarmupResult, active_models, run_warmups, warmups_for
 from sharding import MAX_SHARD_SIZE, Member
@@ -213,8 +214,7 @@ def apply_change(args: argparse.Namespace, change: FleetChange, state: FleetStat
                                  f"{', '.join(m.worker_id for m in before) or 'none'}): every tenant would fail; "
                                  f"start or undrain a worker first")
     sizes_after = dict(change.set_size)
-    credentials = tls.channel_credentials(getattr(args, "tls_ca", ""), getattr(args, "tls_cert", ""),
-                                          getattr(args, "tls_key", ""))
+    credentials = channel_credentials(args)
     # what the tenants use now: asked of the live workers, or of the drained ones when none is live
     asked = before or [m for m in state.members if m.worker_id in state.drains]
     active = active_models([state.workers[m.worker_id] for m in asked], args.warm_active_minutes * 60,
