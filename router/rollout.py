@@ -45,6 +45,9 @@ def in_canary(tenant: str, percent: float, key: str | None) -> bool:
     return xxhash.xxh3_64_intdigest(f"{tenant}\x00{key}".encode()) % CANARY_BUCKETS < buckets
 
 
+ROLLOUT_FIELDS = ("canary", "canary_percent", "shadow", "rollout_id")  # a rollout; rollout_of adds `serving`
+
+
 def rollout_of(route) -> tuple:
     """What identifies one rollout of a route: a rollout started anew (even of the same version at
     the same percentage, after an abort) is another, and its counts start from zero. So is one whose

@@ -28,7 +28,7 @@ from rich.table import Table
 from modelfleet.cli.client import call_metadata, channel_credentials
 from modelfleet.fanout import ask_all
 from modelfleet.v1 import router_admin_pb2, router_admin_pb2_grpc
-from router.rollout import rollout_of
+from router.rollout import ROLLOUT_FIELDS
 from version_service.membership import list_routers
 from version_service.schema import RouteRecord, RouterRecord, validate_id
 
@@ -55,18 +55,24 @@ def ask_routers(args: argparse.Namespace, routers: Sequence[RouterRecord], tenan
                                     for router_id, exc in errors.items()}
 
 
+def view(answer: Answer) -> dict:
+    """The route as a router answered it, under RouteRecord's names."""
+    return {"rollout_id": answer.rollout_id or None, "serving": answer.serving_version,
+            "canary": answer.canary_version or None, "canary_percent": answer.canary_percent or None,
+            "shadow": answer.shadow_version or None}
+
+
 def lag(answer: Answer, route: RouteRecord, route_revision: int) -> str | None:
     """Why `answer`'s counts are not the current rollout's (etcd's `route`, written at
     `route_revision`), None when they are."""
-    seen = (answer.canary_version or None, answer.canary_percent or None, answer.shadow_version or None,
-            answer.rollout_id or None, answer.serving_version)  # router.rollout.rollout_of's fields
+    seen = view(answer)
     if not answer.revision and not answer.rollout_id and route.rollout_id:
         return "a router older than rollout ids: its counts cannot be told apart (upgrade it)"
-    if seen[:4] != rollout_of(route)[:4]:
+    if any(seen[name] != getattr(route, name) for name in ROLLOUT_FIELDS):
         return f"on rollout {answer.rollout_id or 'none'}, etcd's is {route.rollout_id or 'none'}"
     if answer.revision < route_revision:
         return f"routing revision {answer.revision} is older than the route's {route_revision}"
-    if seen != rollout_of(route):  # its counts compare the canary with another serving version
+    if seen["serving"] != route.serving:  # its counts compare the canary with another serving version
         return f"serves {answer.serving_version}, etcd's route serves {route.serving}"
     return None
 
@@ -88,10 +94,8 @@ def figures(answers: Sequence[Answer]) -> dict:
 
 def lagging_row(answer: Answer, why: str) -> dict:
     """A lagging router as listed apart: its view of the route and its own counts."""
-    return {"router_id": answer.router_id, "why": why, "revision": answer.revision,
-            "rollout_id": answer.rollout_id or None, "serving": answer.serving_version,
-            "canary": answer.canary_version or None, "canary_percent": answer.canary_percent or None,
-            "shadow": answer.shadow_version or None, **{name: getattr(answer, name) for name in COUNTS}}
+    return {"router_id": answer.router_id, "why": why, "revision": answer.revision, **view(answer),
+            **{name: getattr(answer, name) for name in COUNTS}}
 
 
 def status(args: argparse.Namespace, registry) -> int:
