@@ -185,7 +185,7 @@ def workers(args: argparse.Namespace) -> int:
     for row in rows:  # below the table: a reason of up to 200 characters would crush its columns
         if row["drained"]:
             drain = row["drain"]
-            console.print(f"{row['worker_id']} drained since {drain['since']} by {drain['actor'] or '?'}: "
+            console.print(f"{row['worker_id']} drained since {drain['since']} by {escape(drain['actor'] or '?')}: "
                           f"{escape(drain['reason'] or '(no reason given)')}", soft_wrap=True)
     return 0
 
