@@ -204,8 +204,7 @@ class Registry:
 
     def rollback(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
         """Pins the version that served before the current one (from the history)."""
-        read = self.route(tenant)  # the write compares this read: a change since is a Conflict
-        failpoints.pause("after_route_read")
+        read = self._route_to_update(tenant)
         route = read[0]
         previous = next((h.from_version for h in reversed(self.history(tenant))
                          if h.to_version == route.serving and h.from_version and h.from_version != route.serving),
@@ -245,22 +244,14 @@ class Registry:
 
     def promote(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
         """The rollout's version serves (pinned unless it is the newest); the rollout ends."""
-        read = self.route(tenant)  # the write compares this read: promotes the rollout it saw, or Conflict
-        failpoints.pause("after_route_read")
-        version = read[0].canary or read[0].shadow
-        if version is None:
-            raise FailedPrecondition(f"tenant {tenant!r} has no rollout to promote")
+        read, version = self._rollout_read(tenant, "promote")
         return self._update_route(
             tenant, "promote", lambda r: _ended(r, version).with_changes(
                 serving=version, pinned=version != r.newest, serving_sha256=r.artifact_of(version)),
             actor, reason, read=read)
 
     def abort(self, tenant: str, actor: str | None = None, reason: str = "") -> RouteRecord:
-        read = self.route(tenant)  # the write compares this read: aborts the rollout it saw, or Conflict
-        failpoints.pause("after_route_read")
-        version = read[0].canary or read[0].shadow
-        if version is None:
-            raise FailedPrecondition(f"tenant {tenant!r} has no rollout to abort")
+        read, version = self._rollout_read(tenant, "abort")
         return self._update_route(tenant, "abort", lambda r: _ended(r, version), actor, reason, to_version=version,
                                   read=read)
 
@@ -330,6 +321,22 @@ class Registry:
             return self.version(tenant, version).sha256
         except NotFound:
             return None
+
+    def _route_to_update(self, tenant: str) -> tuple[RouteRecord, int]:
+        """The route and its revision, for a change decided on what it says: `_update_route(read=)`
+        compares that revision, so a change since is a Conflict, never applied on top."""
+        read = self.route(tenant)
+        failpoints.pause("after_route_read")
+        return read
+
+    def _rollout_read(self, tenant: str, action: str) -> tuple[tuple[RouteRecord, int], str]:
+        """(`_route_to_update`, the version of its rollout) for `action` (promote, abort): acts on
+        the rollout it saw, or Conflict; FailedPrecondition when there is none."""
+        read = self._route_to_update(tenant)
+        version = read[0].canary or read[0].shadow
+        if version is None:
+            raise FailedPrecondition(f"tenant {tenant!r} has no rollout to {action}")
+        return read, version
 
     def _update_route(self, tenant: str, action: str, change: Callable[[RouteRecord], RouteRecord],
                       actor: str | None = None, reason: str = "", to_version: str | None = None,
