@@ -61,7 +61,7 @@ from typing import Callable
 from cachetools import LRUCache
 
 from modelfleet import tracing
-from modelfleet.config import FETCH_THREADS as FETCH_THREADS_OPTION, MAX_QUEUED_LOADS
+from modelfleet.config import FETCH_THREADS, MAX_QUEUED_LOADS
 from modelfleet.errors import NotFound, ResourceExhausted
 from modelfleet.log import event
 from worker.negative_cache import NegativeCache
@@ -110,8 +110,6 @@ _LOAD_MS_GUESS = 50.0  # the retry hint's load time before any load has been mea
 
 
 LOAD_COUNTS_KEPT = 20_000
-FETCH_THREADS = FETCH_THREADS_OPTION.default  # downloads at once (--fetch-threads, modelfleet.config)
-
 
 
 def _retrieved(future: asyncio.Future) -> None:
@@ -120,10 +118,12 @@ def _retrieved(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
 
+
 class ModelCache:
     def __init__(self, loader: Loader, budget_bytes: int, load_threads: int = 4,
                  max_queued_loads: int | None = None, failures: NegativeCache | None = None,
-                 record_digest: RecordDigest | None = None, fetch_threads: int = FETCH_THREADS) -> None:
+                 record_digest: RecordDigest | None = None,
+                 fetch_threads: int = FETCH_THREADS.default) -> None:
         """max_queued_loads None: MODELFLEET_MAX_QUEUED_LOADS, else 256; 0 = no bound.
         record_digest None: nothing to check hints against (every model counts as checked).
         fetch_threads: downloads at once (a loader's Fetch), apart from the load threads."""
