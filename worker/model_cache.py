@@ -114,7 +114,7 @@ LOAD_COUNTS_KEPT = 20_000
 
 def _retrieved(future: asyncio.Future) -> None:
     """Marks a shared fetch's failure as seen: when no other load waited for it, asyncio would
-    otherwise log "exception was never retrieved" (the load that fetched raised it already)."""
+    otherwise log "exception was never retrieved" (the load that fetched raised its own error already)."""
     if not future.cancelled():
         future.exception()
 
@@ -290,16 +290,12 @@ class ModelCache:
         fetched.add_done_callback(_retrieved)
         try:
             async with self._fetch_slots:
-                try:
-                    data, fetch_ms = await run(self._fetcher, loaded.fetch)
-                except Exception as exc:
-                    fetched.set_exception(exc)
-                    raise
+                data, fetch_ms = await run(self._fetcher, loaded.fetch)
                 fetched.set_result(data)
                 model, make_ms = await run(self._pool, loaded.make, data)
         finally:
-            if not fetched.done():  # cancelled before its bytes came (or while it waited for a slot)
-                fetched.set_exception(RuntimeError("fetch abandoned"))  # its waiters fetch for themselves
+            if not fetched.done():  # failed, or cancelled before its bytes came (or while it waited for a slot):
+                fetched.set_exception(RuntimeError("fetch failed or abandoned"))  # its waiters fetch for themselves
             if self._fetching.get(loaded.artifact) is fetched:
                 del self._fetching[loaded.artifact]
         return model, ms + fetch_ms + make_ms
