@@ -185,7 +185,8 @@ class S3Store:
         at a time, its outcome shared by every thread that asks meanwhile. Tenants often share an
         artifact (one model for many, fleets from templates), and their cold loads come together:
         without this, one GET per load thread for the same bytes. The download hashes the bytes
-        once for all of them (each caller compares the digest with the one it expects). Raises what the GET raised; each caller words it for its own tenant."""
+        once for all of them (each caller compares the digest with the one it expects). Raises
+        what the GET raised; each caller words it for its own tenant."""
         with self._lock:
             pending = self._downloading.get(key)
             if pending is None:
